@@ -1,0 +1,90 @@
+"""The errors a user of mergetune can meet, each with its own process exit code.
+
+Every command maps a :class:`MergetuneError` to one line on stderr and ``exit_code``;
+anything else is a bug and exits with :data:`EXIT_INTERNAL`. The README's exit-code
+table is generated from :data:`EXIT_CODES`, so keep the two in one place: here.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2  # click/typer's own code for bad options
+
+
+class MergetuneError(Exception):
+    """Base class: a problem with the user's inputs or environment, not a bug."""
+
+    exit_code = 10
+    summary = "any other refusal by mergetune"
+
+
+class InputFileError(MergetuneError):
+    """An input file is missing, unreadable, corrupt or of an unknown format."""
+
+    exit_code = 3
+    summary = "input file missing, unreadable or corrupt"
+
+
+class UnsafeFileError(InputFileError):
+    """A pickle that would need arbitrary code to load (refused, never executed)."""
+
+    exit_code = 4
+    summary = "file refused: loading it would run code"
+
+
+class IncompatibleCheckpointError(MergetuneError):
+    """The checkpoint does not fit the model, the classes or the requested kind."""
+
+    exit_code = 5
+    summary = "checkpoint does not fit the model, classes or kind"
+
+
+class DataError(MergetuneError):
+    """The image folder, class-name file or template file cannot be used."""
+
+    exit_code = 6
+    summary = "data folder, class names or templates unusable"
+
+
+class WeightsUnavailableError(MergetuneError):
+    """Backbone weights cannot be loaded (offline and not cached, unknown tag, bad file)."""
+
+    exit_code = 7
+    summary = "backbone weights unavailable"
+
+
+class OutputExistsError(MergetuneError):
+    """The output exists (and --force was not given) or would overwrite an input."""
+
+    exit_code = 8
+    summary = "output exists or would overwrite an input"
+
+
+class NumericalError(MergetuneError):
+    """Non-finite values: NaN/Inf in an input tensor or in the loss during training."""
+
+    exit_code = 9
+    summary = "NaN or Inf in an input or in the loss"
+
+
+EXIT_INTERRUPTED = 130
+
+ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
+    InputFileError,
+    UnsafeFileError,
+    IncompatibleCheckpointError,
+    DataError,
+    WeightsUnavailableError,
+    OutputExistsError,
+    NumericalError,
+)
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (a bug: please report it; --debug shows the traceback)",
+    EXIT_USAGE: "bad command-line usage (unknown option, missing argument)",
+    **{cls.exit_code: cls.summary for cls in ERROR_CLASSES},
+    MergetuneError.exit_code: MergetuneError.summary,
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); no partial output is left behind",
+}
