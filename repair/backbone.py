@@ -1,0 +1,267 @@
+"""Loading the frozen open_clip backbone, and text encoding that is prompt-aware and cheap.
+
+One front door, :func:`load_backbone`, hides where the weights come from (a pretrained
+tag, a local file, ``local-dir:PATH`` or ``hf-hub:ORG/NAME``). Text encoding lives here
+too because every checkpoint kind needs the same two tricks: feeding token *embeddings*
+(so prompts can be learnt) and cutting sequences at the end-of-text token (the text
+transformer is causal, so the positions after it never influence the pooled feature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repair.errors import IncompatibleCheckpointError, InputFileError, WeightsUnavailableError
+
+RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
+RANDOM_INIT_SEED = 0
+TEXT_BATCH = 256  # sequences per text-encoder call when encoding many captions
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where the backbone comes from; recorded verbatim in every output's metadata."""
+
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    model_config: Path | None = None
+
+    @property
+    def uses_schema(self) -> bool:
+        return self.model.startswith(("local-dir:", "hf-hub:"))
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "model": self.model,
+            "pretrained": None if self.uses_schema else self.pretrained,
+            "model_config": str(self.model_config) if self.model_config else None,
+        }
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP model with its eval transform and tokenizer."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    spec: BackboneSpec
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[-1])
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learnt temperature, clamped at 100 as CLIP does in training."""
+        return float(self.model.logit_scale.detach().exp().clamp(max=100.0))
+
+    @cached_property
+    def visual_fingerprint(self) -> str:
+        """sha256 of the image tower's weights and the eval transform: the feature-cache key."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.visual.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(repr(self.preprocess).encode())
+        return digest.hexdigest()
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        """sha256 of the text tower's weights; tells whether two backbones agree on text."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if name.startswith("visual."):
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def identity(self) -> dict[str, str | None]:
+        """What an output records so a later run can tell whether it has the same backbone."""
+        return {**self.spec.as_dict(), "visual_sha256": self.visual_fingerprint,
+                "text_sha256": self.text_fingerprint}
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised text features of plain captions, batched and cut at end-of-text."""
+        chunks = [
+            encode_tokens(self.model, self.tokenize(texts[start:start + TEXT_BATCH]))
+            for start in range(0, len(texts), TEXT_BATCH)
+        ]
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.no_grad()
+    def zero_shot_classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """[n_cls, embed_dim] class features: the normalised mean over templates, as in CLIP."""
+        captions = [template.format(name) for name in classnames for template in templates]
+        features = self.encode_texts(captions).view(len(classnames), len(templates), -1)
+        return F.normalize(features.mean(dim=1), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixels.to(self.device)), dim=-1)
+
+
+def pooling_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Index of the end-of-text token in each sequence, where open_clip pools the text feature."""
+    pool_type = getattr(model, "text_pool_type", "argmax")
+    if pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    raise IncompatibleCheckpointError(
+        f"text tower pools with {pool_type!r}; mergetune needs a CLIP text tower that pools at end-of-text"
+    )
+
+
+def cut_at_end_of_text(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the positions after the longest end-of-text token: identical features, far less work."""
+    eot = pooling_positions(model, tokens)
+    length = int(eot.max()) + 1
+    return tokens[:, :length], eot
+
+
+def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` from token embeddings on: [N, L, width] -> [N, embed_dim].
+
+    ``L`` may be shorter than the context length; the causal mask is cut to match.
+    """
+    if not hasattr(model, "transformer") or not hasattr(model, "attn_mask"):
+        raise IncompatibleCheckpointError(
+            f"{type(model).__name__} has no CLIP text transformer; prompt kinds need an open_clip CLIP model"
+        )
+    length = embeddings.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.transformer(x, attn_mask=mask)
+    x = model.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+    projection = model.text_projection
+    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+
+def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Unnormalised text features of token ids, equal to ``model.encode_text`` but cut short."""
+    tokens, eot = cut_at_end_of_text(model, tokens)
+    return encode_token_embeddings(model, model.token_embedding(tokens), eot)
+
+
+def register_model_config(path: Path) -> str:
+    """Register a custom architecture JSON with open_clip; returns the model name it defines."""
+    if not path.is_file():
+        raise InputFileError(f"{path}: model config not found")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"{path}: not a readable JSON model config ({exc})") from None
+    if not isinstance(config, dict) or not {"vision_cfg", "text_cfg", "embed_dim"} <= config.keys():
+        raise InputFileError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def _offline_hint() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    state = "HF_HUB_OFFLINE is set and they are not cached" if offline else "they could not be downloaded"
+    return (
+        f"{state}; ways out: run once with network access to fill the Hugging Face cache, "
+        "pass --pretrained /path/to/weights, or use --model local-dir:PATH"
+    )
+
+
+def _check_pretrained(spec: BackboneSpec) -> str | None:
+    """Resolve --pretrained: a tag open_clip knows, an existing file, or none (random init)."""
+    if spec.uses_schema:
+        return None
+    if spec.pretrained in (None, "", RANDOM_INIT):
+        return None
+    if os.path.isfile(spec.pretrained):
+        return spec.pretrained
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    if spec.pretrained not in tags:
+        looks_like_path = os.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".bin", ".safetensors"))
+        if looks_like_path:
+            raise WeightsUnavailableError(f"{spec.pretrained}: weights file not found")
+        known = ", ".join(tags) or "none"
+        raise WeightsUnavailableError(
+            f"unknown pretrained tag {spec.pretrained!r} for {spec.model} (known: {known}); or pass a weights file"
+        )
+    return spec.pretrained
+
+
+def _check_model_name(spec: BackboneSpec) -> None:
+    if spec.model.startswith("local-dir:"):
+        folder = Path(spec.model[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise WeightsUnavailableError(f"{folder}: not an open_clip folder (no open_clip_config.json)")
+        return
+    if spec.model.startswith("hf-hub:"):
+        return
+    if spec.model.replace("/", "-") not in open_clip.list_models():
+        raise WeightsUnavailableError(
+            f"unknown model {spec.model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` "
+            "lists them, or register one with --model-config FILE.json"
+        )
+
+
+def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Build the frozen backbone in eval mode, with clear errors for every way loading fails."""
+    spec = spec or BackboneSpec()
+    if spec.model_config is not None:
+        register_model_config(Path(spec.model_config))
+    _check_model_name(spec)
+    pretrained = _check_pretrained(spec)
+    device = torch.device(device)
+    try:
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=pretrained, device=device
+            )
+            tokenizer = open_clip.get_tokenizer(spec.model)
+    except (RuntimeError, OSError, ValueError) as exc:
+        if pretrained is None and not spec.model.startswith("hf-hub:"):
+            raise WeightsUnavailableError(f"could not build {spec.model}: {_first_line(exc)}") from None
+        source = spec.model if spec.uses_schema else f"{spec.model} / {spec.pretrained}"
+        raise WeightsUnavailableError(f"could not load weights for {source}: {_offline_hint()}") from None
+    model.eval().requires_grad_(False)
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, device=device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _quiet_open_clip:
+    """open_clip logs warnings (e.g. ignored tags) that would clutter a CLI's stderr."""
+
+    def __enter__(self) -> None:
+        self._logger = logging.getLogger()
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._logger.setLevel(self._level)
