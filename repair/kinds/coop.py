@@ -1,0 +1,224 @@
+"""CoOp / KgCoOp soft prompts on an open_clip text tower.
+
+The learnt context ``ctx`` replaces the embeddings of ``n_ctx`` placeholder words in
+``"X X X X {class}."``; the start token before it and the class tokens after it (CoOp's
+``token_prefix`` / ``token_suffix``) are rebuilt from the current class names, so a file
+from another code base or another class list works. Every sequence is cut at the longest
+end-of-text position of its class set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repair.backbone import Backbone, cut_at_end_of_text, encode_token_embeddings
+from repair.checkpoints import TensorFile
+from repair.errors import IncompatibleCheckpointError
+from repair.kinds.base import Kind, KindOutput
+
+DEFAULT_CTX_INIT = "a photo of a"
+PLACEHOLDER = "X"
+
+
+def find_ctx(tensor_file: TensorFile) -> tuple[str, torch.Tensor] | None:
+    """The prompt context in a file: ``ctx`` at the top level or under any prefix."""
+    for key in sorted(tensor_file.tensors, key=len):
+        if key == "ctx" or key.endswith(".ctx"):
+            return key, tensor_file.tensors[key]
+    return None
+
+
+class PromptBank(nn.Module):
+    """Frozen token embeddings around the context for one class list, cut at end-of-text."""
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int) -> None:
+        super().__init__()
+        placeholder = " ".join([PLACEHOLDER] * n_ctx)
+        tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
+        tokens, eot = cut_at_end_of_text(backbone.model, tokens)
+        with torch.no_grad():
+            embeddings = backbone.model.token_embedding(tokens).float()
+        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, 1 + n_ctx:].clone(), persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        self.num_classes = len(classnames)
+
+    def assemble(self, ctx: torch.Tensor, class_specific: bool) -> torch.Tensor:
+        """[*, (C,) n_ctx, D] contexts -> [*, C, L, D] prompt embeddings."""
+        leading = ctx.shape[:-3] if class_specific else ctx.shape[:-2]
+        if not class_specific:  # shared context: the same for every class
+            ctx = ctx.unsqueeze(-3).expand(*leading, self.num_classes, *ctx.shape[-2:])
+        prefix = self.prefix.expand(*leading, *self.prefix.shape)
+        suffix = self.suffix.expand(*leading, *self.suffix.shape)
+        return torch.cat([prefix, ctx, suffix], dim=-2)
+
+
+class CoOpPrompts(Kind):
+    """Soft prompts: ``ctx [n_ctx, D]`` (shared) or ``[n_cls, n_ctx, D]`` (class-specific)."""
+
+    name: ClassVar[str] = "coop"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        ctx: torch.Tensor,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        *,
+        ctx_key: str = "ctx",
+        ctx_init: str = DEFAULT_CTX_INIT,
+        logit_scale: float | None = None,
+        path_space: str = "feature",
+    ) -> None:
+        super().__init__()
+        self._check_shape(backbone, ctx, classnames)
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self.ctx_key = ctx_key
+        self.ctx_init = ctx_init
+        self.input_dtype = ctx.dtype
+        self.class_specific = ctx.dim() == 3
+        self.n_ctx = int(ctx.shape[-2])
+        self.scale = float(logit_scale if logit_scale is not None else backbone.logit_scale)
+        if path_space not in ("feature", "weight"):
+            raise ValueError(f"path_space must be 'feature' or 'weight', not {path_space!r}")
+        self.path_space = path_space
+        self.ctx = nn.Parameter(ctx.detach().to(backbone.device, torch.float32).clone())
+        self.register_buffer("ctx_ft", self.ctx.detach().clone(), persistent=False)
+        self._banks: dict[tuple[str, ...], PromptBank] = {}
+        self.bank = self._bank(self.classnames)
+        with torch.no_grad():
+            self.register_buffer("ft_features", self._text_features(self.ctx_ft, self.bank), persistent=False)
+            self.register_buffer(
+                "zs_features", backbone.zero_shot_classifier(self.classnames, self.templates), persistent=False
+            )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def matches(cls, tensor_file: TensorFile) -> bool:
+        return find_ctx(tensor_file) is not None
+
+    @classmethod
+    def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
+                  templates: Sequence[str], **options: object) -> CoOpPrompts:
+        found = find_ctx(tensor_file)
+        if found is None:
+            keys = ", ".join(sorted(tensor_file.tensors)[:6]) or "none"
+            raise IncompatibleCheckpointError(f"{tensor_file.path}: no prompt context 'ctx' (tensors: {keys})")
+        key, ctx = found
+        return cls(backbone, ctx, classnames, templates, ctx_key="ctx", **options)
+
+    @classmethod
+    def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], *,
+                  n_ctx: int | None = None, ctx_init: str = DEFAULT_CTX_INIT, class_specific: bool = False,
+                  **options: object) -> CoOpPrompts:
+        """A fresh prompt at ``w_zs``: the embeddings of ``ctx_init`` (what plain CoOp starts from)."""
+        ctx = init_context(backbone, ctx_init)
+        if n_ctx is not None and n_ctx != ctx.shape[0]:
+            raise IncompatibleCheckpointError(
+                f"--ctx-init {ctx_init!r} is {ctx.shape[0]} tokens but n_ctx is {n_ctx}")
+        if class_specific:
+            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
+        return cls(backbone, ctx, classnames, templates, ctx_init=ctx_init, **options)
+
+    @staticmethod
+    def _check_shape(backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str]) -> None:
+        if ctx.dim() not in (2, 3) or ctx.shape[-1] != backbone.text_width:
+            raise IncompatibleCheckpointError(
+                f"ctx has shape {list(ctx.shape)}; expected [n_ctx, {backbone.text_width}] "
+                f"or [n_cls, n_ctx, {backbone.text_width}] for this model's text width"
+            )
+        if ctx.dim() == 3 and ctx.shape[0] != len(classnames):
+            raise IncompatibleCheckpointError(
+                f"class-specific ctx is for {ctx.shape[0]} classes but the data has {len(classnames)}"
+            )
+        if not torch.is_floating_point(ctx):
+            raise IncompatibleCheckpointError(f"ctx has dtype {ctx.dtype}; expected a floating-point tensor")
+
+    def _bank(self, classnames: Sequence[str]) -> PromptBank:
+        key = tuple(classnames)
+        if key not in self._banks:
+            self._banks[key] = PromptBank(self.backbone, key, self.n_ctx)
+        return self._banks[key]
+
+    # ------------------------------------------------------------------ encoding
+
+    def _text_features(self, ctx: torch.Tensor, bank: PromptBank) -> torch.Tensor:
+        """Normalised class features for one or a stack of contexts: [..., C, E]."""
+        prompts = bank.assemble(ctx, self.class_specific)
+        leading = prompts.shape[:-3]
+        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        eot = bank.eot.repeat(flat.shape[0] // bank.num_classes)
+        features = encode_token_embeddings(self.backbone.model, flat, eot).float()
+        return F.normalize(features, dim=-1).reshape(*leading, bank.num_classes, -1)
+
+    def class_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:
+        if classnames is None or list(classnames) == self.classnames:
+            return self._text_features(self.ctx, self.bank)
+        if self.class_specific:
+            raise IncompatibleCheckpointError(
+                "a class-specific prompt can only score the classes it was trained on")
+        return self._text_features(self.ctx, self._bank(classnames))
+
+    # ------------------------------------------------------------------ Kind protocol
+
+    def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
+        text = self._text_features(self.ctx, self.bank)
+        logits = self.scale * inputs @ text.t()
+        path_logits = None
+        if path_ts is not None:
+            path_text = self._path_features(text, path_ts)
+            path_logits = self.scale * torch.einsum("be,kce->kbc", inputs, path_text)
+        return KindOutput(logits=logits, path_logits=path_logits, class_features=text)
+
+    def _path_features(self, text: torch.Tensor, path_ts: torch.Tensor) -> torch.Tensor:
+        """[K, C, E] class features at w_ft + t (w - w_ft), in feature or weight space."""
+        ts = path_ts.to(text)
+        if self.path_space == "feature":
+            ft = self.ft_features
+            return F.normalize(ft + ts.view(-1, 1, 1) * (text - ft), dim=-1)
+        shape = (-1,) + (1,) * self.ctx.dim()
+        contexts = self.ctx_ft + ts.view(shape) * (self.ctx - self.ctx_ft)
+        return self._text_features(contexts, self.bank)
+
+    def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        return self.scale * features @ self.class_features(classnames).t()
+
+    def zero_shot_class_features(self) -> torch.Tensor:
+        return self.zs_features
+
+    def zero_shot_values(self) -> dict[str, torch.Tensor]:
+        ctx = init_context(self.backbone, self.ctx_init)
+        if ctx.shape[0] != self.n_ctx:
+            raise IncompatibleCheckpointError(
+                f"the zero-shot prompt {self.ctx_init!r} is {ctx.shape[0]} tokens but the checkpoint has "
+                f"n_ctx={self.n_ctx}; pass --ctx-init with {self.n_ctx} tokens"
+            )
+        if self.class_specific:
+            ctx = ctx.unsqueeze(0).expand_as(self.ctx)
+        return {"ctx": ctx.to(self.ctx)}
+
+    def finetuned_values(self) -> dict[str, torch.Tensor]:
+        return {"ctx": self.ctx_ft}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return {self.ctx_key: self.ctx.detach().cpu()}
+
+    def describe(self) -> dict[str, object]:
+        return {"n_ctx": self.n_ctx, "class_specific": self.class_specific, "ctx_init": self.ctx_init,
+                "path_space": self.path_space, "input_dtype": str(self.input_dtype).removeprefix("torch.")}
+
+
+def init_context(backbone: Backbone, words: str) -> torch.Tensor:
+    """Token embeddings of ``words`` (no start/end tokens): CoOp's ``ctx_init``, i.e. ``w_zs``."""
+    tokens = backbone.tokenize([words])[0]
+    eot = int(tokens.argmax())
+    with torch.no_grad():
+        return backbone.model.token_embedding(tokens[1:eot]).float().clone()

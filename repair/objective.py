@@ -1,0 +1,68 @@
+"""The MergeTune loss: task CE + lam_zs * zero-shot surrogate + lam_lmc * path CE.
+
+    L(w) = CE(w) + lam_zs * S(w, w_zs) + lam_lmc * mean_k CE(w_ft + t_k (w - w_ft))
+
+With both lambdas at 0 this is plain continued fine-tuning (CoOp, a linear probe, CLIPFit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from repair.errors import IncompatibleCheckpointError
+from repair.kinds.base import Kind
+from repair.surrogates import SURROGATES
+
+
+@dataclass(frozen=True)
+class Objective:
+    lam_zs: float = 10.0
+    lam_lmc: float = 1.0
+    path_points: int = 5
+    surrogate: str = "feature"
+
+    def __post_init__(self) -> None:
+        if self.surrogate not in SURROGATES:
+            raise IncompatibleCheckpointError(
+                f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+        if self.path_points < 1:
+            raise ValueError("path_points must be at least 1")
+
+    def path_ts(self) -> torch.Tensor:
+        """Midpoints of K equal steps on (0, 1): K=5 gives 0.1, 0.3, 0.5, 0.7, 0.9."""
+        return (torch.arange(self.path_points, dtype=torch.float32) + 0.5) / self.path_points
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    ce: torch.Tensor
+    surrogate: torch.Tensor
+    path: torch.Tensor
+    correct: int
+
+    def as_floats(self) -> dict[str, float]:
+        terms = {"loss": self.total, "ce": self.ce, "surrogate": self.surrogate, "path": self.path}
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+
+def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+    """One mini-batch of the objective; terms with a zero weight are not computed at all."""
+    wants_path = objective.lam_lmc != 0.0
+    output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
+    ce = F.cross_entropy(output.logits, labels)
+    zero = ce.new_zeros(())
+    surrogate = SURROGATES[objective.surrogate](kind, output) if objective.lam_zs != 0.0 else zero
+    path = zero
+    if wants_path and output.path_logits is not None:
+        k, batch, classes = output.path_logits.shape
+        path = F.cross_entropy(output.path_logits.reshape(k * batch, classes), labels.repeat(k))
+    total = ce + objective.lam_zs * surrogate + objective.lam_lmc * path
+    correct = int((output.logits.argmax(dim=-1) == labels).sum())
+    return LossTerms(total=total, ce=ce, surrogate=surrogate, path=path, correct=correct)
