@@ -1,0 +1,365 @@
+"""The workflows a user runs, as plain functions: repair, finetune, evaluate, load_repaired.
+
+Each reads its inputs, validates them before any expensive work, runs, and writes its
+output atomically. The CLI is a thin layer over exactly these calls.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from repair.backbone import Backbone, BackboneSpec, load_backbone
+from repair.checkpoints import TensorFile, atomic_output, read_tensors, write_safetensors
+from repair.data import (
+    Features,
+    ImageFolder,
+    default_cache_dir,
+    extract_features,
+    load_templates,
+    scan_image_folder,
+)
+from repair.errors import IncompatibleCheckpointError, InputFileError, OutputExistsError
+from repair.evaluate import EVAL_SCHEMA, EvalSet, Scorer, ZeroShot, evaluate_models
+from repair.kinds import KINDS, Kind, detect_kind
+from repair.objective import Objective
+from repair.train import StepReport, TrainConfig, TrainResult, train
+
+FORMAT = "mergetune/1"
+OUTPUT_DTYPES = {"input": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a data folder becomes training or test features."""
+
+    classnames_file: Path | None = None
+    templates_file: Path | None = None
+    shots: int | None = 16
+    val_fraction: float = 0.0
+    cache_dir: Path | None = field(default_factory=default_cache_dir)  # None disables the cache
+    workers: int = 0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class KindOptions:
+    """Kind-level choices; ``kind=None`` detects it from the file."""
+
+    kind: str | None = None
+    ctx_init: str = "a photo of a"
+    logit_scale: float | None = None
+    path_space: str = "feature"
+    output_dtype: str = "input"
+
+    def constructor_options(self) -> dict[str, object]:
+        return {"ctx_init": self.ctx_init, "logit_scale": self.logit_scale, "path_space": self.path_space}
+
+
+@dataclass
+class RunOutcome:
+    """What a repair or finetune wrote, with the record stored in its metadata."""
+
+    path: Path
+    record: dict[str, object]
+    train_result: TrainResult
+
+
+def versions() -> dict[str, str]:
+    def version(name: str) -> str:
+        try:
+            return importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"mergetune": version("mergetune"), "torch": torch.__version__,
+            "open_clip": version("open_clip_torch"), "python": platform.python_version()}
+
+
+def read_record(tensor_file: TensorFile) -> dict[str, object]:
+    """The mergetune record of a file this tool wrote; empty for foreign files."""
+    raw = tensor_file.metadata.get("mergetune")
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputFileError(f"{tensor_file.path}: damaged mergetune metadata (not JSON)") from None
+    return record if isinstance(record, dict) else {}
+
+
+def _resolve_backbone(backbone: Backbone | BackboneSpec | None, device: str) -> Backbone:
+    return backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
+
+
+def check_same_backbone(record: dict[str, object], backbone: Backbone, source: Path) -> None:
+    """Refuse a checkpoint recorded against other backbone weights: its prompts would be meaningless."""
+    recorded = record.get("backbone")
+    if not isinstance(recorded, dict) or "text_sha256" not in recorded:
+        return
+    if recorded["text_sha256"] != backbone.text_fingerprint:
+        raise IncompatibleCheckpointError(
+            f"{source} was made with {recorded.get('model')} / {recorded.get('pretrained')}, whose text weights "
+            f"differ from the loaded {backbone.spec.model} / {backbone.spec.pretrained}; pass the same --model"
+        )
+
+
+def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Fail before the expensive part, not after it."""
+    out = Path(out)
+    for source in inputs:
+        if source.exists() and out.exists() and out.resolve() == source.resolve():
+            raise OutputExistsError(f"{out}: the output would overwrite an input; choose another --out")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise OutputExistsError(f"{out.parent}: output directory does not exist")
+
+
+def select_training_images(data_dir: Path, options: DataOptions, seed: int) -> tuple[ImageFolder, ImageFolder | None]:
+    """Scan, sample shots, split off validation: cheap, so it runs before any model work."""
+    dataset = scan_image_folder(data_dir, options.classnames_file).few_shot(options.shots, seed)
+    if options.val_fraction > 0:
+        return dataset.split(options.val_fraction, seed)
+    return dataset, None
+
+
+def encode_training_images(backbone: Backbone, dataset: ImageFolder, held_out: ImageFolder | None,
+                           options: DataOptions) -> tuple[Features, Features | None]:
+    """Encode once with the frozen image tower (cached on disk)."""
+    encode = dict(cache_dir=options.cache_dir, batch_size=options.batch_size, workers=options.workers)
+    train_features = extract_features(backbone, dataset, **encode)
+    val_features = extract_features(backbone, held_out, **encode) if held_out is not None else None
+    return train_features, val_features
+
+
+def build_kind(backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
+               templates: Sequence[str], options: KindOptions) -> Kind:
+    kind_class = detect_kind(tensor_file, options.kind)
+    recorded = read_record(tensor_file).get("kind_details", {})
+    constructor = options.constructor_options()
+    if isinstance(recorded, dict) and options.ctx_init == KindOptions.ctx_init and recorded.get("ctx_init"):
+        constructor["ctx_init"] = recorded["ctx_init"]
+    return kind_class.from_file(backbone, tensor_file, classnames, templates, **constructor)
+
+
+def _export(kind: Kind, output_dtype: str) -> dict[str, torch.Tensor]:
+    if output_dtype not in OUTPUT_DTYPES:
+        raise IncompatibleCheckpointError(f"unknown output dtype {output_dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
+    dtype = OUTPUT_DTYPES[output_dtype] or getattr(kind, "input_dtype", torch.float32)
+    return {name: tensor.to(dtype).contiguous() for name, tensor in kind.export().items()}
+
+
+def _record(stage: str, kind: Kind, backbone: Backbone, dataset: ImageFolder, held_out: ImageFolder | None,
+            templates: Sequence[str], objective: Objective, config: TrainConfig, data_options: DataOptions,
+            kind_options: KindOptions, result: TrainResult, source: TensorFile | None) -> dict[str, object]:
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        "kind": kind.name,
+        "kind_details": kind.describe(),
+        "trainable_numbers": kind.num_trainable(),
+        "backbone": backbone.identity(),
+        "logit_scale": kind.scale,
+        "class_folders": list(dataset.folders),
+        "classnames": list(dataset.classnames),
+        "templates": list(templates),
+        "objective": objective.as_dict(),
+        "train": config.as_dict(),
+        "seed": config.seed,
+        "data": {"shots": data_options.shots, "val_fraction": data_options.val_fraction,
+                 "output_dtype": kind_options.output_dtype},
+        "inputs": {
+            "checkpoint": None if source is None else {"name": source.path.name, "sha256": source.sha256},
+            "data": {"path": str(dataset.root), "images": len(dataset), "manifest_sha256": dataset.manifest_sha256(),
+                     "val_images": len(held_out) if held_out is not None else 0,
+                     "val_manifest_sha256": held_out.manifest_sha256() if held_out is not None else None},
+        },
+        "result": result.as_dict(),
+        "versions": versions(),
+    }
+
+
+def _write(out: Path, kind: Kind, record: dict[str, object], output_dtype: str, force: bool,
+           inputs: Sequence[Path]) -> Path:
+    metadata = {"format": FORMAT, "kind": kind.name, "mergetune": json.dumps(record, sort_keys=True)}
+    return write_safetensors(out, _export(kind, output_dtype), metadata, force=force, inputs=inputs)
+
+
+def repair(
+    finetuned: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    backbone: Backbone | BackboneSpec | None = None,
+    objective: Objective = Objective(),
+    config: TrainConfig = TrainConfig(),
+    data_options: DataOptions = DataOptions(),
+    kind_options: KindOptions = KindOptions(),
+    device: str = "cpu",
+    force: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> RunOutcome:
+    """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file."""
+    finetuned, out = Path(finetuned), Path(out)
+    check_output(out, [finetuned], force)
+    source = read_tensors(finetuned)
+    backbone = _resolve_backbone(backbone, device)
+    check_same_backbone(read_record(source), backbone, finetuned)
+    templates = load_templates(data_options.templates_file)
+    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+    kind = build_kind(backbone, source, dataset.classnames, templates, kind_options)
+    train_set, val_set = encode_training_images(backbone, dataset, held_out, data_options)
+    torch.manual_seed(config.seed)
+    result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step)
+    record = _record("repair", kind, backbone, dataset, held_out, templates, objective, config, data_options,
+                     kind_options, result, source)
+    path = _write(out, kind, record, kind_options.output_dtype, force, [finetuned])
+    return RunOutcome(path, record, result)
+
+
+def finetune(
+    kind_name: str,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    backbone: Backbone | BackboneSpec | None = None,
+    config: TrainConfig = TrainConfig(),
+    data_options: DataOptions = DataOptions(),
+    kind_options: KindOptions = KindOptions(),
+    n_ctx: int | None = None,
+    class_specific: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> RunOutcome:
+    """Plain fine-tuning from the zero-shot point (both constraint terms off): the baseline to repair."""
+    out = Path(out)
+    check_output(out, [], force)
+    if kind_name not in KINDS:
+        raise IncompatibleCheckpointError(f"unknown kind {kind_name!r}; choose one of {', '.join(KINDS)}")
+    backbone = _resolve_backbone(backbone, device)
+    templates = load_templates(data_options.templates_file)
+    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+    kind = KINDS[kind_name].zero_shot(backbone, dataset.classnames, templates, n_ctx=n_ctx,
+                                      class_specific=class_specific, **kind_options.constructor_options())
+    train_set, val_set = encode_training_images(backbone, dataset, held_out, data_options)
+    objective = Objective(lam_zs=0.0, lam_lmc=0.0)
+    torch.manual_seed(config.seed)
+    result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step)
+    record = _record("finetune", kind, backbone, dataset, held_out, templates, objective, config, data_options,
+                     kind_options, result, None)
+    path = _write(out, kind, record, "fp32" if kind_options.output_dtype == "input" else kind_options.output_dtype,
+                  force, [])
+    return RunOutcome(path, record, result)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def load_evalset(backbone: Backbone, data_dir: Path, name: str, options: DataOptions) -> tuple[EvalSet, ImageFolder]:
+    dataset = scan_image_folder(data_dir, options.classnames_file if name == "base" else None)
+    features = extract_features(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
+                                workers=options.workers)
+    return EvalSet(name, features, dataset.classnames), dataset
+
+
+def evaluate(
+    checkpoints: Sequence[str | Path],
+    data_dir: str | Path,
+    *,
+    novel_dir: str | Path | None = None,
+    backbone: Backbone | BackboneSpec | None = None,
+    data_options: DataOptions = DataOptions(shots=None),
+    kind_options: KindOptions = KindOptions(),
+    device: str = "cpu",
+) -> dict[str, object]:
+    """Accuracy of the zero-shot model and every checkpoint on base (and novel) test folders."""
+    files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+    backbone = _resolve_backbone(backbone, device)
+    templates = load_templates(data_options.templates_file)
+    base, base_folder = load_evalset(backbone, Path(data_dir), "base", data_options)
+    novel, novel_folder = (load_evalset(backbone, Path(novel_dir), "novel", data_options)
+                           if novel_dir is not None else (None, None))
+    models: dict[str, Scorer] = {"zero-shot": ZeroShot(backbone, templates, kind_options.logit_scale)}
+    sources: dict[str, dict[str, str] | None] = {"zero-shot": None}
+    for tensor_file in files:
+        check_same_backbone(read_record(tensor_file), backbone, tensor_file.path)
+        name = tensor_file.path.name if tensor_file.path.name not in models else str(tensor_file.path)
+        models[name] = build_kind(backbone, tensor_file, base.classnames, templates, kind_options)
+        sources[name] = {"path": str(tensor_file.path), "sha256": tensor_file.sha256}
+    results = evaluate_models(models, base, novel)
+    return {
+        "schema": EVAL_SCHEMA,
+        "backbone": backbone.spec.as_dict(),
+        "data": {"base": _describe_folder(base_folder), "novel": _describe_folder(novel_folder)},
+        "models": [{**asdict(result), "source": sources[result.name]} for result in results],
+        "versions": versions(),
+    }
+
+
+def _describe_folder(folder: ImageFolder | None) -> dict[str, object] | None:
+    if folder is None:
+        return None
+    return {"path": str(folder.root), "classes": list(folder.classnames), "images": len(folder),
+            "manifest_sha256": folder.manifest_sha256()}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Classifier:
+    """A repaired checkpoint ready to classify images from Python."""
+
+    backbone: Backbone
+    kind: Kind
+    classnames: list[str]
+    record: dict[str, object]
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor | Sequence[Image.Image], classnames: Sequence[str] | None = None
+               ) -> torch.Tensor:
+        """Logits for preprocessed pixels ``[B, 3, H, W]`` or PIL images, over ``classnames``."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.backbone.preprocess(image.convert("RGB")) for image in images])
+        features = self.backbone.encode_images(images)
+        return self.kind.logits_for(features, list(classnames or self.classnames))
+
+    def predict(self, images: torch.Tensor | Sequence[Image.Image],
+                classnames: Sequence[str] | None = None) -> list[str]:
+        names = list(classnames or self.classnames)
+        return [names[index] for index in self.logits(images, names).argmax(dim=-1).tolist()]
+
+
+def load_repaired(path: str | Path, *, backbone: Backbone | BackboneSpec | None = None,
+                  classnames: Sequence[str] | None = None, device: str = "cpu") -> Classifier:
+    """Rebuild a classifier from a mergetune output in one call; the backbone comes from its metadata."""
+    tensor_file = read_tensors(path)
+    record = read_record(tensor_file)
+    if not record:
+        raise InputFileError(f"{path}: no mergetune metadata; pass the checkpoint to `mergetune eval` instead")
+    if backbone is None:
+        recorded = record["backbone"]
+        backbone = BackboneSpec(recorded["model"], recorded.get("pretrained"),
+                                Path(recorded["model_config"]) if recorded.get("model_config") else None)
+    backbone = _resolve_backbone(backbone, device)
+    check_same_backbone(record, backbone, Path(path))
+    names = list(classnames or record["classnames"])
+    details = record.get("kind_details", {})
+    options = replace(KindOptions(), logit_scale=record.get("logit_scale"),
+                      ctx_init=details.get("ctx_init", KindOptions.ctx_init),
+                      path_space=details.get("path_space", "feature"))
+    kind = build_kind(backbone, tensor_file, names, record.get("templates") or ["a photo of a {}."], options)
+    return Classifier(backbone, kind, names, record)
+
+
+__all__ = ["DataOptions", "KindOptions", "RunOutcome", "Classifier", "repair", "finetune", "evaluate",
+           "load_repaired", "atomic_output"]

@@ -1,0 +1,360 @@
+"""The `mergetune` command line: thin Typer commands over :mod:`repair.api`.
+
+Everything heavy (torch, open_clip) is imported inside the commands so `mergetune --help`
+stays fast. Errors become one line on stderr and a documented exit code in one place,
+:func:`run`; ``--debug`` (or ``MERGETUNE_DEBUG=1``) shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, MergetuneError
+
+app = typer.Typer(
+    name="mergetune",
+    help="Repair fine-tuned CLIP checkpoints that forgot what zero-shot CLIP knew (MergeTune).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+T = TypeVar("T")
+_state = {"debug": os.environ.get("MERGETUNE_DEBUG", "") not in ("", "0")}
+
+# ----------------------------------------------------------------------------- shared options
+
+ModelOpt = Annotated[str, typer.Option("--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME.")]
+PretrainedOpt = Annotated[str, typer.Option(
+    "--pretrained", help="Pretrained tag (e.g. openai), a weights file, or 'none' for random init.")]
+ModelConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--model-config", help="Register a custom open_clip architecture (JSON) before loading --model.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
+DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder directory: one sub-folder per class.")]
+ClassnamesOpt = Annotated[Optional[Path], typer.Option(
+    "--classnames", help="Class display names: JSON {folder: name} / list, or text lines 'folder: name'.")]
+TemplatesOpt = Annotated[Optional[Path], typer.Option(
+    "--templates", help="Prompt templates with one '{}', one per line or a JSON list [default: 'a photo of a {}.'].")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="Where image features are cached [default: $MERGETUNE_CACHE or ~/.cache/mergetune].")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="The one seed: shots, split, batches, initialisation.")]
+ShotsOpt = Annotated[Optional[int], typer.Option("--shots", min=1, help="Images per class to train on (all if unset).")]
+ValOpt = Annotated[float, typer.Option(
+    "--val-fraction", min=0.0, max=0.9, help="Hold out this fraction of the shots; keep the best epoch on it.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Passes over the training images.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=0, help="Stop after this many steps.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="SGD learning rate (cosine schedule).")]
+MomentumOpt = Annotated[float, typer.Option("--momentum", min=0.0, help="SGD momentum.")]
+WdOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, help="SGD weight decay.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear warm-up epochs.")]
+LogitScaleOpt = Annotated[Optional[float], typer.Option(
+    "--logit-scale", help="Override CLIP's temperature (default: the model's own, at most 100).")]
+CtxInitOpt = Annotated[str, typer.Option("--ctx-init", help="Words the prompt starts from (the zero-shot prompt).")]
+KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Checkpoint kind; detected from the file if unset.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: input (same as the input), fp32, fp16, bf16.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
+
+
+def run(action: Callable[[], T]) -> T:
+    """Run a command body: MergetuneError -> one line + its exit code; bugs -> exit 1."""
+    try:
+        return action()
+    except MergetuneError as exc:
+        if _state["debug"]:
+            raise
+        stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted; no output was written", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+        if _state["debug"]:
+            raise
+        stderr.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                     markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Repair fine-tuned CLIP checkpoints that forgot what zero-shot CLIP knew (MergeTune)."""
+    if debug:
+        _state["debug"] = True
+
+
+def _backbone_spec(model: str, pretrained: str, model_config: Optional[Path]):
+    from repair.backbone import BackboneSpec
+
+    return BackboneSpec(model=model, pretrained=pretrained, model_config=model_config)
+
+
+def _data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers):
+    from repair.api import DataOptions
+    from repair.data import default_cache_dir
+
+    return DataOptions(classnames_file=classnames, templates_file=templates, shots=shots,
+                       val_fraction=val_fraction, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                       workers=workers)
+
+
+class _Progress:
+    """Rich progress on stderr; silent when stderr is not a terminal or --quiet is given."""
+
+    def __init__(self, description: str, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[terms]}"), console=stderr, disable=quiet or not stderr.is_terminal,
+            transient=True,
+        )
+        self.task = self.progress.add_task(description, total=None, terms="")
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.__exit__(*exc_info)
+
+    def on_step(self, report: Any) -> None:
+        terms = " ".join(f"{key} {value:.3f}" for key, value in report.terms.items())
+        self.progress.update(self.task, total=report.total_steps, completed=report.step,
+                             terms=f"epoch {report.epoch}  {terms}")
+
+
+def _report_run(outcome: Any, as_json: bool, verb: str) -> None:
+    if as_json:
+        stdout.print_json(json.dumps({"path": str(outcome.path), **outcome.record}))
+        return
+    record = outcome.record
+    result = record["result"]
+    selected = f", kept epoch {result['selected_epoch']}" if result["selected_epoch"] else ""
+    stdout.print(f"{verb} {outcome.path} ({record['kind']}, {record['trainable_numbers']} trainable numbers, "
+                 f"{result['steps']} steps{selected})", markup=False, highlight=False)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command("repair")
+def repair_command(
+    finetuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint to repair.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the repaired safetensors file.")],
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    kind: KindOpt = None,
+    surrogate: Annotated[str, typer.Option("--surrogate", help="Zero-shot surrogate: feature or l2.")] = "feature",
+    lam_zs: Annotated[float, typer.Option("--lam-zs", help="Weight of the zero-shot surrogate.")] = 10.0,
+    lam_lmc: Annotated[float, typer.Option("--lam-lmc", help="Weight of the path term towards the input.")] = 1.0,
+    path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
+    path_space: Annotated[str, typer.Option(
+        "--path-space", help="Interpolate prompts in 'feature' space (cheap) or 'weight' space (exact).")] = "feature",
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    shots: ShotsOpt = 16,
+    val_fraction: ValOpt = 0.0,
+    epochs: EpochsOpt = 10,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.002,
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WdOpt = 5e-4,
+    warmup_epochs: WarmupOpt = 1,
+    seed: SeedOpt = 0,
+    logit_scale: LogitScaleOpt = None,
+    ctx_init: CtxInitOpt = "a photo of a",
+    dtype: DtypeOpt = "input",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Repair FINETUNED with MergeTune on the images in --data; write a same-shape checkpoint to --out."""
+
+    def action() -> None:
+        from repair.api import KindOptions, repair
+        from repair.objective import Objective
+        from repair.train import TrainConfig
+
+        objective = Objective(lam_zs=lam_zs, lam_lmc=lam_lmc, path_points=path_points, surrogate=surrogate)
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
+        kind_options = KindOptions(kind=kind, ctx_init=ctx_init, logit_scale=logit_scale, path_space=path_space,
+                                   output_dtype=dtype)
+        with _Progress("repairing", quiet) as progress:
+            outcome = repair(
+                finetuned, data, out, backbone=_backbone_spec(model, pretrained, model_config), objective=objective,
+                config=config, kind_options=kind_options, device=device, force=force, on_step=progress.on_step,
+                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
+            )
+        _report_run(outcome, as_json, "wrote")
+
+    run(action)
+
+
+@app.command("finetune")
+def finetune_command(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the fine-tuned safetensors file.")],
+    kind: Annotated[str, typer.Option("--kind", help="What to fine-tune: coop.")] = "coop",
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=1, help="Context tokens (= words of --ctx-init).")] = None,
+    class_specific: Annotated[bool, typer.Option("--class-specific", help="One context per class (CoOp CSC).")] = False,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    shots: ShotsOpt = 16,
+    val_fraction: ValOpt = 0.0,
+    epochs: EpochsOpt = 10,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.002,
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WdOpt = 5e-4,
+    warmup_epochs: WarmupOpt = 1,
+    seed: SeedOpt = 0,
+    logit_scale: LogitScaleOpt = None,
+    ctx_init: CtxInitOpt = "a photo of a",
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plain fine-tuning from zero-shot (no repair terms): makes the baseline checkpoint to repair."""
+
+    def action() -> None:
+        from repair.api import KindOptions, finetune
+        from repair.train import TrainConfig
+
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
+        with _Progress("fine-tuning", quiet) as progress:
+            outcome = finetune(
+                kind, data, out, backbone=_backbone_spec(model, pretrained, model_config), config=config,
+                kind_options=KindOptions(ctx_init=ctx_init, logit_scale=logit_scale), n_ctx=n_ctx,
+                class_specific=class_specific, device=device, force=force, on_step=progress.on_step,
+                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
+            )
+        _report_run(outcome, as_json, "wrote")
+
+    run(action)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to score next to the zero-shot model.")],
+    data: Annotated[Path, typer.Option("--data", help="Test images of the base (repair) classes.")],
+    novel_data: Annotated[Optional[Path], typer.Option(
+        "--novel-data", help="Test images of held-out (novel) classes.")] = None,
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    kind: KindOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    logit_scale: LogitScaleOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy of zero-shot CLIP and each checkpoint: base, novel and their harmonic mean (in %)."""
+
+    def action() -> None:
+        from repair.api import KindOptions, evaluate
+
+        report = evaluate(
+            checkpoints, data, novel_dir=novel_data, backbone=_backbone_spec(model, pretrained, model_config),
+            data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
+            kind_options=KindOptions(kind=kind, logit_scale=logit_scale), device=device,
+        )
+        if as_json:
+            stdout.print_json(json.dumps(report))
+        else:
+            _print_eval_table(report)
+
+    run(action)
+
+
+def _print_eval_table(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    has_novel = report["data"]["novel"] is not None
+    table = Table(title="accuracy (%)", title_justify="left")
+    table.add_column("model")
+    table.add_column("base", justify="right")
+    if has_novel:
+        table.add_column("novel", justify="right")
+        table.add_column("HM", justify="right")
+    notes = []
+    for row in report["models"]:
+        cells = [row["name"], _percent(row["base"])]
+        if has_novel:
+            cells += [_percent(row["novel"]), _percent(row["hm"])]
+        table.add_row(*cells)
+        notes += [f"{row['name']}: {note}" for note in row["notes"]]
+    stdout.print(table)
+    for note in notes:
+        stdout.print(note, markup=False, highlight=False)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+@app.command("demo")
+def demo_command(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its model, images and files.")
+                       ] = Path("mergetune-demo"),
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole workflow offline on a built-in tiny CLIP and generated images."""
+
+    def action() -> None:
+        from repair.demo import run_demo
+
+        with _Progress("demo", quiet) as progress:
+            report = run_demo(workdir, force=force, on_step=progress.on_step,
+                              say=lambda text: stderr.print(text, markup=False, highlight=False))
+        _print_eval_table(report)
+
+    run(action)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

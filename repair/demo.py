@@ -1,0 +1,44 @@
+"""`mergetune demo`: fine-tune, repair and evaluate end to end, offline, in seconds.
+
+It uses the built-in tiny CLIP with random weights and generated colour images, so it
+shows the workflow and the files it writes, not the method's benefit (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from repair.api import DataOptions, evaluate, finetune, repair
+from repair.backbone import BackboneSpec
+from repair.errors import OutputExistsError
+from repair.objective import Objective
+from repair.synthetic import make_image_folder, save_tiny_backbone
+from repair.train import StepReport, TrainConfig
+
+BASE_CLASSES = ("blue", "green", "red", "yellow")
+NOVEL_CLASSES = ("cyan", "orange", "pink", "purple")
+
+
+def run_demo(workdir: Path, *, force: bool = False, on_step: Callable[[StepReport], None] | None = None,
+             say: Callable[[str], None] = print) -> dict[str, object]:
+    if workdir.exists() and any(workdir.iterdir()) and not force:
+        raise OutputExistsError(f"{workdir} exists and is not empty; pass --force or another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    say(f"1/4 tiny CLIP and generated images in {workdir}")
+    spec = BackboneSpec(model=save_tiny_backbone(workdir / "tiny-clip"))
+    train_dir = make_image_folder(workdir / "images" / "base-train", BASE_CLASSES, 16, seed=1)
+    base_test = make_image_folder(workdir / "images" / "base-test", BASE_CLASSES, 24, seed=2)
+    novel_test = make_image_folder(workdir / "images" / "novel-test", NOVEL_CLASSES, 24, seed=3)
+    data_options = DataOptions(shots=16, cache_dir=workdir / "cache")
+    say("2/4 fine-tuning a CoOp prompt on the base classes (the checkpoint that forgets)")
+    finetuned = finetune("coop", train_dir, workdir / "ft.safetensors", backbone=spec, force=True,
+                         config=TrainConfig(epochs=30, lr=0.05, batch_size=32), data_options=data_options,
+                         on_step=on_step)
+    say("3/4 repairing it with MergeTune")
+    repair(finetuned.path, train_dir, workdir / "fixed.safetensors", backbone=spec, force=True,
+           objective=Objective(lam_zs=1.0, lam_lmc=1.0), config=TrainConfig(epochs=30, lr=0.05, batch_size=32),
+           data_options=data_options, on_step=on_step)
+    say("4/4 evaluating zero-shot, fine-tuned and repaired on base and novel classes")
+    return evaluate([workdir / "ft.safetensors", workdir / "fixed.safetensors"], base_test, novel_dir=novel_test,
+                    backbone=spec, data_options=DataOptions(shots=None, cache_dir=workdir / "cache"))
