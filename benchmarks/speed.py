@@ -1,0 +1,148 @@
+"""Time one MergeTune step for CoOp prompts: our loop against the reference computation pattern.
+
+The reference pattern (as in the MergeTune reference code) runs the frozen image encoder once
+per path point plus once for the main term (1 + K passes per step), encodes the current
+prompts twice and the fine-tuned prompts once per step, all at the full 77-token context.
+Our loop encodes images once per run (features cached), the current prompts once per step,
+the fine-tuned and zero-shot class features once per run, and cuts sequences at end-of-text.
+
+Both compute the same loss; the script checks that on the first batch before timing.
+
+    python -m benchmarks.speed --classes 10 --batch 32 --out benchmarks/results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from repair.backbone import BackboneSpec, load_backbone
+from repair.kinds.coop import CoOpPrompts, init_context
+from repair.objective import Objective, mergetune_loss
+
+CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+              "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle"]
+
+
+def class_list(count: int) -> list[str]:
+    return [CLASSNAMES[i % len(CLASSNAMES)] + ("" if i < len(CLASSNAMES) else f" {i}") for i in range(count)]
+
+
+class ReferencePattern:
+    """The reference code's per-step work, re-created faithfully (full-length text, repeated passes)."""
+
+    def __init__(self, prompts: CoOpPrompts, objective: Objective) -> None:
+        self.prompts = prompts
+        self.objective = objective
+        backbone = prompts.backbone
+        placeholder = " ".join(["X"] * prompts.n_ctx)
+        self.tokens = backbone.tokenize([f"{placeholder} {name}." for name in prompts.classnames])
+        with torch.no_grad():
+            self.embeddings = backbone.model.token_embedding(self.tokens)
+
+    def text_features(self, ctx: torch.Tensor) -> torch.Tensor:
+        model = self.prompts.backbone.model
+        n = self.prompts.n_ctx
+        prompts = torch.cat([self.embeddings[:, :1], ctx.expand(len(self.tokens), -1, -1),
+                             self.embeddings[:, 1 + n:]], dim=1)
+        x = model.transformer(prompts + model.positional_embedding, attn_mask=model.attn_mask)
+        x = model.ln_final(x)[torch.arange(len(self.tokens)), self.tokens.argmax(-1)] @ model.text_projection
+        return F.normalize(x, dim=-1)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model, scale = self.prompts.backbone.model, self.prompts.scale
+        ts = self.objective.path_ts()
+        with torch.no_grad():
+            passes = [F.normalize(model.encode_image(images), dim=-1) for _ in range(1 + len(ts))]
+            ft_text = self.text_features(self.prompts.ctx_ft)
+        text = self.text_features(self.prompts.ctx)
+        text_again = self.text_features(self.prompts.ctx)  # the reference encodes the prompts twice
+        ce = F.cross_entropy(scale * passes[0] @ text.t(), labels)
+        surrogate = 1 - F.cosine_similarity(text_again, self.prompts.zero_shot_class_features(), dim=-1).mean()
+        path = torch.stack([
+            F.cross_entropy(scale * passes[k + 1] @ F.normalize(ft_text + t * (text - ft_text), dim=-1).t(), labels)
+            for k, t in enumerate(ts.tolist())]).mean()
+        return ce + self.objective.lam_zs * surrogate + self.objective.lam_lmc * path
+
+
+def timed_steps(step, parameters, steps: int) -> list[float]:
+    optimizer = torch.optim.SGD(parameters, lr=1e-6)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        step().backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(model: str, classes: int, batch: int, steps: int, reference_steps: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneSpec(model, "none"))
+    names = class_list(classes)
+    ctx = init_context(backbone, "a photo of a") + 0.02 * torch.randn(4, backbone.text_width)
+    prompts = CoOpPrompts(backbone, ctx, names, ["a photo of a {}."])
+    objective = Objective()
+    size = backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.arange(batch) % classes
+
+    reference = ReferencePattern(prompts, objective)
+    start = time.perf_counter()
+    with torch.no_grad():
+        features = backbone.encode_images(images)  # what our loop does once per run, not per step
+    extraction = time.perf_counter() - start
+    with torch.no_grad():
+        ours_loss = float(mergetune_loss(prompts, objective, features, labels).total)
+        reference_loss = float(reference.loss(images, labels))
+    ours = timed_steps(lambda: mergetune_loss(prompts, objective, features, labels).total, [prompts.ctx], steps)
+    theirs = timed_steps(lambda: reference.loss(images, labels), [prompts.ctx], reference_steps)
+    ours_step, reference_step = _median(ours[1:] or ours), _median(theirs[1:] or theirs)
+    return {
+        "model": model, "classes": classes, "batch": batch,
+        "loss_ours": ours_loss, "loss_reference": reference_loss,
+        "loss_abs_diff": abs(ours_loss - reference_loss),
+        "step_seconds_ours": ours_step, "step_seconds_reference": reference_step,
+        "speedup": reference_step / ours_step,
+        "feature_extraction_seconds_once": extraction,
+        "steps_timed": {"ours": len(ours), "reference": len(theirs)},
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--reference-steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [measure(args.model, count, args.batch, args.steps, args.reference_steps) for count in args.classes]
+    report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "processor": platform.processor(), "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The command line end to end: exit codes, one-line errors, JSON output, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from repair.cli import app
+from repair.errors import EXIT_CODES
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def model_args(tiny_spec):
+    return ["--model", tiny_spec.model]
+
+
+def assert_one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+
+
+def test_help_does_not_import_torch():
+    probe = "import sys, repair.cli; sys.exit(1 if 'torch' in sys.modules or 'open_clip' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def test_finetune_repair_eval_end_to_end(tmp_path, tiny_spec, image_dirs):
+    ft, fixed = tmp_path / "ft.safetensors", tmp_path / "fixed.safetensors"
+    result = invoke("finetune", "--kind", "coop", "--data", image_dirs["train"], "--out", ft, "--epochs", "4",
+                    "--lr", "0.05", "--batch-size", "16", *model_args(tiny_spec))
+    assert result.exit_code == 0, result.output
+    result = invoke("repair", ft, "--data", image_dirs["train"], "--out", fixed, "--epochs", "2", "--shots", "8",
+                    "--lam-zs", "1", "--surrogate", "l2", "--path-space", "weight", *model_args(tiny_spec),
+                    "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["objective"]["surrogate"] == "l2" and record["kind_details"]["path_space"] == "weight"
+    result = invoke("eval", ft, fixed, "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
+                    *model_args(tiny_spec), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schema"] == "mergetune.eval/1"
+    names = [row["name"] for row in report["models"]]
+    assert names == ["zero-shot", "ft.safetensors", "fixed.safetensors"]
+    for row in report["models"]:
+        assert all(isinstance(row[key], float) and 0 <= row[key] <= 100 for key in ("base", "novel", "hm"))
+    table = invoke("eval", fixed, "--data", image_dirs["test"], *model_args(tiny_spec))
+    assert table.exit_code == 0 and "fixed.safetensors" in table.output
+
+
+def test_demo_runs_offline(tmp_path):
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "fixed.safetensors" in result.output and (tmp_path / "demo" / "fixed.safetensors").is_file()
+    again = invoke("demo", "--workdir", tmp_path / "demo")
+    assert_one_line_error(again, 8)
+
+
+@pytest.fixture
+def ft_file(tmp_path, backbone):
+    path = tmp_path / "ft.safetensors"
+    save_file({"ctx": torch.zeros(4, backbone.text_width)}, path)
+    return path
+
+
+def test_missing_checkpoint(tmp_path, tiny_spec, image_dirs):
+    result = invoke("repair", tmp_path / "nope.safetensors", "--data", image_dirs["train"], "--out",
+                    tmp_path / "o.safetensors", *model_args(tiny_spec))
+    assert_one_line_error(result, 3)
+
+
+def test_existing_output_is_not_overwritten(tmp_path, tiny_spec, image_dirs, ft_file):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", out, *model_args(tiny_spec))
+    assert_one_line_error(result, 8)
+    assert out.read_bytes() == b"keep me"
+    same = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", ft_file, "--force",
+                  *model_args(tiny_spec))
+    assert_one_line_error(same, 8)
+
+
+def test_weights_not_cached_offline(tmp_path, image_dirs, ft_file, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                    "--model", "ViT-B-16", "--pretrained", "openai")
+    assert_one_line_error(result, 7)
+    assert "local-dir:" in result.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unknown_model_and_tag(tmp_path, image_dirs, ft_file):
+    result = invoke("eval", ft_file, "--data", image_dirs["test"], "--model", "ViT-Nope")
+    assert_one_line_error(result, 7)
+    result = invoke("eval", ft_file, "--data", image_dirs["test"], "--model", "ViT-B-16", "--pretrained", "nope")
+    assert_one_line_error(result, 7)
+
+
+def test_single_class_data_folder(tmp_path, tiny_spec, ft_file, image_dirs):
+    lonely = tmp_path / "lonely"
+    (lonely / "red").mkdir(parents=True)
+    for source in list((image_dirs["train"] / "red").iterdir())[:3]:
+        (lonely / "red" / source.name).write_bytes(source.read_bytes())
+    result = invoke("repair", ft_file, "--data", lonely, "--out", tmp_path / "o.safetensors",
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 6)
+
+
+def test_wrong_context_width(tmp_path, tiny_spec, image_dirs):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"ctx": torch.zeros(4, 7)}, bad)
+    result = invoke("repair", bad, "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 5)
+    assert "[4, 7]" in result.output
+
+
+def test_nan_context(tmp_path, tiny_spec, image_dirs, backbone):
+    bad = tmp_path / "nan.safetensors"
+    save_file({"ctx": torch.full((4, backbone.text_width), float("nan"))}, bad)
+    result = invoke("repair", bad, "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 9)
+
+
+def test_foreign_file_kind(tmp_path, tiny_spec, image_dirs):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"something": torch.zeros(3)}, foreign)
+    result = invoke("repair", foreign, "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 5)
+    assert "something [3]" in result.output
+
+
+def test_diverging_loss_writes_nothing(tmp_path, tiny_spec, image_dirs, ft_file):
+    out = tmp_path / "o.safetensors"
+    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", out, "--lr", "1e30",
+                    "--epochs", "3", "--shots", "4", *model_args(tiny_spec))
+    assert_one_line_error(result, 9)
+    assert not out.exists()
+
+
+def test_exit_codes_are_distinct_and_documented():
+    assert len(EXIT_CODES) == len(set(EXIT_CODES))
+    assert {0, 1, 2, 3, 5, 6, 7, 8, 9} <= EXIT_CODES.keys()
