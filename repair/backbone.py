@@ -118,9 +118,21 @@ class Backbone:
         features = self.encode_texts(captions).view(len(classnames), len(templates), -1)
         return F.normalize(features.mean(dim=1), dim=-1)
 
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return ImageEncoder(self.visual_fingerprint, lambda pixels: self.model.encode_image(pixels))
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_image(pixels.to(self.device)), dim=-1)
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    """Pixels -> raw (unnormalised) image features, with a fingerprint that keys the feature cache."""
+
+    fingerprint: str
+    encode: Callable[[torch.Tensor], torch.Tensor]
 
 
 def pooling_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -142,10 +154,13 @@ def cut_at_end_of_text(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Te
     return tokens[:, :length], eot
 
 
-def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor, eot: torch.Tensor,
+                            parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """open_clip's ``encode_text`` from token embeddings on: [N, L, width] -> [N, embed_dim].
 
     ``L`` may be shorter than the context length; the causal mask is cut to match.
+    ``parameters`` replaces tensors of ``model.transformer`` (names relative to it) for this
+    call only, which is how kinds that tune the text tower's own parameters use it.
     """
     if not hasattr(model, "transformer") or not hasattr(model, "attn_mask"):
         raise IncompatibleCheckpointError(
@@ -155,7 +170,10 @@ def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor, eot: tor
     cast_dtype = model.transformer.get_cast_dtype()
     x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-    x = model.transformer(x, attn_mask=mask)
+    if parameters:
+        x = torch.func.functional_call(model.transformer, parameters, (x,), {"attn_mask": mask}, strict=False)
+    else:
+        x = model.transformer(x, attn_mask=mask)
     x = model.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
     projection = model.text_projection

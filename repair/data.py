@@ -17,15 +17,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
-from repair.backbone import Backbone
+from repair.backbone import Backbone, ImageEncoder
 from repair.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-CACHE_FORMAT = "mergetune-features/1"
+CACHE_FORMAT = "mergetune-features/2"  # raw (unnormalised) float32 features
 
 
 @dataclass(frozen=True)
@@ -219,9 +220,9 @@ def load_templates(path: str | Path | None) -> list[str]:
 
 @dataclass(frozen=True)
 class Features:
-    """Normalised image features of a frozen image tower, row-aligned with ``labels``."""
+    """Image features (or pixels, for kinds that train the image tower), row-aligned with ``labels``."""
 
-    features: torch.Tensor  # [N, embed_dim] float32
+    features: torch.Tensor  # [N, embed_dim] float32, normalised unless asked otherwise
     labels: torch.Tensor  # [N] int64
 
     def __len__(self) -> int:
@@ -256,8 +257,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergetune"
 
 
-def features_cache_key(backbone: Backbone, file_hashes: Sequence[str]) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{backbone.visual_fingerprint}\n".encode())
+def features_cache_key(encoder: ImageEncoder, file_hashes: Sequence[str]) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{encoder.fingerprint}\n".encode())
     digest.update("\n".join(file_hashes).encode())
     return digest.hexdigest()
 
@@ -269,30 +270,43 @@ def extract_features(
     cache_dir: Path | None = None,
     batch_size: int = 64,
     workers: int = 0,
+    normalize: bool = True,
+    encoder: ImageEncoder | None = None,
 ) -> Features:
-    """Encode every image once with the frozen image tower; reuse the on-disk cache when it has them."""
-    labels = torch.tensor(dataset.labels, dtype=torch.long)
+    """Encode every image once (the backbone's frozen tower unless ``encoder`` is given); reuse the cache."""
+    encoder = encoder or backbone.image_encoder
+    labels = torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device)
     cache_file = None
+    features = None
     if cache_dir is not None:
-        key = features_cache_key(backbone, dataset.file_hashes())
+        key = features_cache_key(encoder, dataset.file_hashes())
         cache_file = Path(cache_dir) / "features" / f"{key}.safetensors"
-        cached = _read_cache(cache_file, len(dataset))
-        if cached is not None:
-            return Features(cached.to(backbone.device), labels.to(backbone.device))
-    features = _encode_files(backbone, dataset.files, batch_size=batch_size, workers=workers)
-    if cache_file is not None:
-        _write_cache(cache_file, features)
-    return Features(features, labels.to(backbone.device))
+        features = _read_cache(cache_file, len(dataset))
+    if features is None:
+        features = _encode_files(backbone, encoder, dataset.files, batch_size=batch_size, workers=workers)
+        if cache_file is not None:
+            _write_cache(cache_file, features)
+    features = features.to(backbone.device)
+    return Features(F.normalize(features, dim=-1) if normalize else features, labels)
 
 
-def _encode_files(backbone: Backbone, files: Sequence[Path], *, batch_size: int, workers: int) -> torch.Tensor:
+def load_pixels(backbone: Backbone, dataset: ImageFolder, *, batch_size: int = 64, workers: int = 0) -> Features:
+    """Decoded, preprocessed images in memory: the few-shot inputs of kinds whose image tower trains."""
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(dataset.files, backbone.preprocess), batch_size=batch_size, num_workers=workers)
+    pixels = torch.cat(list(loader)).to(backbone.device)
+    return Features(pixels, torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device))
+
+
+def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Path], *, batch_size: int,
+                  workers: int) -> torch.Tensor:
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files, backbone.preprocess), batch_size=batch_size, num_workers=workers, shuffle=False
     )
     chunks = []
     with torch.inference_mode():
         for pixels in loader:
-            chunks.append(backbone.encode_images(pixels).float())
+            chunks.append(encoder.encode(pixels.to(backbone.device)).float().cpu())
     return torch.cat(chunks).clone()
 
 
