@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from repair.errors import IncompatibleCheckpointError
 from repair.kinds.base import Kind
-from repair.surrogates import SURROGATES
+from repair.surrogates import SURROGATES, Surrogate, build_surrogate
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,24 @@ class LossTerms:
         return {name: float(value.detach()) for name, value in terms.items()}
 
 
-def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, labels: torch.Tensor) -> LossTerms:
-    """One mini-batch of the objective; terms with a zero weight are not computed at all."""
+def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, labels: torch.Tensor,
+                   surrogate: Surrogate | None = None) -> LossTerms:
+    """One mini-batch of the objective; terms with a zero weight are not computed at all.
+
+    ``surrogate`` is the prepared zero-shot term (:func:`repair.surrogates.build_surrogate`);
+    data-free ones are built on the fly when it is not given.
+    """
     wants_path = objective.lam_lmc != 0.0
     output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
     ce = F.cross_entropy(output.logits, labels)
     zero = ce.new_zeros(())
-    surrogate = SURROGATES[objective.surrogate](kind, output) if objective.lam_zs != 0.0 else zero
+    penalty = zero
+    if objective.lam_zs != 0.0:
+        penalty = (surrogate or build_surrogate(objective.surrogate, kind))(kind, output)
     path = zero
     if wants_path and output.path_logits is not None:
         k, batch, classes = output.path_logits.shape
         path = F.cross_entropy(output.path_logits.reshape(k * batch, classes), labels.repeat(k))
-    total = ce + objective.lam_zs * surrogate + objective.lam_lmc * path
+    total = ce + objective.lam_zs * penalty + objective.lam_lmc * path
     correct = int((output.logits.argmax(dim=-1) == labels).sum())
-    return LossTerms(total=total, ce=ce, surrogate=surrogate, path=path, correct=correct)
+    return LossTerms(total=total, ce=ce, surrogate=penalty, path=path, correct=correct)

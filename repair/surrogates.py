@@ -1,36 +1,134 @@
 """The zero-shot side of the objective: data-free stand-ins for "stay close to w_zs".
 
 Around the zero-shot solution the pretraining loss along ``w_zs -> w`` grows like
-``0.5 t^2 d^T H d`` with ``d = w - w_zs``; each surrogate approximates ``H`` differently
-(see the README's surrogate table). Each is a function ``(kind, output) -> scalar`` in
-:data:`SURROGATES`; adding one is one function and one registry line.
+``0.5 t^2 d^T H d`` with ``d = w - w_zs``; each surrogate approximates ``H`` differently:
+
+- ``feature``: Gauss-Newton on the class text features, ``1 - mean_c cos(T_c, Z_c)``.
+- ``fisher``: the diagonal Fisher at ``w_zs``, ``0.5 sum_i F_i (w_i - w_zs_i)^2``.
+- ``l2``: ``c * I``, ``0.5 ||w - w_zs||^2`` (L2-SP).
+
+A surrogate is built once per run (:func:`build_surrogate`), so its constants (anchors, the
+Fisher) are computed once; adding one is one class and one line in :data:`SURROGATES`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from repair.data import Features
 from repair.kinds.base import Kind, KindOutput
 
-
-def feature_surrogate(kind: Kind, output: KindOutput) -> torch.Tensor:
-    """Gauss-Newton on the class text features: ``1 - mean_c cos(T_c, Z_c)`` (KgCoOp's term)."""
-    anchor = kind.zero_shot_class_features()
-    return 1.0 - F.cosine_similarity(output.class_features, anchor, dim=-1).mean()
+FISHER_CACHE_FORMAT = "mergetune-fisher/1"
 
 
-def l2_surrogate(kind: Kind, output: KindOutput) -> torch.Tensor:
+class FeatureSurrogate:
+    """Gauss-Newton on the class text features (KgCoOp's term; what the reference runs)."""
+
+    needs_data = False
+
+    def __init__(self, kind: Kind) -> None:
+        self.anchor = kind.zero_shot_class_features().detach()
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        return 1.0 - F.cosine_similarity(output.class_features, self.anchor, dim=-1).mean()
+
+
+class L2Surrogate:
     """Isotropic H: ``0.5 ||w - w_zs||^2`` over the trainable tensors (L2-SP)."""
-    anchors = kind.zero_shot_values()
-    return 0.5 * sum(((tensor - anchors[name]) ** 2).sum() for name, tensor in kind.trainable().items())
+
+    needs_data = False
+
+    def __init__(self, kind: Kind) -> None:
+        self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        return 0.5 * sum(((tensor - self.anchors[name]) ** 2).sum() for name, tensor in kind.trainable().items())
+
+
+class FisherSurrogate:
+    """Diagonal Fisher at ``w_zs``: ``0.5 sum_i F_i (w_i - w_zs_i)^2``; F needs images, not labels."""
+
+    needs_data = True
+
+    def __init__(self, kind: Kind, fisher: dict[str, torch.Tensor]) -> None:
+        self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
+        self.fisher = fisher
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        return 0.5 * sum((self.fisher[name] * (tensor - self.anchors[name]) ** 2).sum()
+                         for name, tensor in kind.trainable().items())
 
 
 Surrogate = Callable[[Kind, KindOutput], torch.Tensor]
+SURROGATES = ("feature", "fisher", "l2")
 
-SURROGATES: dict[str, Surrogate] = {
-    "feature": feature_surrogate,
-    "l2": l2_surrogate,
-}
+
+def build_surrogate(name: str, kind: Kind, data: Features | None = None, *, seed: int = 0,
+                    cache_key: str | None = None, cache_dir: Path | None = None) -> Surrogate:
+    """The named surrogate for this kind; the Fisher is estimated on ``data`` (cached on disk)."""
+    if name == "feature":
+        return FeatureSurrogate(kind)
+    if name == "l2":
+        return L2Surrogate(kind)
+    if name == "fisher":
+        if data is None:
+            raise ValueError("the fisher surrogate needs the repair images")
+        fisher = _cached_fisher(kind, data, seed, cache_key, cache_dir)
+        return FisherSurrogate(kind, fisher)
+    raise ValueError(f"unknown surrogate {name!r}; choose one of {', '.join(SURROGATES)}")
+
+
+def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """E_x E_{y ~ p_zs(y|x)} [(d log p(y|x) / dw)^2] at ``w_zs``, one gradient per image.
+
+    Labels are drawn from the zero-shot model's own predictions, so no labels are needed.
+    The kind is evaluated at ``w_zs`` and restored afterwards.
+    """
+    saved = kind.snapshot()
+    kind.load_values(kind.zero_shot_values())
+    parameters = kind.trainable()
+    fisher = {name: torch.zeros_like(parameter) for name, parameter in parameters.items()}
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for start in range(0, len(data), chunk):
+            log_probs = F.log_softmax(kind(data.features[start:start + chunk]).logits, dim=-1)
+            sampled = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).squeeze(1)
+            for row, label in enumerate(sampled.tolist()):
+                grads = torch.autograd.grad(-log_probs[row, label], list(parameters.values()), retain_graph=True)
+                for name, grad in zip(parameters, grads):
+                    fisher[name] += grad.detach() ** 2
+    finally:
+        kind.load_values(saved)
+    return {name: value / max(len(data), 1) for name, value in fisher.items()}
+
+
+def _cached_fisher(kind: Kind, data: Features, seed: int, cache_key: str | None,
+                   cache_dir: Path | None) -> dict[str, torch.Tensor]:
+    if cache_key is None or cache_dir is None:
+        return fisher_diagonal(kind, data, seed=seed)
+    digest = hashlib.sha256(json.dumps([FISHER_CACHE_FORMAT, cache_key, seed]).encode()).hexdigest()
+    path = Path(cache_dir) / "fisher" / f"{digest}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(path, device=str(data.features.device))
+            if stored.keys() == kind.trainable().keys():
+                return stored
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            pass
+    fisher = fisher_diagonal(kind, data, seed=seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({name: value.cpu().contiguous() for name, value in fisher.items()}, temporary)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+    return fisher

@@ -17,6 +17,7 @@ from repair.data import Features
 from repair.errors import NumericalError
 from repair.kinds.base import Kind
 from repair.objective import Objective, mergetune_loss
+from repair.surrogates import Surrogate, build_surrogate
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def train(
     config: TrainConfig,
     *,
     val_set: Features | None = None,
+    surrogate: Surrogate | None = None,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
     """Run the loop in place on ``kind``'s trainable tensors; returns what happened."""
@@ -108,6 +110,8 @@ def train(
     result = TrainResult(steps=0, selected_epoch=None)
     if total_steps == 0:
         return result
+    if surrogate is None and objective.lam_zs != 0.0:
+        surrogate = build_surrogate(objective.surrogate, kind, train_set, seed=config.seed)
     parameters = list(kind.trainable().values())
     optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -120,7 +124,7 @@ def train(
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
         for inputs, labels in shuffled_batches(train_set, config.batch_size, generator):
-            terms = mergetune_loss(kind, objective, inputs, labels)
+            terms = mergetune_loss(kind, objective, inputs, labels, surrogate)
             _check_finite(terms.total, result.steps + 1, epoch)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()

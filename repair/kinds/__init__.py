@@ -1,15 +1,25 @@
-"""Checkpoint kinds: one module each, registered here. Detection: metadata first, then shape."""
+"""Checkpoint kinds: one module each, registered here. Detection: metadata first, then tensors."""
 
 from __future__ import annotations
 
 from repair.checkpoints import TensorFile
 from repair.errors import IncompatibleCheckpointError
 from repair.kinds.base import Kind, KindOutput
+from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
+from repair.kinds.linear import LinearHead
 
 KINDS: dict[str, type[Kind]] = {
     CoOpPrompts.name: CoOpPrompts,
+    LinearHead.name: LinearHead,
+    CLIPFit.name: CLIPFit,
 }
+
+EXPECTED = (
+    "expected a CoOp prompt 'ctx' [n_ctx, width] or [n_cls, n_ctx, width], a linear head 'weight' "
+    "[n_cls, dim] (or head./fc./classifier. prefixes, sklearn coef_), or CLIPFit tensors "
+    "(transformer.resblocks.N.mlp.c_proj.bias, visual LayerNorms)"
+)
 
 
 def detect_kind(tensor_file: TensorFile, override: str | None = None) -> type[Kind]:
@@ -24,14 +34,12 @@ def detect_kind(tensor_file: TensorFile, override: str | None = None) -> type[Ki
     matching = [kind for kind in KINDS.values() if kind.matches(tensor_file)]
     if len(matching) == 1:
         return matching[0]
-    found = ", ".join(f"{key} {list(t.shape)}" for key, t in list(tensor_file.tensors.items())[:6]) or "no tensors"
     if not matching:
+        found = ", ".join(f"{key} {list(t.shape)}" for key, t in list(tensor_file.tensors.items())[:6])
         raise IncompatibleCheckpointError(
-            f"{tensor_file.path}: not a checkpoint mergetune knows (found {found}); "
-            "expected a CoOp prompt 'ctx' [n_ctx, width] or [n_cls, n_ctx, width]"
-        )
+            f"{tensor_file.path}: not a checkpoint mergetune knows (found {found or 'no tensors'}); {EXPECTED}")
     names = ", ".join(kind.name for kind in matching)
     raise IncompatibleCheckpointError(f"{tensor_file.path}: could be {names}; pass --kind")
 
 
-__all__ = ["KINDS", "Kind", "KindOutput", "CoOpPrompts", "detect_kind"]
+__all__ = ["KINDS", "Kind", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "detect_kind"]

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from repair.backbone import ImageEncoder
 from repair.checkpoints import TensorFile
 
 
@@ -32,12 +33,16 @@ class Kind(nn.Module, ABC):
     """Base class; a new kind is one module under ``repair/kinds`` plus one registry line."""
 
     name: ClassVar[str]
-    needs_pixels: ClassVar[bool] = False  # True when the image tower itself trains
 
     @classmethod
     @abstractmethod
     def matches(cls, tensor_file: TensorFile) -> bool:
         """Whether a file looks like this kind (used by detection; metadata wins when present)."""
+
+    @classmethod
+    @abstractmethod
+    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
+        """Names of the file's tensors this kind trains (what ``inspect`` reports)."""
 
     @abstractmethod
     def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
@@ -61,11 +66,20 @@ class Kind(nn.Module, ABC):
 
     @abstractmethod
     def export(self) -> dict[str, torch.Tensor]:
-        """The tensors to write: the input's names and shapes, current values."""
+        """The tensors to write: the input's names, shapes and dtypes, current values."""
 
     @abstractmethod
     def describe(self) -> dict[str, object]:
         """Kind-specific facts recorded in metadata (n_ctx, class-specific, ...)."""
+
+    @property
+    def input_kind(self) -> str:
+        """What ``forward`` takes: 'features' (normalised), 'raw-features', or 'pixels' (the image tower trains)."""
+        return "features"
+
+    def image_encoder(self) -> ImageEncoder | None:
+        """The image tower this checkpoint scores with, when it is not the backbone's frozen one."""
+        return None
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}

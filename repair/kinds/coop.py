@@ -74,6 +74,7 @@ class CoOpPrompts(Kind):
         ctx_init: str = DEFAULT_CTX_INIT,
         logit_scale: float | None = None,
         path_space: str = "feature",
+        **_: object,
     ) -> None:
         super().__init__()
         self._check_shape(backbone, ctx, classnames)
@@ -104,6 +105,11 @@ class CoOpPrompts(Kind):
     @classmethod
     def matches(cls, tensor_file: TensorFile) -> bool:
         return find_ctx(tensor_file) is not None
+
+    @classmethod
+    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
+        found = find_ctx(tensor_file)
+        return [found[0]] if found else []
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
@@ -209,7 +215,7 @@ class CoOpPrompts(Kind):
         return {"ctx": self.ctx_ft}
 
     def export(self) -> dict[str, torch.Tensor]:
-        return {self.ctx_key: self.ctx.detach().cpu()}
+        return {self.ctx_key: self.ctx.detach().cpu().to(self.input_dtype)}
 
     def describe(self) -> dict[str, object]:
         return {"n_ctx": self.n_ctx, "class_specific": self.class_specific, "ctx_init": self.ctx_init,
