@@ -23,12 +23,15 @@ from repair.data import (
     ImageFolder,
     default_cache_dir,
     extract_features,
+    load_pixels,
     load_templates,
     scan_image_folder,
 )
 from repair.errors import IncompatibleCheckpointError, InputFileError, OutputExistsError
 from repair.evaluate import EVAL_SCHEMA, EvalSet, Scorer, ZeroShot, evaluate_models
 from repair.kinds import KINDS, Kind, detect_kind
+from repair.kinds.coop import DEFAULT_CTX_INIT
+from repair.surrogates import Surrogate, build_surrogate
 from repair.objective import Objective
 from repair.train import StepReport, TrainConfig, TrainResult, train
 
@@ -51,16 +54,30 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class KindOptions:
-    """Kind-level choices; ``kind=None`` detects it from the file."""
+    """Kind-level choices; ``None`` means: what the file records, else the kind's default."""
 
     kind: str | None = None
-    ctx_init: str = "a photo of a"
-    logit_scale: float | None = None
+    ctx_init: str | None = None  # prompts: the zero-shot words (default "a photo of a")
+    logit_scale: float | None = None  # CLIP's temperature, or a linear head's scale
+    normalize_features: bool | None = None  # linear heads: on normalised image features (default yes)
+    key_prefix: str | None = None  # linear heads: where the head lives in a state dict
     path_space: str = "feature"
     output_dtype: str = "input"
 
-    def constructor_options(self) -> dict[str, object]:
-        return {"ctx_init": self.ctx_init, "logit_scale": self.logit_scale, "path_space": self.path_space}
+    def constructor_options(self, record: dict[str, object] | None = None) -> dict[str, object]:
+        """Options for a kind's constructor: explicit choices win over what ``record`` stored."""
+        record = record or {}
+        details = record.get("kind_details") if isinstance(record.get("kind_details"), dict) else {}
+        chosen = {
+            "ctx_init": self.ctx_init or details.get("ctx_init") or DEFAULT_CTX_INIT,
+            "logit_scale": self.logit_scale if self.logit_scale is not None else record.get("logit_scale"),
+            "normalize_features": (self.normalize_features if self.normalize_features is not None
+                                   else details.get("normalize_features", True)),
+            "path_space": self.path_space,
+        }
+        if self.key_prefix is not None:
+            chosen["key_prefix"] = self.key_prefix
+        return chosen
 
 
 @dataclass
@@ -131,30 +148,48 @@ def select_training_images(data_dir: Path, options: DataOptions, seed: int) -> t
     return dataset, None
 
 
-def encode_training_images(backbone: Backbone, dataset: ImageFolder, held_out: ImageFolder | None,
+def encode_for(scorer: Kind | Scorer, backbone: Backbone, dataset: ImageFolder, options: DataOptions,
+               *, training: bool = False) -> Features:
+    """The inputs a model scores: pixels when its image tower trains, else (cached) features of its tower."""
+    if training and scorer.input_kind == "pixels":
+        return load_pixels(backbone, dataset, batch_size=options.batch_size, workers=options.workers)
+    return extract_features(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
+                            workers=options.workers, normalize=scorer.input_kind != "raw-features",
+                            encoder=scorer.image_encoder())
+
+
+def encode_training_images(backbone: Backbone, kind: Kind, dataset: ImageFolder, held_out: ImageFolder | None,
                            options: DataOptions) -> tuple[Features, Features | None]:
-    """Encode once with the frozen image tower (cached on disk)."""
-    encode = dict(cache_dir=options.cache_dir, batch_size=options.batch_size, workers=options.workers)
-    train_features = extract_features(backbone, dataset, **encode)
-    val_features = extract_features(backbone, held_out, **encode) if held_out is not None else None
+    """Encode once with the frozen image tower (cached on disk), or load pixels for CLIPFit."""
+    train_features = encode_for(kind, backbone, dataset, options, training=True)
+    val_features = encode_for(kind, backbone, held_out, options, training=True) if held_out is not None else None
     return train_features, val_features
+
+
+def prepare_surrogate(objective: Objective, kind: Kind, backbone: Backbone, dataset: ImageFolder,
+                      train_set: Features, templates: Sequence[str], options: DataOptions, seed: int) -> Surrogate | None:
+    if objective.lam_zs == 0.0:
+        return None
+    cache_key = json.dumps([kind.name, kind.describe(), backbone.visual_fingerprint, backbone.text_fingerprint,
+                            list(dataset.classnames), list(templates), dataset.file_hashes()], default=str)
+    return build_surrogate(objective.surrogate, kind, train_set, seed=seed, cache_key=cache_key,
+                           cache_dir=options.cache_dir)
 
 
 def build_kind(backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
                templates: Sequence[str], options: KindOptions) -> Kind:
     kind_class = detect_kind(tensor_file, options.kind)
-    recorded = read_record(tensor_file).get("kind_details", {})
-    constructor = options.constructor_options()
-    if isinstance(recorded, dict) and options.ctx_init == KindOptions.ctx_init and recorded.get("ctx_init"):
-        constructor["ctx_init"] = recorded["ctx_init"]
+    constructor = options.constructor_options(read_record(tensor_file))
     return kind_class.from_file(backbone, tensor_file, classnames, templates, **constructor)
 
 
 def _export(kind: Kind, output_dtype: str) -> dict[str, torch.Tensor]:
+    """The kind's tensors in the input's dtypes, or all floating tensors in ``output_dtype``."""
     if output_dtype not in OUTPUT_DTYPES:
         raise IncompatibleCheckpointError(f"unknown output dtype {output_dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
-    dtype = OUTPUT_DTYPES[output_dtype] or getattr(kind, "input_dtype", torch.float32)
-    return {name: tensor.to(dtype).contiguous() for name, tensor in kind.export().items()}
+    dtype = OUTPUT_DTYPES[output_dtype]
+    return {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            for name, tensor in kind.export().items()}
 
 
 def _record(stage: str, kind: Kind, backbone: Backbone, dataset: ImageFolder, held_out: ImageFolder | None,
@@ -216,9 +251,10 @@ def repair(
     templates = load_templates(data_options.templates_file)
     dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
     kind = build_kind(backbone, source, dataset.classnames, templates, kind_options)
-    train_set, val_set = encode_training_images(backbone, dataset, held_out, data_options)
+    train_set, val_set = encode_training_images(backbone, kind, dataset, held_out, data_options)
+    surrogate = prepare_surrogate(objective, kind, backbone, dataset, train_set, templates, data_options, config.seed)
     torch.manual_seed(config.seed)
-    result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step)
+    result = train(kind, objective, train_set, config, val_set=val_set, surrogate=surrogate, on_step=on_step)
     record = _record("repair", kind, backbone, dataset, held_out, templates, objective, config, data_options,
                      kind_options, result, source)
     path = _write(out, kind, record, kind_options.output_dtype, force, [finetuned])
@@ -250,25 +286,54 @@ def finetune(
     dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
     kind = KINDS[kind_name].zero_shot(backbone, dataset.classnames, templates, n_ctx=n_ctx,
                                       class_specific=class_specific, **kind_options.constructor_options())
-    train_set, val_set = encode_training_images(backbone, dataset, held_out, data_options)
+    train_set, val_set = encode_training_images(backbone, kind, dataset, held_out, data_options)
     objective = Objective(lam_zs=0.0, lam_lmc=0.0)
     torch.manual_seed(config.seed)
     result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step)
     record = _record("finetune", kind, backbone, dataset, held_out, templates, objective, config, data_options,
                      kind_options, result, None)
-    path = _write(out, kind, record, "fp32" if kind_options.output_dtype == "input" else kind_options.output_dtype,
-                  force, [])
+    path = _write(out, kind, record, kind_options.output_dtype, force, [])
     return RunOutcome(path, record, result)
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, object]:
+    """What a checkpoint is, without loading a model: kind, tensors, trainable numbers, metadata."""
+    tensor_file = read_tensors(path)
+    kind_class = detect_kind(tensor_file, kind)
+    trainable = kind_class.trainable_keys(tensor_file)
+    if not trainable:
+        raise IncompatibleCheckpointError(f"{tensor_file.path}: no {kind_class.name} tensors in this file")
+    record = read_record(tensor_file)
+    return {
+        "path": str(tensor_file.path),
+        "format": tensor_file.format,
+        "sha256": tensor_file.sha256,
+        "kind": kind_class.name,
+        "trainable_numbers": sum(tensor_file.tensors[key].numel() for key in trainable),
+        "tensors": [{"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+                     "trainable": name in trainable} for name, tensor in tensor_file.tensors.items()],
+        "metadata": record or dict(tensor_file.metadata),
+    }
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def load_evalset(backbone: Backbone, data_dir: Path, name: str, options: DataOptions) -> tuple[EvalSet, ImageFolder]:
-    dataset = scan_image_folder(data_dir, options.classnames_file if name == "base" else None)
-    features = extract_features(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
-                                workers=options.workers)
-    return EvalSet(name, features, dataset.classnames), dataset
+def load_evalset(backbone: Backbone, dataset: ImageFolder, name: str, options: DataOptions) -> EvalSet:
+    """Features are encoded on first use per image tower and normalisation, then reused."""
+    memo: dict[tuple[str, str], Features] = {}
+
+    def features_for(scorer: Scorer) -> Features:
+        encoder = scorer.image_encoder()
+        key = (encoder.fingerprint if encoder else "backbone", scorer.input_kind)
+        if key not in memo:
+            memo[key] = encode_for(scorer, backbone, dataset, options)
+        return memo[key]
+
+    return EvalSet(name, dataset.classnames, features_for)
 
 
 def evaluate(
@@ -285,9 +350,10 @@ def evaluate(
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
     backbone = _resolve_backbone(backbone, device)
     templates = load_templates(data_options.templates_file)
-    base, base_folder = load_evalset(backbone, Path(data_dir), "base", data_options)
-    novel, novel_folder = (load_evalset(backbone, Path(novel_dir), "novel", data_options)
-                           if novel_dir is not None else (None, None))
+    base_folder = scan_image_folder(data_dir, data_options.classnames_file)
+    novel_folder = scan_image_folder(novel_dir) if novel_dir is not None else None
+    base = load_evalset(backbone, base_folder, "base", data_options)
+    novel = load_evalset(backbone, novel_folder, "novel", data_options) if novel_folder is not None else None
     models: dict[str, Scorer] = {"zero-shot": ZeroShot(backbone, templates, kind_options.logit_scale)}
     sources: dict[str, dict[str, str] | None] = {"zero-shot": None}
     for tensor_file in files:

@@ -62,8 +62,14 @@ WdOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, help="SGD weigh
 WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear warm-up epochs.")]
 LogitScaleOpt = Annotated[Optional[float], typer.Option(
     "--logit-scale", help="Override CLIP's temperature (default: the model's own, at most 100).")]
-CtxInitOpt = Annotated[str, typer.Option("--ctx-init", help="Words the prompt starts from (the zero-shot prompt).")]
-KindOpt = Annotated[Optional[str], typer.Option("--kind", help="Checkpoint kind; detected from the file if unset.")]
+CtxInitOpt = Annotated[Optional[str], typer.Option(
+    "--ctx-init", help="Prompts: the zero-shot words the context starts from [default: 'a photo of a'].")]
+KindOpt = Annotated[Optional[str], typer.Option(
+    "--kind", help="Checkpoint kind: coop, linear or clipfit; detected from the file if unset.")]
+KeyPrefixOpt = Annotated[Optional[str], typer.Option(
+    "--key-prefix", help="Linear heads: the head's prefix in a state dict, e.g. 'head.' for head.weight.")]
+HeadFeaturesOpt = Annotated[Optional[str], typer.Option(
+    "--head-features", help="Linear heads: trained on 'normalized' (default) or 'raw' image features.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: input (same as the input), fp32, fp16, bf16.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
@@ -165,7 +171,10 @@ def repair_command(
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
-    surrogate: Annotated[str, typer.Option("--surrogate", help="Zero-shot surrogate: feature or l2.")] = "feature",
+    surrogate: Annotated[str, typer.Option("--surrogate", help="Zero-shot surrogate: feature, fisher or l2.")
+                         ] = "feature",
+    key_prefix: KeyPrefixOpt = None,
+    head_features: HeadFeaturesOpt = None,
     lam_zs: Annotated[float, typer.Option("--lam-zs", help="Weight of the zero-shot surrogate.")] = 10.0,
     lam_lmc: Annotated[float, typer.Option("--lam-lmc", help="Weight of the path term towards the input.")] = 1.0,
     path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
@@ -184,7 +193,7 @@ def repair_command(
     warmup_epochs: WarmupOpt = 1,
     seed: SeedOpt = 0,
     logit_scale: LogitScaleOpt = None,
-    ctx_init: CtxInitOpt = "a photo of a",
+    ctx_init: CtxInitOpt = None,
     dtype: DtypeOpt = "input",
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
@@ -205,7 +214,8 @@ def repair_command(
         config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                              weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
         kind_options = KindOptions(kind=kind, ctx_init=ctx_init, logit_scale=logit_scale, path_space=path_space,
-                                   output_dtype=dtype)
+                                   output_dtype=dtype, key_prefix=key_prefix,
+                                   normalize_features=_head_features(head_features))
         with _Progress("repairing", quiet) as progress:
             outcome = repair(
                 finetuned, data, out, backbone=_backbone_spec(model, pretrained, model_config), objective=objective,
@@ -221,7 +231,8 @@ def repair_command(
 def finetune_command(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the fine-tuned safetensors file.")],
-    kind: Annotated[str, typer.Option("--kind", help="What to fine-tune: coop.")] = "coop",
+    kind: Annotated[str, typer.Option("--kind", help="What to fine-tune: coop, linear or clipfit.")] = "coop",
+    head_features: HeadFeaturesOpt = None,
     model: ModelOpt = "ViT-B-16",
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,
@@ -240,7 +251,7 @@ def finetune_command(
     warmup_epochs: WarmupOpt = 1,
     seed: SeedOpt = 0,
     logit_scale: LogitScaleOpt = None,
-    ctx_init: CtxInitOpt = "a photo of a",
+    ctx_init: CtxInitOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     workers: WorkersOpt = 0,
@@ -260,7 +271,8 @@ def finetune_command(
         with _Progress("fine-tuning", quiet) as progress:
             outcome = finetune(
                 kind, data, out, backbone=_backbone_spec(model, pretrained, model_config), config=config,
-                kind_options=KindOptions(ctx_init=ctx_init, logit_scale=logit_scale), n_ctx=n_ctx,
+                kind_options=KindOptions(ctx_init=ctx_init, logit_scale=logit_scale,
+                                         normalize_features=_head_features(head_features)), n_ctx=n_ctx,
                 class_specific=class_specific, device=device, force=force, on_step=progress.on_step,
                 data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
             )
@@ -279,6 +291,8 @@ def eval_command(
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
+    key_prefix: KeyPrefixOpt = None,
+    head_features: HeadFeaturesOpt = None,
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
     logit_scale: LogitScaleOpt = None,
@@ -296,7 +310,8 @@ def eval_command(
         report = evaluate(
             checkpoints, data, novel_dir=novel_data, backbone=_backbone_spec(model, pretrained, model_config),
             data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
-            kind_options=KindOptions(kind=kind, logit_scale=logit_scale), device=device,
+            kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
+                                     normalize_features=_head_features(head_features)), device=device,
         )
         if as_json:
             stdout.print_json(json.dumps(report))
@@ -304,6 +319,49 @@ def eval_command(
             _print_eval_table(report)
 
     run(action)
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (safetensors, torch, npz).")],
+    kind: KindOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name a checkpoint's kind, its tensors, shapes, dtypes, trainable numbers and metadata."""
+
+    def action() -> None:
+        from repair.api import inspect_checkpoint
+
+        report = inspect_checkpoint(checkpoint, kind)
+        if as_json:
+            stdout.print_json(json.dumps(report))
+            return
+        from rich.table import Table
+
+        stdout.print(f"{report['path']}: {report['kind']} checkpoint, {report['trainable_numbers']:,} trainable "
+                     f"numbers ({report['format']}, sha256 {report['sha256'][:12]})", markup=False, highlight=False)
+        table = Table("tensor", "shape", "dtype", "trained")
+        for tensor in report["tensors"][:50]:
+            table.add_row(tensor["name"], str(tensor["shape"]), tensor["dtype"], "yes" if tensor["trainable"] else "")
+        stdout.print(table)
+        if len(report["tensors"]) > 50:
+            stdout.print(f"... and {len(report['tensors']) - 50} more tensors (--json lists all)")
+        metadata = report["metadata"]
+        if metadata:
+            summary = {key: metadata[key] for key in ("stage", "backbone", "objective", "seed") if key in metadata}
+            stdout.print_json(json.dumps(summary or metadata))
+
+    run(action)
+
+
+def _head_features(value: Optional[str]) -> Optional[bool]:
+    from repair.errors import IncompatibleCheckpointError
+
+    if value is None:
+        return None
+    if value not in ("normalized", "raw"):
+        raise IncompatibleCheckpointError(f"--head-features must be 'normalized' or 'raw', not {value!r}")
+    return value == "normalized"
 
 
 def _print_eval_table(report: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ percentages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -21,9 +21,16 @@ EVAL_SCHEMA = "mergetune.eval/1"
 
 
 class Scorer(Protocol):
-    """Anything that turns image features into logits over a given class list."""
+    """Anything that turns image features into logits over a given class list.
+
+    ``input_kind`` and ``image_encoder()`` say which features it needs (see ``Kind``).
+    """
+
+    input_kind: str
 
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor: ...
+
+    def image_encoder(self): ...
 
 
 class ZeroShot:
@@ -35,6 +42,11 @@ class ZeroShot:
         self.scale = float(logit_scale if logit_scale is not None else backbone.logit_scale)
         self._classifiers: dict[tuple[str, ...], torch.Tensor] = {}
 
+    input_kind = "features"
+
+    def image_encoder(self) -> None:
+        return None
+
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         key = tuple(classnames)
         if key not in self._classifiers:
@@ -44,11 +56,11 @@ class ZeroShot:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Cached image features of one test folder with its class names."""
+    """One test folder: its class names and the image features each scorer needs."""
 
     name: str
-    features: Features
     classnames: tuple[str, ...]
+    features_for: Callable[[Scorer], Features]
 
 
 @dataclass
@@ -68,7 +80,8 @@ def harmonic_mean(base: float | None, novel: float | None) -> float | None:
 
 @torch.no_grad()
 def accuracy_percent(scorer: Scorer, evalset: EvalSet, batch_size: int = 4096) -> float:
-    features, labels = evalset.features.features, evalset.features.labels
+    data = evalset.features_for(scorer)
+    features, labels = data.features, data.labels
     correct = 0
     for start in range(0, len(labels), batch_size):
         logits = scorer.logits_for(features[start:start + batch_size], evalset.classnames)
