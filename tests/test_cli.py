@@ -157,3 +157,35 @@ def test_diverging_loss_writes_nothing(tmp_path, tiny_spec, image_dirs, ft_file)
 def test_exit_codes_are_distinct_and_documented():
     assert len(EXIT_CODES) == len(set(EXIT_CODES))
     assert {0, 1, 2, 3, 5, 6, 7, 8, 9} <= EXIT_CODES.keys()
+
+
+@pytest.mark.parametrize("kind", ["coop", "linear", "clipfit"])
+def test_every_kind_through_the_cli(tmp_path, tiny_spec, image_dirs, kind):
+    ft = tmp_path / f"{kind}-ft.safetensors"
+    common = [*model_args(tiny_spec), "--shots", "4", "--batch-size", "8", "--quiet"]
+    result = invoke("finetune", "--kind", kind, "--data", image_dirs["train"], "--out", ft, "--epochs", "2", *common)
+    assert result.exit_code == 0, result.output
+    inspected = invoke("inspect", ft, "--json")
+    assert inspected.exit_code == 0 and json.loads(inspected.stdout)["kind"] == kind
+    for surrogate in ("feature", "fisher", "l2"):
+        fixed = tmp_path / f"{kind}-{surrogate}.safetensors"
+        result = invoke("repair", ft, "--data", image_dirs["train"], "--out", fixed, "--surrogate", surrogate,
+                        "--epochs", "1", *common, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["objective"]["surrogate"] == surrogate
+    result = invoke("eval", ft, tmp_path / f"{kind}-fisher.safetensors", "--data", image_dirs["test"],
+                    "--novel-data", image_dirs["novel"], *model_args(tiny_spec), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["models"]
+    assert all(row["base"] is not None for row in rows)
+    if kind == "linear":  # a head cannot score novel classes: reported, not crashed
+        assert rows[1]["novel"] is None and "linear head" in rows[1]["notes"][0]
+    else:
+        assert all(row["hm"] is not None for row in rows)
+
+
+def test_inspect_foreign_file_is_one_line(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"encoder.layer.0": torch.zeros(3)}, foreign)
+    assert_one_line_error(invoke("inspect", foreign), 5)
+    assert_one_line_error(invoke("inspect", tmp_path / "missing.pt"), 3)
