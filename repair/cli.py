@@ -73,6 +73,10 @@ HeadFeaturesOpt = Annotated[Optional[str], typer.Option(
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: input (same as the input), fp32, fp16, bf16.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run from the progress saved next to --out after each epoch.")]
+DeterministicOpt = Annotated[bool, typer.Option(
+    "--deterministic", help="Deterministic kernels only: bit-identical reruns (slower on GPU).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
 
 
@@ -200,6 +204,8 @@ def repair_command(
     workers: WorkersOpt = 0,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    deterministic: DeterministicOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -219,7 +225,8 @@ def repair_command(
         with _Progress("repairing", quiet) as progress:
             outcome = repair(
                 finetuned, data, out, backbone=_backbone_spec(model, pretrained, model_config), objective=objective,
-                config=config, kind_options=kind_options, device=device, force=force, on_step=progress.on_step,
+                config=config, kind_options=kind_options, device=device, force=force, resume=resume,
+                deterministic=deterministic, on_step=progress.on_step,
                 data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
             )
         _report_run(outcome, as_json, "wrote")
@@ -257,6 +264,8 @@ def finetune_command(
     workers: WorkersOpt = 0,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    deterministic: DeterministicOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -273,7 +282,8 @@ def finetune_command(
                 kind, data, out, backbone=_backbone_spec(model, pretrained, model_config), config=config,
                 kind_options=KindOptions(ctx_init=ctx_init, logit_scale=logit_scale,
                                          normalize_features=_head_features(head_features)), n_ctx=n_ctx,
-                class_specific=class_specific, device=device, force=force, on_step=progress.on_step,
+                class_specific=class_specific, device=device, force=force, resume=resume,
+                deterministic=deterministic, on_step=progress.on_step,
                 data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
             )
         _report_run(outcome, as_json, "wrote")
@@ -388,6 +398,41 @@ def _print_eval_table(report: dict[str, Any]) -> None:
 
 def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+@app.command("push")
+def push_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A repaired (or fine-tuned) mergetune safetensors file.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repository ORG/NAME; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to push to (created if missing).")
+                        ] = None,
+    eval_json: Annotated[Optional[Path], typer.Option(
+        "--eval-json", help="A `mergetune eval --json` report to put in the model card and upload.")] = None,
+    dry_run: Annotated[Optional[Path], typer.Option(
+        "--dry-run", help="Write the exact folder that would be uploaded here; upload nothing.")] = None,
+    message: Annotated[Optional[str], typer.Option("--message", help="Commit message.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a checkpoint with a generated model card to the Hugging Face Hub (token: HF login or HF_TOKEN)."""
+
+    def action() -> None:
+        from dataclasses import asdict
+
+        from repair.hub import push
+
+        result = push(checkpoint, repo, private=private, revision=revision, eval_report=eval_json,
+                      dry_run_dir=dry_run, commit_message=message)
+        if as_json:
+            stdout.print_json(json.dumps(asdict(result)))
+        elif result.dry_run:
+            stdout.print(f"dry run: wrote {', '.join(result.files)} to {dry_run}; nothing was uploaded",
+                         markup=False, highlight=False)
+        else:
+            stdout.print(f"pushed {', '.join(result.files)} to {result.repo_id}"
+                         + (f" ({result.commit_url})" if result.commit_url else ""), markup=False, highlight=False)
+
+    run(action)
 
 
 @app.command("demo")

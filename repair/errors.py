@@ -68,6 +68,13 @@ class NumericalError(MergetuneError):
     summary = "NaN or Inf in an input or in the loss"
 
 
+class HubError(MergetuneError):
+    """A Hugging Face Hub request failed (no token, no permission, server error)."""
+
+    exit_code = 12
+    summary = "Hugging Face Hub request failed"
+
+
 EXIT_INTERRUPTED = 130
 
 ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
@@ -78,6 +85,7 @@ ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
     WeightsUnavailableError,
     OutputExistsError,
     NumericalError,
+    HubError,
 )
 
 EXIT_CODES: dict[int, str] = {
