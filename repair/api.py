@@ -6,6 +6,7 @@ output atomically. The CLI is a thin layer over exactly these calls.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ from repair.kinds import KINDS, Kind, detect_kind
 from repair.kinds.coop import DEFAULT_CTX_INIT
 from repair.surrogates import Surrogate, build_surrogate
 from repair.objective import Objective
-from repair.train import StepReport, TrainConfig, TrainResult, train
+from repair.train import ProgressFile, StepReport, TrainConfig, TrainResult, set_deterministic, train
 
 FORMAT = "mergetune/1"
 OUTPUT_DTYPES = {"input": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -222,6 +223,17 @@ def _record(stage: str, kind: Kind, backbone: Backbone, dataset: ImageFolder, he
     }
 
 
+def progress_file(out: Path, stage: str, kind: Kind, backbone: Backbone, dataset: ImageFolder,
+                  held_out: ImageFolder | None, templates: Sequence[str], objective: Objective, config: TrainConfig,
+                  source: TensorFile | None) -> ProgressFile:
+    """The per-epoch state file of a run writing ``out``, tied to exactly these inputs and settings."""
+    identity = [stage, kind.name, kind.describe(), source.sha256 if source else None, dataset.manifest_sha256(),
+                held_out.manifest_sha256() if held_out else None, list(templates), objective.as_dict(),
+                config.as_dict(), backbone.visual_fingerprint, backbone.text_fingerprint]
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return ProgressFile(out.with_name(f".{out.name}.progress"), fingerprint)
+
+
 def _write(out: Path, kind: Kind, record: dict[str, object], output_dtype: str, force: bool,
            inputs: Sequence[Path]) -> Path:
     metadata = {"format": FORMAT, "kind": kind.name, "mergetune": json.dumps(record, sort_keys=True)}
@@ -240,11 +252,17 @@ def repair(
     kind_options: KindOptions = KindOptions(),
     device: str = "cpu",
     force: bool = False,
+    resume: bool = False,
+    deterministic: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> RunOutcome:
-    """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file."""
+    """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file.
+
+    Progress is saved next to ``out`` after every epoch; ``resume=True`` continues an interrupted run.
+    """
     finetuned, out = Path(finetuned), Path(out)
     check_output(out, [finetuned], force)
+    set_deterministic(deterministic)
     source = read_tensors(finetuned)
     backbone = _resolve_backbone(backbone, device)
     check_same_backbone(read_record(source), backbone, finetuned)
@@ -253,11 +271,14 @@ def repair(
     kind = build_kind(backbone, source, dataset.classnames, templates, kind_options)
     train_set, val_set = encode_training_images(backbone, kind, dataset, held_out, data_options)
     surrogate = prepare_surrogate(objective, kind, backbone, dataset, train_set, templates, data_options, config.seed)
+    progress = progress_file(out, "repair", kind, backbone, dataset, held_out, templates, objective, config, source)
     torch.manual_seed(config.seed)
-    result = train(kind, objective, train_set, config, val_set=val_set, surrogate=surrogate, on_step=on_step)
+    result = train(kind, objective, train_set, config, val_set=val_set, surrogate=surrogate, on_step=on_step,
+                   progress=progress, resume=resume)
     record = _record("repair", kind, backbone, dataset, held_out, templates, objective, config, data_options,
                      kind_options, result, source)
     path = _write(out, kind, record, kind_options.output_dtype, force, [finetuned])
+    progress.remove()
     return RunOutcome(path, record, result)
 
 
@@ -274,11 +295,14 @@ def finetune(
     class_specific: bool = False,
     device: str = "cpu",
     force: bool = False,
+    resume: bool = False,
+    deterministic: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> RunOutcome:
     """Plain fine-tuning from the zero-shot point (both constraint terms off): the baseline to repair."""
     out = Path(out)
     check_output(out, [], force)
+    set_deterministic(deterministic)
     if kind_name not in KINDS:
         raise IncompatibleCheckpointError(f"unknown kind {kind_name!r}; choose one of {', '.join(KINDS)}")
     backbone = _resolve_backbone(backbone, device)
@@ -288,11 +312,14 @@ def finetune(
                                       class_specific=class_specific, **kind_options.constructor_options())
     train_set, val_set = encode_training_images(backbone, kind, dataset, held_out, data_options)
     objective = Objective(lam_zs=0.0, lam_lmc=0.0)
+    progress = progress_file(out, "finetune", kind, backbone, dataset, held_out, templates, objective, config, None)
     torch.manual_seed(config.seed)
-    result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step)
+    result = train(kind, objective, train_set, config, val_set=val_set, on_step=on_step, progress=progress,
+                   resume=resume)
     record = _record("finetune", kind, backbone, dataset, held_out, templates, objective, config, data_options,
                      kind_options, result, None)
     path = _write(out, kind, record, kind_options.output_dtype, force, [])
+    progress.remove()
     return RunOutcome(path, record, result)
 
 

@@ -1,20 +1,25 @@
-"""The training loop shared by ``repair`` and ``finetune``: SGD, warm-up + cosine, selection.
+"""The training loop shared by ``repair`` and ``finetune``: SGD, warm-up + cosine, selection, resume.
 
-The loop knows nothing about files or terminals: it takes a kind, an objective and
-batches, and reports progress through a callback, so the CLI and Python users drive it
-the same way.
+The loop knows nothing about terminals: it takes a kind, an objective and batches, and
+reports progress through a callback, so the CLI and Python users drive it the same way.
+With a :class:`ProgressFile` it saves its whole state after every epoch, and a resumed run
+continues bit for bit where the saved one stopped.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from repair.data import Features
-from repair.errors import NumericalError
+from repair.errors import InputFileError, NumericalError
 from repair.kinds.base import Kind
 from repair.objective import Objective, mergetune_loss
 from repair.surrogates import Surrogate, build_surrogate
@@ -63,6 +68,67 @@ class TrainResult:
                 "history": [asdict(report) for report in self.history]}
 
 
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue: weights, momentum, schedule position, shuffling RNG."""
+
+    epoch: int
+    steps: int
+    weights: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
+    rng: torch.Tensor
+    history: list[EpochReport]
+    best_accuracy: float | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    selected_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class ProgressFile:
+    """Where a long run saves its state each epoch; ``fingerprint`` ties it to one run's inputs and settings."""
+
+    path: Path
+    fingerprint: str
+
+    def save(self, state: LoopState) -> None:
+        tensors = {"rng": state.rng}
+        for group, values in (("w", state.weights), ("m", state.momentum), ("best", state.best_weights or {})):
+            tensors.update({f"{group}/{name}": value.detach().cpu().contiguous() for name, value in values.items()})
+        record = {"fingerprint": self.fingerprint, "epoch": state.epoch, "steps": state.steps,
+                  "best_accuracy": state.best_accuracy, "selected_epoch": state.selected_epoch,
+                  "history": [asdict(report) for report in state.history]}
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, temporary, metadata={"state": json.dumps(record)})
+        os.replace(temporary, self.path)
+
+    def load(self, device: torch.device) -> LoopState:
+        if not self.path.is_file():
+            raise InputFileError(f"{self.path}: no saved progress to resume from; run without --resume")
+        try:
+            tensors = load_file(self.path)
+            from safetensors import safe_open
+
+            with safe_open(self.path, "pt") as handle:
+                record = json.loads(handle.metadata()["state"])
+        except Exception:
+            raise InputFileError(f"{self.path}: saved progress is damaged; run without --resume") from None
+        if record.get("fingerprint") != self.fingerprint:
+            raise InputFileError(f"{self.path}: saved progress belongs to another run (inputs or settings differ); "
+                                 "run without --resume to start over")
+
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {key.split("/", 1)[1]: value.to(device) for key, value in tensors.items()
+                    if key.startswith(prefix + "/")}
+
+        return LoopState(epoch=record["epoch"], steps=record["steps"], weights=group("w"), momentum=group("m"),
+                         rng=tensors["rng"], history=[EpochReport(**item) for item in record["history"]],
+                         best_accuracy=record["best_accuracy"], best_weights=group("best") or None,
+                         selected_epoch=record["selected_epoch"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def shuffled_batches(data: Features, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
     order = torch.randperm(len(data), generator=generator).to(data.features.device)
     for start in range(0, len(data), batch_size):
@@ -101,8 +167,13 @@ def train(
     val_set: Features | None = None,
     surrogate: Surrogate | None = None,
     on_step: Callable[[StepReport], None] | None = None,
+    progress: ProgressFile | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Run the loop in place on ``kind``'s trainable tensors; returns what happened."""
+    """Run the loop in place on ``kind``'s trainable tensors; returns what happened.
+
+    With ``progress``, the state is saved after every epoch; ``resume`` continues from it.
+    """
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -120,6 +191,20 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     epoch = 0
+    if resume and progress is not None:
+        state = progress.load(train_set.features.device)
+        kind.load_values(state.weights)
+        for name, parameter in kind.trainable().items():
+            if name in state.momentum:
+                optimizer.state[parameter]["momentum_buffer"] = state.momentum[name].clone()
+        generator.set_state(state.rng)
+        epoch, result.steps, result.history = state.epoch, state.steps, state.history
+        schedule.last_epoch = state.steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule.lr_lambdas[0](state.steps)
+        if state.best_weights is not None and state.best_accuracy is not None:
+            best = (state.best_accuracy, state.best_weights)
+            result.selected_epoch = state.selected_epoch
     while result.steps < total_steps:
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
@@ -145,9 +230,31 @@ def train(
                 best = (report.val_accuracy, kind.snapshot())
                 result.selected_epoch = epoch
         result.history.append(report)
+        if progress is not None:
+            progress.save(_loop_state(kind, optimizer, generator, epoch, result, best))
     if best is not None:
         kind.load_values(best[1])
     return result
+
+
+def _loop_state(kind: Kind, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
+                result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None) -> LoopState:
+    momentum = {name: optimizer.state[parameter]["momentum_buffer"]
+                for name, parameter in kind.trainable().items()
+                if optimizer.state.get(parameter, {}).get("momentum_buffer") is not None}
+    return LoopState(epoch=epoch, steps=result.steps, weights=kind.snapshot(), momentum=momentum,
+                     rng=generator.get_state(), history=list(result.history),
+                     best_accuracy=best[0] if best else None, best_weights=best[1] if best else None,
+                     selected_epoch=result.selected_epoch)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Bit-identical reruns: deterministic kernels only (CUDA needs a fixed cuBLAS workspace too)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _check_finite(loss: torch.Tensor, step: int, epoch: int) -> None:
