@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from repair.backbone import BackboneSpec, load_backbone
-from repair.kinds.coop import CoOpPrompts, init_context
+from repair.kinds import CLIPFit, CoOpPrompts, LinearHead
+from repair.kinds.coop import init_context
 from repair.objective import Objective, mergetune_loss
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -117,6 +118,33 @@ def measure(model: str, classes: int, batch: int, steps: int, reference_steps: i
     }
 
 
+def measure_kinds(model: str, classes: int, batch: int, steps: int) -> list[dict[str, object]]:
+    """Our repair step for every kind (default objective), with its number of trainable numbers."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneSpec(model, "none"))
+    names = class_list(classes)
+    size = backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.arange(batch) % classes
+    with torch.no_grad():
+        features = backbone.encode_images(images)
+    kinds = {
+        "coop": (CoOpPrompts.zero_shot(backbone, names, ["a photo of a {}."]), features),
+        "linear": (LinearHead.zero_shot(backbone, names, ["a photo of a {}."]), features),
+        "clipfit": (CLIPFit.zero_shot(backbone, names, ["a photo of a {}."]), images),
+    }
+    rows = []
+    for name, (kind, inputs) in kinds.items():
+        objective = Objective(lam_zs=1.0)
+        times = timed_steps(lambda: mergetune_loss(kind, objective, inputs, labels).total,
+                            list(kind.trainable().values()), steps if name != "clipfit" else max(3, steps // 3))
+        rows.append({"kind": name, "classes": classes, "batch": batch, "trainable_numbers": kind.num_trainable(),
+                     "step_seconds": _median(times[1:] or times), "inputs": "pixels" if name == "clipfit"
+                     else "cached features"})
+    return rows
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
@@ -135,8 +163,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [measure(args.model, count, args.batch, args.steps, args.reference_steps) for count in args.classes]
+    kinds = [row for count in args.classes for row in measure_kinds(args.model, count, args.batch, args.steps)]
     report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "processor": platform.processor(), "results": results}
+              "machine": platform.machine(), "processor": platform.processor(), "coop_vs_reference": results,
+              "kinds": kinds}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
