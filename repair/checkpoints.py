@@ -174,9 +174,9 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+    except MemoryError:
+        raise
     except Exception as exc:
-        if isinstance(exc, MemoryError):
-            raise
         raise _fail(
             InputFileError, path, f"corrupt zip archive ({_describe_exception(exc)})"
         ) from None
@@ -205,22 +205,20 @@ def _safetensors_header(path: Path, size: int) -> dict[str, Any]:
     """Parse the JSON header ourselves so an absurd length is refused before allocating it."""
     if size < 8:
         raise _fail(InputFileError, path, f"truncated safetensors file ({size} bytes)")
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > size - 8:
-            raise _fail(
-                InputFileError,
-                path,
-                f"safetensors header claims {length} bytes "
-                f"but the file has only {size - 8} after it",
-            )
-        if length > MAX_SAFETENSORS_HEADER:
-            raise _fail(
-                InputFileError,
-                path,
-                f"safetensors header is {length} bytes; expected at most {MAX_SAFETENSORS_HEADER}",
-            )
-        raw = handle.read(length)
+    (length,) = struct.unpack("<Q", _read_head(path, 8))
+    if length > size - 8:
+        raise _fail(
+            InputFileError,
+            path,
+            f"safetensors header claims {length} bytes but the file has only {size - 8} after it",
+        )
+    if length > MAX_SAFETENSORS_HEADER:
+        raise _fail(
+            InputFileError,
+            path,
+            f"safetensors header is {length} bytes; expected at most {MAX_SAFETENSORS_HEADER}",
+        )
+    raw = _read_head(path, 8 + length)[8:]
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -257,10 +255,17 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def _load_safetensors(path: Path, size: int) -> tuple[Any, dict[str, str]]:
     header = _safetensors_header(path, size)
     metadata = _header_metadata(path, header)
-    # "pread" gives every tensor its own heap buffer instead of views into one mmap.
-    with safe_open(str(path), framework="pt", device="cpu", backend="pread") as handle:
+    with _safe_open(path) as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     return tensors, metadata
+
+
+def _safe_open(path: Path) -> Any:
+    """The pread backend gives each tensor its own heap buffer, not a view into one mmap."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors before the backend option: it copies anyway
+        return safe_open(str(path), framework="pt", device="cpu")
 
 
 # --------------------------------------------------------------------------- restricted pickle
