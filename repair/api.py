@@ -29,7 +29,16 @@ from repair.data import (
     scan_image_folder,
 )
 from repair.errors import IncompatibleCheckpointError, InputFileError, OutputExistsError
-from repair.evaluate import EVAL_SCHEMA, EvalSet, Scorer, ZeroShot, evaluate_models
+from repair.evaluate import (
+    EVAL_SCHEMA,
+    EvalSet,
+    Evaluation,
+    ModelResult,
+    Scorer,
+    ZeroShot,
+    selection_score,
+    forgetting,
+)
 from repair.kinds import KINDS, Kind, detect_kind
 from repair.kinds.coop import DEFAULT_CTX_INIT
 from repair.surrogates import Surrogate, build_surrogate
@@ -323,6 +332,46 @@ def finetune(
     return RunOutcome(path, record, result)
 
 
+# --------------------------------------------------------------------------- provenance
+
+
+def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir: str | Path | None = None,
+           backbone: Backbone | BackboneSpec | None = None, device: str = "cpu") -> dict[str, object]:
+    """Recompute the hashes recorded at repair time and say which input differs.
+
+    The data manifest is rebuilt exactly as the run built it: same folder scan, shots, seed and
+    validation split, so a changed, added or removed training image is caught.
+    """
+    tensor_file = read_tensors(output)
+    record = read_record(tensor_file)
+    if not record:
+        raise InputFileError(f"{output}: no mergetune metadata to verify against")
+    inputs = record["inputs"]
+    checks = []
+    if finetuned is not None:
+        recorded = (inputs.get("checkpoint") or {}).get("sha256")
+        checks.append(_check("fine-tuned checkpoint", recorded, read_tensors(finetuned).sha256))
+    if data_dir is not None:
+        data = record["data"]
+        options = DataOptions(shots=data.get("shots"), val_fraction=data.get("val_fraction", 0.0), cache_dir=None)
+        dataset, held_out = select_training_images(Path(data_dir), options, int(record["seed"]))
+        checks.append(_check("training images", inputs["data"]["manifest_sha256"], dataset.manifest_sha256()))
+        if held_out is not None:
+            checks.append(_check("validation images", inputs["data"]["val_manifest_sha256"],
+                                 held_out.manifest_sha256()))
+    if backbone is not None:
+        loaded = _resolve_backbone(backbone, device)
+        recorded_backbone = record["backbone"]
+        checks.append(_check("image tower weights", recorded_backbone.get("visual_sha256"),
+                             loaded.visual_fingerprint))
+        checks.append(_check("text tower weights", recorded_backbone.get("text_sha256"), loaded.text_fingerprint))
+    return {"path": str(output), "checks": checks, "ok": all(check["ok"] for check in checks)}
+
+
+def _check(name: str, recorded: object, actual: str) -> dict[str, object]:
+    return {"input": name, "recorded": recorded, "actual": actual, "ok": recorded == actual}
+
+
 # --------------------------------------------------------------------------- inspection
 
 
@@ -371,31 +420,93 @@ def evaluate(
     backbone: Backbone | BackboneSpec | None = None,
     data_options: DataOptions = DataOptions(shots=None),
     kind_options: KindOptions = KindOptions(),
+    baselines: bool = False,
     device: str = "cpu",
 ) -> dict[str, object]:
-    """Accuracy of the zero-shot model and every checkpoint on base (and novel) test folders."""
+    """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
+
+    With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
+    (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
+    """
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+    if baselines and not files:
+        raise IncompatibleCheckpointError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
     backbone = _resolve_backbone(backbone, device)
     templates = load_templates(data_options.templates_file)
     base_folder = scan_image_folder(data_dir, data_options.classnames_file)
     novel_folder = scan_image_folder(novel_dir) if novel_dir is not None else None
     base = load_evalset(backbone, base_folder, "base", data_options)
     novel = load_evalset(backbone, novel_folder, "novel", data_options) if novel_folder is not None else None
-    models: dict[str, Scorer] = {"zero-shot": ZeroShot(backbone, templates, kind_options.logit_scale)}
-    sources: dict[str, dict[str, str] | None] = {"zero-shot": None}
+    warnings: list[str] = []
+    kinds: dict[str, tuple[Kind, TensorFile]] = {}
     for tensor_file in files:
-        check_same_backbone(read_record(tensor_file), backbone, tensor_file.path)
-        name = tensor_file.path.name if tensor_file.path.name not in models else str(tensor_file.path)
-        models[name] = build_kind(backbone, tensor_file, base.classnames, templates, kind_options)
-        sources[name] = {"path": str(tensor_file.path), "sha256": tensor_file.sha256}
-    results = evaluate_models(models, base, novel)
+        record = read_record(tensor_file)
+        check_same_backbone(record, backbone, tensor_file.path)
+        warnings += backbone_warnings(record, backbone, tensor_file.path)
+        name = tensor_file.path.name if tensor_file.path.name not in kinds else str(tensor_file.path)
+        kinds[name] = (build_kind(backbone, tensor_file, base.classnames, templates, kind_options), tensor_file)
+    evaluation = Evaluation(base, novel)
+    results = [evaluation.score("zero-shot", ZeroShot(backbone, templates, kind_options.logit_scale), "zero-shot")]
+    results += [evaluation.score(name, kind) for name, (kind, _) in kinds.items()]
+    baseline_report = None
+    if baselines:
+        finetuned_name = next(iter(kinds))
+        baseline_rows, baseline_report = _baselines(evaluation, finetuned_name, *kinds[finetuned_name], backbone,
+                                                    templates, kind_options)
+        results += baseline_rows
+    sources = {name: {"path": str(f.path), "sha256": f.sha256} for name, (_, f) in kinds.items()}
     return {
         "schema": EVAL_SCHEMA,
         "backbone": backbone.spec.as_dict(),
         "data": {"base": _describe_folder(base_folder), "novel": _describe_folder(novel_folder)},
-        "models": [{**asdict(result), "source": sources[result.name]} for result in results],
+        "models": [_model_row(result, sources.get(result.name)) for result in results],
+        "per_class": {result.name: result.per_class for result in results},
+        "forgetting": forgetting(results),
+        "baselines": baseline_report,
+        "warnings": warnings,
         "versions": versions(),
     }
+
+
+def _model_row(result: ModelResult, source: dict[str, str] | None) -> dict[str, object]:
+    row = {key: value for key, value in asdict(result).items() if key != "per_class"}
+    return {**row, "source": source}
+
+
+def _baselines(evaluation: Evaluation, finetuned: str, kind: Kind, tensor_file: TensorFile, backbone: Backbone,
+               templates: Sequence[str], kind_options: KindOptions) -> tuple[list[ModelResult], dict[str, object]]:
+    """WiSE-FT over alpha in 0, 0.1, ..., 1 (best alpha by HM) and the zero-shot + fine-tuned ensemble."""
+    ensemble = evaluation.ensemble(f"ensemble (zero-shot + {finetuned})", "zero-shot", finetuned)
+    report: dict[str, object] = {"finetuned": finetuned, "ensemble": ensemble.name, "wise_ft": None}
+    try:
+        zero_shot = kind.zero_shot_values()
+    except IncompatibleCheckpointError as exc:
+        report["wise_ft_unavailable"] = str(exc)
+        return [ensemble], report
+    tuned = kind.snapshot()
+    curve = []
+    for step in range(11):
+        alpha = step / 10
+        kind.load_values({name: (1 - alpha) * zero_shot[name] + alpha * tuned[name] for name in tuned})
+        curve.append((alpha, evaluation.score(f"wise-ft a={alpha:.1f}", kind, "baseline")))
+    kind.load_values(tuned)
+    best_alpha, best = max(curve, key=lambda item: selection_score(item[1]))
+    best.name = f"wise-ft (best a={best_alpha:.1f})"
+    report["wise_ft"] = {
+        "best_alpha": best_alpha,
+        "selection": "highest HM (base accuracy without novel data) on the evaluated data: optimistic",
+        "curve": [{"alpha": alpha, "base": r.base, "novel": r.novel, "hm": r.hm} for alpha, r in curve],
+    }
+    return [best, ensemble], report
+
+
+def backbone_warnings(record: dict[str, object], backbone: Backbone, source: Path) -> list[str]:
+    """Same text weights but another image tower: scores are still computable, but say so."""
+    recorded = record.get("backbone")
+    if isinstance(recorded, dict) and recorded.get("visual_sha256") not in (None, backbone.visual_fingerprint):
+        return [f"{source.name} was made with another image tower or transform than the loaded "
+                f"{backbone.spec.model} / {backbone.spec.pretrained}"]
+    return []
 
 
 def _describe_folder(folder: ImageFolder | None) -> dict[str, object] | None:

@@ -310,23 +310,88 @@ def eval_command(
     no_cache: NoCacheOpt = False,
     workers: WorkersOpt = 0,
     device: DeviceOpt = "cpu",
+    baselines: Annotated[bool, typer.Option(
+        "--baselines", help="Add WiSE-FT (best alpha) and the output ensemble of zero-shot and the FIRST checkpoint."
+    )] = False,
+    min_base: Annotated[Optional[float], typer.Option("--min-base", help="Gate: minimum base accuracy (%).")] = None,
+    min_novel: Annotated[Optional[float], typer.Option("--min-novel", help="Gate: minimum novel accuracy (%).")
+                         ] = None,
+    min_hm: Annotated[Optional[float], typer.Option("--min-hm", help="Gate: minimum harmonic mean (%).")] = None,
+    max_forgetting: Annotated[Optional[float], typer.Option(
+        "--max-forgetting", help="Gate: most novel accuracy points a checkpoint may lose against zero-shot.")] = None,
+    gate: Annotated[Optional[Path], typer.Option(
+        "--gate", help="Gate thresholds from a TOML/JSON file ([gate] min_base, min_novel, min_hm, max_forgetting).")
+    ] = None,
+    markdown: Annotated[Optional[Path], typer.Option(
+        "--markdown", help="Append a markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Accuracy of zero-shot CLIP and each checkpoint: base, novel and their harmonic mean (in %)."""
+    """The forgetting report: zero-shot CLIP and each checkpoint on base / novel classes, optionally gated."""
 
     def action() -> None:
         from repair.api import KindOptions, evaluate
+        from repair.errors import GateFailedError
+        from repair.gate import Thresholds, check, load_thresholds
+        from repair.report import eval_markdown
 
+        flags = Thresholds(min_base, min_novel, min_hm, max_forgetting)
+        thresholds = load_thresholds(gate).merged(flags) if gate else flags
         report = evaluate(
             checkpoints, data, novel_dir=novel_data, backbone=_backbone_spec(model, pretrained, model_config),
             data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
             kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
-                                     normalize_features=_head_features(head_features)), device=device,
+                                     normalize_features=_head_features(head_features)),
+            baselines=baselines, device=device,
         )
+        failures = check(report, thresholds) if thresholds.any() else None
+        if failures is not None:
+            report["gate"] = {"thresholds": thresholds.__dict__, "failures": failures, "passed": not failures}
+        if markdown is not None:
+            with open(markdown, "a", encoding="utf-8") as handle:
+                handle.write(eval_markdown(report, failures))
         if as_json:
             stdout.print_json(json.dumps(report))
         else:
             _print_eval_table(report)
+        for warning in report["warnings"]:
+            stderr.print(f"warning: {warning}", markup=False, highlight=False)
+        if failures:
+            raise GateFailedError("gate failed: " + "; ".join(failures))
+
+    run(action)
+
+
+@app.command("verify")
+def verify_command(
+    output: Annotated[Path, typer.Argument(help="A file written by mergetune repair or finetune.")],
+    ft: Annotated[Optional[Path], typer.Option("--ft", help="The fine-tuned checkpoint it was repaired from.")
+                  ] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="The data folder it was trained on.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Also check the backbone weights (open_clip name, local-dir:PATH, hf-hub:ORG/NAME).")] = None,
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the input hashes recorded in OUTPUT and say which input differs (exit 13)."""
+
+    def action() -> None:
+        from repair.api import verify
+        from repair.errors import ProvenanceError
+
+        backbone = _backbone_spec(model, pretrained, model_config) if model else None
+        report = verify(output, finetuned=ft, data_dir=data, backbone=backbone)
+        if not report["checks"]:
+            raise ProvenanceError("nothing to verify: pass --ft, --data and/or --model")
+        if as_json:
+            stdout.print_json(json.dumps(report))
+        else:
+            for check in report["checks"]:
+                verdict = "matches" if check["ok"] else "DIFFERS"
+                stdout.print(f"{check['input']}: {verdict}", markup=False, highlight=False)
+        if not report["ok"]:
+            differing = ", ".join(check["input"] for check in report["checks"] if not check["ok"])
+            raise ProvenanceError(f"{output}: {differing} differ(s) from what was recorded at repair time")
 
     run(action)
 
@@ -384,14 +449,20 @@ def _print_eval_table(report: dict[str, Any]) -> None:
     if has_novel:
         table.add_column("novel", justify="right")
         table.add_column("HM", justify="right")
+    table.add_column("ECE base", justify="right")
     notes = []
     for row in report["models"]:
         cells = [row["name"], _percent(row["base"])]
         if has_novel:
             cells += [_percent(row["novel"]), _percent(row["hm"])]
-        table.add_row(*cells)
+        table.add_row(*cells, _percent(row["base_ece"]))
         notes += [f"{row['name']}: {note}" for note in row["notes"]]
     stdout.print(table)
+    for name, rows in report.get("forgetting", {}).items():
+        losers = [row for row in rows if row["change"] < 0][:5]
+        if losers:
+            worst = ", ".join(f"{row['class']} {row['change']:+.1f}" for row in losers)
+            stdout.print(f"most forgotten by {name}: {worst}", markup=False, highlight=False)
     for note in notes:
         stdout.print(note, markup=False, highlight=False)
 

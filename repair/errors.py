@@ -68,6 +68,20 @@ class NumericalError(MergetuneError):
     summary = "NaN or Inf in an input or in the loss"
 
 
+class GateFailedError(MergetuneError):
+    """A release gate threshold (``--min-base`` and friends) did not hold."""
+
+    exit_code = 11
+    summary = "a release gate threshold failed"
+
+
+class ProvenanceError(MergetuneError):
+    """``verify``: an input differs from the one recorded when the checkpoint was made."""
+
+    exit_code = 13
+    summary = "provenance check failed: an input differs from the recorded one"
+
+
 class HubError(MergetuneError):
     """A Hugging Face Hub request failed (no token, no permission, server error)."""
 
@@ -85,7 +99,9 @@ ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
     WeightsUnavailableError,
     OutputExistsError,
     NumericalError,
+    GateFailedError,
     HubError,
+    ProvenanceError,
 )
 
 EXIT_CODES: dict[int, str] = {

@@ -1,14 +1,15 @@
-"""Base-to-novel evaluation: accuracy per model on base and novel classes, and their harmonic mean.
+"""Base-to-novel evaluation: accuracy, calibration and forgetting per model, plus baselines.
 
 Protocol (CoOp / CoCoOp): base test images are classified among the base classes only,
-novel test images among the novel classes only; HM = 2 B N / (B + N). Accuracies are
-percentages.
+novel test images among the novel classes only; HM = 2 B N / (B + N). Accuracies and ECE
+are percentages. Each model's class probabilities are computed once per split; every
+metric, and the output-ensemble baseline, is derived from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -18,6 +19,7 @@ from repair.data import Features
 from repair.errors import IncompatibleCheckpointError
 
 EVAL_SCHEMA = "mergetune.eval/1"
+ECE_BINS = 15
 
 
 class Scorer(Protocol):
@@ -36,13 +38,13 @@ class Scorer(Protocol):
 class ZeroShot:
     """The zero-shot CLIP classifier: template text features of the classes."""
 
+    input_kind = "features"
+
     def __init__(self, backbone: Backbone, templates: Sequence[str], logit_scale: float | None = None) -> None:
         self.backbone = backbone
         self.templates = list(templates)
         self.scale = float(logit_scale if logit_scale is not None else backbone.logit_scale)
         self._classifiers: dict[tuple[str, ...], torch.Tensor] = {}
-
-    input_kind = "features"
 
     def image_encoder(self) -> None:
         return None
@@ -63,13 +65,36 @@ class EvalSet:
     features_for: Callable[[Scorer], Features]
 
 
+@dataclass(frozen=True)
+class Predictions:
+    probs: torch.Tensor  # [N, C]
+    labels: torch.Tensor  # [N]
+
+
+@dataclass
+class SplitMetrics:
+    accuracy: float
+    ece: float
+    per_class: dict[str, float]
+
+
 @dataclass
 class ModelResult:
     name: str
+    role: str = "checkpoint"  # zero-shot | checkpoint | baseline
     base: float | None = None
     novel: float | None = None
     hm: float | None = None
+    base_ece: float | None = None
+    novel_ece: float | None = None
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def set_split(self, split: str, metrics: SplitMetrics) -> None:
+        setattr(self, split, metrics.accuracy)
+        setattr(self, f"{split}_ece", metrics.ece)
+        self.per_class[split] = metrics.per_class
+        self.hm = harmonic_mean(self.base, self.novel)
 
 
 def harmonic_mean(base: float | None, novel: float | None) -> float | None:
@@ -79,32 +104,94 @@ def harmonic_mean(base: float | None, novel: float | None) -> float | None:
 
 
 @torch.no_grad()
-def accuracy_percent(scorer: Scorer, evalset: EvalSet, batch_size: int = 4096) -> float:
+def predict(scorer: Scorer, evalset: EvalSet, batch_size: int = 4096) -> Predictions:
     data = evalset.features_for(scorer)
-    features, labels = data.features, data.labels
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = scorer.logits_for(features[start:start + batch_size], evalset.classnames)
-        correct += int((logits.argmax(dim=-1) == labels[start:start + batch_size]).sum())
-    return 100.0 * correct / max(len(labels), 1)
+    chunks = [torch.softmax(scorer.logits_for(data.features[start:start + batch_size], evalset.classnames).float(),
+                            dim=-1) for start in range(0, len(data), batch_size)]
+    return Predictions(torch.cat(chunks).cpu(), data.labels.cpu())
 
 
-def evaluate_models(models: dict[str, Scorer], base: EvalSet, novel: EvalSet | None = None) -> list[ModelResult]:
-    """Score every model on base (and novel) data; a model that cannot score a set gets a note."""
-    results = []
-    for name, scorer in models.items():
-        result = ModelResult(name)
-        for split, evalset in (("base", base), ("novel", novel)):
-            if evalset is None:
-                continue
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE in percent: |accuracy - confidence| per equal-width confidence bin, weighted by bin size."""
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            error += float(in_bin.float().mean()) * abs(float(correct[in_bin].mean() - confidence[in_bin].mean()))
+    return 100.0 * error
+
+
+def split_metrics(predictions: Predictions, classnames: Sequence[str]) -> SplitMetrics:
+    correct = (predictions.probs.argmax(dim=-1) == predictions.labels).float()
+    per_class = {}
+    for index, name in enumerate(classnames):
+        mask = predictions.labels == index
+        if mask.any():
+            per_class[name] = 100.0 * float(correct[mask].mean())
+    accuracy = 100.0 * float(correct.mean()) if len(correct) else 0.0
+    return SplitMetrics(accuracy, expected_calibration_error(predictions.probs, predictions.labels), per_class)
+
+
+def accuracy_percent(scorer: Scorer, evalset: EvalSet) -> float:
+    return split_metrics(predict(scorer, evalset), evalset.classnames).accuracy
+
+
+class Evaluation:
+    """Scores models on the base (and novel) sets, keeping each model's predictions for baselines."""
+
+    def __init__(self, base: EvalSet, novel: EvalSet | None = None) -> None:
+        self.splits = {"base": base, **({"novel": novel} if novel is not None else {})}
+        self.predictions: dict[str, dict[str, Predictions]] = {}
+
+    def score(self, name: str, scorer: Scorer, role: str = "checkpoint") -> ModelResult:
+        result = ModelResult(name, role)
+        self.predictions[name] = {}
+        for split, evalset in self.splits.items():
             try:
-                setattr(result, split, accuracy_percent(scorer, evalset))
+                predictions = predict(scorer, evalset)
             except IncompatibleCheckpointError as exc:
                 result.notes.append(f"{split}: {exc}")
-        result.hm = harmonic_mean(result.base, result.novel)
-        results.append(result)
-    return results
+                continue
+            self.predictions[name][split] = predictions
+            result.set_split(split, split_metrics(predictions, evalset.classnames))
+        return result
+
+    def ensemble(self, name: str, first: str, second: str) -> ModelResult:
+        """Output ensemble: the mean of two models' class probabilities, per split."""
+        result = ModelResult(name, "baseline")
+        for split, evalset in self.splits.items():
+            a, b = self.predictions[first].get(split), self.predictions[second].get(split)
+            if a is None or b is None:
+                result.notes.append(f"{split}: {first} or {second} cannot score these classes")
+                continue
+            result.set_split(split, split_metrics(Predictions((a.probs + b.probs) / 2, a.labels), evalset.classnames))
+        return result
 
 
-def results_as_dicts(results: list[ModelResult]) -> list[dict[str, object]]:
-    return [asdict(result) for result in results]
+def forgetting(results: Sequence[ModelResult], reference: str = "zero-shot", top: int | None = None
+               ) -> dict[str, list[dict[str, object]]]:
+    """Per model, the classes that lost most accuracy since the zero-shot model, worst first."""
+    by_name = {result.name: result for result in results}
+    anchor = by_name[reference]
+    ranking: dict[str, list[dict[str, object]]] = {}
+    for result in results:
+        if result.name == reference:
+            continue
+        rows = []
+        for split, per_class in result.per_class.items():
+            for name, accuracy in per_class.items():
+                before = anchor.per_class.get(split, {}).get(name)
+                if before is not None:
+                    rows.append({"split": split, "class": name, "zero_shot": before, "model": accuracy,
+                                 "change": accuracy - before})
+        rows.sort(key=lambda row: (row["change"], row["class"]))
+        ranking[result.name] = rows[:top] if top else rows
+    return ranking
+
+
+def selection_score(result: ModelResult) -> float:
+    """What "best" means for a baseline's knob: HM, or base accuracy when there is no novel set."""
+    return result.hm if result.hm is not None else (result.base or 0.0)

@@ -1,0 +1,78 @@
+"""Release gates: thresholds on an eval report that a CI step can fail on.
+
+Thresholds come from command-line flags or a TOML/JSON file kept in the user's repository
+(``[gate]`` table or top-level keys); flags win. Every checkpoint row of the report is
+checked (not the zero-shot model, not the baselines).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from repair.errors import DataError, InputFileError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_base: float | None = None
+    min_novel: float | None = None
+    min_hm: float | None = None
+    max_forgetting: float | None = None  # novel accuracy points lost against zero-shot
+
+    def any(self) -> bool:
+        return any(value is not None for value in asdict(self).values())
+
+    def merged(self, overrides: Thresholds) -> Thresholds:
+        return replace(self, **{key: value for key, value in asdict(overrides).items() if value is not None})
+
+
+def load_thresholds(path: str | Path) -> Thresholds:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: gate file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputFileError(f"{path}: unreadable gate file ({type(exc).__name__}: {exc})") from None
+    table = data.get("gate", data) if isinstance(data, dict) else None
+    known = {field.name for field in fields(Thresholds)}
+    if not isinstance(table, dict) or set(table) - known:
+        unknown = sorted(set(table) - known) if isinstance(table, dict) else []
+        raise InputFileError(f"{path}: expected keys {', '.join(sorted(known))}"
+                             + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    try:
+        return Thresholds(**{key: float(value) for key, value in table.items()})
+    except (TypeError, ValueError):
+        raise InputFileError(f"{path}: gate thresholds must be numbers") from None
+
+
+def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
+    """One line per failed threshold and checkpoint; empty when everything holds."""
+    rows = report["models"]
+    zero_shot = next(row for row in rows if row["role"] == "zero-shot")
+    needs_novel = thresholds.min_novel is not None or thresholds.min_hm is not None or \
+        thresholds.max_forgetting is not None
+    if needs_novel and report["data"]["novel"] is None:
+        raise DataError("--min-novel, --min-hm and --max-forgetting need --novel-data")
+    failures = []
+    for row in rows:
+        if row["role"] != "checkpoint":
+            continue
+        values = {"base": row["base"], "novel": row["novel"], "HM": row["hm"]}
+        for label, minimum in (("base", thresholds.min_base), ("novel", thresholds.min_novel),
+                               ("HM", thresholds.min_hm)):
+            if minimum is not None and (values[label] is None or values[label] < minimum):
+                shown = "n/a" if values[label] is None else f"{values[label]:.2f}"
+                failures.append(f"{row['name']}: {label} accuracy {shown} < {minimum:g}")
+        if thresholds.max_forgetting is not None:
+            if row["novel"] is None or zero_shot["novel"] is None:
+                failures.append(f"{row['name']}: forgetting cannot be measured (no novel accuracy)")
+            elif zero_shot["novel"] - row["novel"] > thresholds.max_forgetting:
+                lost = zero_shot["novel"] - row["novel"]
+                failures.append(f"{row['name']}: forgot {lost:.2f} novel points since zero-shot "
+                                f"> {thresholds.max_forgetting:g}")
+    return failures

@@ -1,0 +1,144 @@
+"""The release workflow: eval report and its schema, baselines, markdown, gates, provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from repair.api import DataOptions, evaluate, finetune, repair as run_repair
+from repair.cli import app
+from repair.evaluate import Predictions, expected_calibration_error
+from repair.gate import Thresholds, check, load_thresholds
+from repair.errors import InputFileError
+from repair.train import TrainConfig
+
+runner = CliRunner()
+SCHEMA = json.loads(resources.files("repair").joinpath("schemas/eval.schema.json").read_text())
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, backbone, image_dirs):
+    folder = tmp_path_factory.mktemp("release")
+    ft = finetune("coop", image_dirs["train"], folder / "ft.safetensors", backbone=backbone,
+                  config=TrainConfig(epochs=8, batch_size=16, lr=0.05), data_options=DataOptions(shots=8)).path
+    fixed = run_repair(ft, image_dirs["train"], folder / "fixed.safetensors", backbone=backbone,
+                       config=TrainConfig(epochs=4, batch_size=16, lr=0.05),
+                       data_options=DataOptions(shots=8, val_fraction=0.25)).path
+    return {"ft": ft, "fixed": fixed, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def report(backbone, image_dirs, checkpoints):
+    return evaluate([checkpoints["ft"], checkpoints["fixed"]], image_dirs["test"], novel_dir=image_dirs["novel"],
+                    backbone=backbone, baselines=True, data_options=DataOptions(shots=None, cache_dir=None))
+
+
+def test_report_validates_against_its_schema(report):
+    jsonschema.validate(report, SCHEMA)
+    roles = [row["role"] for row in report["models"]]
+    assert roles == ["zero-shot", "checkpoint", "checkpoint", "baseline", "baseline"]
+    names = [row["name"] for row in report["models"]]
+    assert names[3].startswith("wise-ft (best a=") and names[4] == "ensemble (zero-shot + ft.safetensors)"
+
+
+def test_wise_ft_endpoints_are_zero_shot_and_finetuned(report):
+    rows = {row["name"]: row for row in report["models"]}
+    curve = report["baselines"]["wise_ft"]["curve"]
+    assert [point["alpha"] for point in curve] == pytest.approx([i / 10 for i in range(11)])
+    assert curve[0]["base"] == pytest.approx(rows["zero-shot"]["base"])
+    assert curve[-1]["novel"] == pytest.approx(rows["ft.safetensors"]["novel"])
+    best = max(curve, key=lambda point: point["hm"])
+    assert report["baselines"]["wise_ft"]["best_alpha"] == pytest.approx(best["alpha"])
+
+
+def test_per_class_and_forgetting_order(report):
+    per_class = report["per_class"]["ft.safetensors"]
+    assert set(per_class) == {"base", "novel"} and set(per_class["base"]) == {"blue", "green", "red", "yellow"}
+    ranking = report["forgetting"]["ft.safetensors"]
+    changes = [row["change"] for row in ranking]
+    assert changes == sorted(changes) and len(ranking) == 8
+    for row in ranking:
+        assert row["change"] == pytest.approx(row["model"] - report["per_class"]["zero-shot"][row["split"]][row["class"]])
+
+
+def test_expected_calibration_error_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 1, 0])
+    # bins of width 1/15: 0.9 alone (correct), 0.6 alone (wrong), 0.7 alone (correct), 0.8 alone (wrong)
+    expected = 100 * (abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.7) + abs(0 - 0.8)) / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, abs=1e-4)
+    assert Predictions(probs, labels).probs.shape == (4, 2)
+
+
+def test_gate_thresholds_from_flags_and_file(tmp_path, report):
+    rows = {row["name"]: row for row in report["models"]}
+    assert check(report, Thresholds(min_base=0.0, min_hm=0.0)) == []
+    failures = check(report, Thresholds(min_base=100.1))
+    assert len(failures) == 2 and failures[0].startswith("ft.safetensors: base accuracy")
+    gate_file = tmp_path / "gate.toml"
+    gate_file.write_text("[gate]\nmin_base = 10\nmax_forgetting = 100\n")
+    assert load_thresholds(gate_file) == Thresholds(min_base=10.0, max_forgetting=100.0)
+    assert load_thresholds(gate_file).merged(Thresholds(min_base=20.0)).min_base == 20.0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gate]\nmin_bsae = 10\n")
+    with pytest.raises(InputFileError, match="unknown: min_bsae"):
+        load_thresholds(bad)
+    assert rows["zero-shot"]["novel"] is not None
+
+
+def test_gate_exit_codes_and_markdown(tmp_path, tiny_spec, image_dirs, checkpoints):
+    common = [checkpoints["fixed"], "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
+              "--model", tiny_spec.model]
+    summary = tmp_path / "summary.md"
+    passing = cli("eval", *common, "--min-base", "0", "--max-forgetting", "100", "--markdown", summary)
+    assert passing.exit_code == 0, passing.output
+    failing = cli("eval", *common, "--min-hm", "100.5", "--markdown", summary)
+    assert failing.exit_code == 11
+    assert "error: gate failed: fixed.safetensors: HM accuracy" in failing.output
+    text = summary.read_text()
+    assert text.count("## mergetune evaluation") == 2  # appended, as a CI step summary expects
+    assert "| fixed.safetensors |" in text and "**Gate passed**" in text and "**Gate FAILED" in text
+    gate_file = tmp_path / "gate.json"
+    gate_file.write_text(json.dumps({"min_novel": 101}))
+    assert cli("eval", *common, "--gate", gate_file).exit_code == 11
+    no_novel = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
+                   "--min-hm", "1")
+    assert no_novel.exit_code == 6 and "--novel-data" in no_novel.output
+
+
+def test_verify_catches_a_changed_input_byte(tmp_path, tiny_spec, image_dirs, checkpoints):
+    data = tmp_path / "data"
+    shutil.copytree(image_dirs["train"], data)
+    ft = tmp_path / "ft.safetensors"
+    shutil.copy(checkpoints["ft"], ft)
+    fixed = tmp_path / "fixed.safetensors"
+    assert cli("repair", ft, "--data", data, "--out", fixed, "--model", tiny_spec.model, "--shots", "5",
+               "--val-fraction", "0.2", "--epochs", "1").exit_code == 0
+    ok = cli("verify", fixed, "--ft", ft, "--data", data, "--model", tiny_spec.model, "--json")
+    assert ok.exit_code == 0, ok.output
+    assert [check["ok"] for check in json.loads(ok.stdout)["checks"]] == [True] * 5
+
+    for image in (data / "red").iterdir():  # every image of a class, so a sampled shot surely changes
+        raw = bytearray(image.read_bytes())
+        raw[-1] ^= 0xFF
+        image.write_bytes(bytes(raw))
+    changed = cli("verify", fixed, "--ft", ft, "--data", data)
+    assert changed.exit_code == 13 and "images" in changed.output.splitlines()[-1]
+
+    tampered = bytearray(ft.read_bytes())
+    tampered[-1] ^= 0x01
+    ft.write_bytes(bytes(tampered))
+    result = cli("verify", fixed, "--ft", ft)
+    assert result.exit_code == 13 and "fine-tuned checkpoint differ" in result.output
