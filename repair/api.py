@@ -29,7 +29,7 @@ from repair.data import (
     scan_image_folder,
 )
 from repair.errors import IncompatibleCheckpointError, InputFileError, OutputExistsError
-from repair.evaluate import (
+from repair.evaluation import (
     EVAL_SCHEMA,
     EvalSet,
     Evaluation,

@@ -27,7 +27,7 @@ __all__ = ["HubError", "PushResult", "model_card", "prepare_upload", "push"]
 
 CARD_NAME = "README.md"
 EVAL_NAME = "eval.json"
-EVAL_SCHEMA = "mergetune.eval/1"  # same string as repair.evaluate.EVAL_SCHEMA (kept here: no torch import)
+EVAL_SCHEMA = "mergetune.eval/1"  # same string as repair.evaluation.EVAL_SCHEMA (kept here: no torch import)
 PIPELINE_TAG = "zero-shot-image-classification"
 _NO_TOKEN = "no Hugging Face token: run `hf auth login` or set HF_TOKEN"
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")

@@ -189,3 +189,13 @@ def test_inspect_foreign_file_is_one_line(tmp_path):
     save_file({"encoder.layer.0": torch.zeros(3)}, foreign)
     assert_one_line_error(invoke("inspect", foreign), 5)
     assert_one_line_error(invoke("inspect", tmp_path / "missing.pt"), 3)
+
+
+def test_public_api_names_are_the_functions_not_submodules():
+    import repair
+
+    for name in ("repair", "finetune", "evaluate", "load_repaired"):
+        assert callable(getattr(repair, name)), name
+    import repair.evaluation  # importing every submodule must not shadow them
+
+    assert callable(repair.evaluate)

@@ -140,10 +140,10 @@ def test_card_with_eval_report_has_the_table(repaired, eval_file):
 
 
 def test_eval_schema_matches_the_evaluator():
-    import repair.evaluate
+    import repair.evaluation
     import repair.hub
 
-    assert repair.hub.EVAL_SCHEMA == repair.evaluate.EVAL_SCHEMA
+    assert repair.hub.EVAL_SCHEMA == repair.evaluation.EVAL_SCHEMA
 
 
 def test_file_without_a_record_is_refused(tmp_path):
