@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from repair.api import DataOptions, evaluate, finetune, repair as run_repair
 from repair.cli import app
-from repair.evaluate import Predictions, expected_calibration_error
+from repair.evaluation import Predictions, expected_calibration_error
 from repair.gate import Thresholds, check, load_thresholds
 from repair.errors import InputFileError
 from repair.train import TrainConfig
