@@ -122,8 +122,10 @@ def read_record(tensor_file: TensorFile) -> dict[str, object]:
     return record if isinstance(record, dict) else {}
 
 
-def _resolve_backbone(backbone: Backbone | BackboneSpec | None, device: str) -> Backbone:
-    return backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
+def _resolve_backbone(backbone: Backbone | BackboneSpec | None, device: str, precision: str = "fp32") -> Backbone:
+    if isinstance(backbone, Backbone):
+        return backbone
+    return load_backbone(backbone, device=device, precision=precision)
 
 
 def check_same_backbone(record: dict[str, object], backbone: Backbone, source: Path) -> None:
@@ -257,9 +259,10 @@ def repair(
     backbone: Backbone | BackboneSpec | None = None,
     objective: Objective = Objective(),
     config: TrainConfig = TrainConfig(),
-    data_options: DataOptions = DataOptions(),
+    data_options: DataOptions | None = None,
     kind_options: KindOptions = KindOptions(),
     device: str = "cpu",
+    precision: str = "fp32",
     force: bool = False,
     resume: bool = False,
     deterministic: bool = False,
@@ -270,10 +273,11 @@ def repair(
     Progress is saved next to ``out`` after every epoch; ``resume=True`` continues an interrupted run.
     """
     finetuned, out = Path(finetuned), Path(out)
+    data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     check_output(out, [finetuned], force)
     set_deterministic(deterministic)
     source = read_tensors(finetuned)
-    backbone = _resolve_backbone(backbone, device)
+    backbone = _resolve_backbone(backbone, device, precision)
     check_same_backbone(read_record(source), backbone, finetuned)
     templates = load_templates(data_options.templates_file)
     dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
@@ -298,11 +302,12 @@ def finetune(
     *,
     backbone: Backbone | BackboneSpec | None = None,
     config: TrainConfig = TrainConfig(),
-    data_options: DataOptions = DataOptions(),
+    data_options: DataOptions | None = None,
     kind_options: KindOptions = KindOptions(),
     n_ctx: int | None = None,
     class_specific: bool = False,
     device: str = "cpu",
+    precision: str = "fp32",
     force: bool = False,
     resume: bool = False,
     deterministic: bool = False,
@@ -310,11 +315,12 @@ def finetune(
 ) -> RunOutcome:
     """Plain fine-tuning from the zero-shot point (both constraint terms off): the baseline to repair."""
     out = Path(out)
+    data_options = data_options or DataOptions()
     check_output(out, [], force)
     set_deterministic(deterministic)
     if kind_name not in KINDS:
         raise IncompatibleCheckpointError(f"unknown kind {kind_name!r}; choose one of {', '.join(KINDS)}")
-    backbone = _resolve_backbone(backbone, device)
+    backbone = _resolve_backbone(backbone, device, precision)
     templates = load_templates(data_options.templates_file)
     dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
     kind = KINDS[kind_name].zero_shot(backbone, dataset.classnames, templates, n_ctx=n_ctx,
@@ -336,7 +342,8 @@ def finetune(
 
 
 def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir: str | Path | None = None,
-           backbone: Backbone | BackboneSpec | None = None, device: str = "cpu") -> dict[str, object]:
+           backbone: Backbone | BackboneSpec | None = None, device: str = "cpu",
+           precision: str = "fp32") -> dict[str, object]:
     """Recompute the hashes recorded at repair time and say which input differs.
 
     The data manifest is rebuilt exactly as the run built it: same folder scan, shots, seed and
@@ -360,7 +367,7 @@ def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir:
             checks.append(_check("validation images", inputs["data"]["val_manifest_sha256"],
                                  held_out.manifest_sha256()))
     if backbone is not None:
-        loaded = _resolve_backbone(backbone, device)
+        loaded = _resolve_backbone(backbone, device, precision)
         recorded_backbone = record["backbone"]
         checks.append(_check("image tower weights", recorded_backbone.get("visual_sha256"),
                              loaded.visual_fingerprint))
@@ -418,20 +425,22 @@ def evaluate(
     *,
     novel_dir: str | Path | None = None,
     backbone: Backbone | BackboneSpec | None = None,
-    data_options: DataOptions = DataOptions(shots=None),
+    data_options: DataOptions | None = None,
     kind_options: KindOptions = KindOptions(),
     baselines: bool = False,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, object]:
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
 
     With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
     (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
     """
+    data_options = data_options or DataOptions(shots=None)
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
     if baselines and not files:
         raise IncompatibleCheckpointError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
-    backbone = _resolve_backbone(backbone, device)
+    backbone = _resolve_backbone(backbone, device, precision)
     templates = load_templates(data_options.templates_file)
     base_folder = scan_image_folder(data_dir, data_options.classnames_file)
     novel_folder = scan_image_folder(novel_dir) if novel_dir is not None else None
@@ -544,7 +553,7 @@ class Classifier:
 
 
 def load_repaired(path: str | Path, *, backbone: Backbone | BackboneSpec | None = None,
-                  classnames: Sequence[str] | None = None, device: str = "cpu") -> Classifier:
+                  classnames: Sequence[str] | None = None, device: str = "cpu", precision: str = "fp32") -> Classifier:
     """Rebuild a classifier from a mergetune output in one call; the backbone comes from its metadata."""
     tensor_file = read_tensors(path)
     record = read_record(tensor_file)
@@ -554,7 +563,7 @@ def load_repaired(path: str | Path, *, backbone: Backbone | BackboneSpec | None 
         recorded = record["backbone"]
         backbone = BackboneSpec(recorded["model"], recorded.get("pretrained"),
                                 Path(recorded["model_config"]) if recorded.get("model_config") else None)
-    backbone = _resolve_backbone(backbone, device)
+    backbone = _resolve_backbone(backbone, device, precision)
     check_same_backbone(record, backbone, Path(path))
     names = list(classnames or record["classnames"])
     details = record.get("kind_details", {})

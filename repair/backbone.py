@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair.errors import IncompatibleCheckpointError, InputFileError, WeightsUnavailableError
+from repair.errors import IncompatibleCheckpointError, InputFileError, MergetuneError, WeightsUnavailableError
 
 RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
 RANDOM_INIT_SEED = 0
@@ -59,6 +59,11 @@ class Backbone:
     tokenizer: Callable
     spec: BackboneSpec
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # autocast dtype for forward passes; weights and trainable tensors stay fp32
+
+    def autocast(self):
+        """Mixed precision for forward passes (a no-op at fp32)."""
+        return autocast(self.device, self.precision)
 
     @property
     def text_width(self) -> int:
@@ -81,6 +86,7 @@ class Backbone:
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         digest.update(repr(self.preprocess).encode())
+        digest.update(self.precision.encode())  # bf16 features differ from fp32 ones
         return digest.hexdigest()
 
     @cached_property
@@ -120,11 +126,15 @@ class Backbone:
 
     @property
     def image_encoder(self) -> ImageEncoder:
-        return ImageEncoder(self.visual_fingerprint, lambda pixels: self.model.encode_image(pixels))
+        return ImageEncoder(self.visual_fingerprint, self._encode_raw)
+
+    def _encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model.encode_image(pixels.to(self.device, memory_format=torch.channels_last)).float()
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(pixels.to(self.device)), dim=-1)
+        return F.normalize(self._encode_raw(pixels), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -244,14 +254,44 @@ def _check_model_name(spec: BackboneSpec) -> None:
         )
 
 
-def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device = "cpu") -> Backbone:
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device is one clear error."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergetuneError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and (not torch.cuda.is_available() or
+                                    (resolved.index or 0) >= torch.cuda.device_count()):
+        raise MergetuneError(f"device {device} is not available here (CUDA devices: {torch.cuda.device_count()})")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MergetuneError("device mps is not available here")
+    return resolved
+
+
+def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device = "cpu",
+                  precision: str = "fp32") -> Backbone:
     """Build the frozen backbone in eval mode, with clear errors for every way loading fails."""
     spec = spec or BackboneSpec()
+    if precision not in PRECISIONS:
+        raise MergetuneError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if spec.model_config is not None:
         register_model_config(Path(spec.model_config))
     _check_model_name(spec)
     pretrained = _check_pretrained(spec)
-    device = torch.device(device)
+    device = resolve_device(device)
     try:
         with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
@@ -265,7 +305,9 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
         source = spec.model if spec.uses_schema else f"{spec.model} / {spec.pretrained}"
         raise WeightsUnavailableError(f"could not load weights for {source}: {_offline_hint()}") from None
     model.eval().requires_grad_(False)
-    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, device=device)
+    model.visual.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers it
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, device=device,
+                    precision=precision)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -39,7 +39,9 @@ PretrainedOpt = Annotated[str, typer.Option(
     "--pretrained", help="Pretrained tag (e.g. openai), a weights file, or 'none' for random init.")]
 ModelConfigOpt = Annotated[Optional[Path], typer.Option(
     "--model-config", help="Register a custom open_clip architecture (JSON) before loading --model.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="Forward passes in fp32, bf16 or fp16 (autocast); trainable tensors stay fp32.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder directory: one sub-folder per class.")]
 ClassnamesOpt = Annotated[Optional[Path], typer.Option(
     "--classnames", help="Class display names: JSON {folder: name} / list, or text lines 'folder: name'.")]
@@ -202,7 +204,8 @@ def repair_command(
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     workers: WorkersOpt = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     force: ForceOpt = False,
     resume: ResumeOpt = False,
     deterministic: DeterministicOpt = False,
@@ -225,7 +228,7 @@ def repair_command(
         with _Progress("repairing", quiet) as progress:
             outcome = repair(
                 finetuned, data, out, backbone=_backbone_spec(model, pretrained, model_config), objective=objective,
-                config=config, kind_options=kind_options, device=device, force=force, resume=resume,
+                config=config, kind_options=kind_options, device=device, precision=precision, force=force, resume=resume,
                 deterministic=deterministic, on_step=progress.on_step,
                 data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
             )
@@ -262,7 +265,8 @@ def finetune_command(
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     workers: WorkersOpt = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     force: ForceOpt = False,
     resume: ResumeOpt = False,
     deterministic: DeterministicOpt = False,
@@ -282,7 +286,7 @@ def finetune_command(
                 kind, data, out, backbone=_backbone_spec(model, pretrained, model_config), config=config,
                 kind_options=KindOptions(ctx_init=ctx_init, logit_scale=logit_scale,
                                          normalize_features=_head_features(head_features)), n_ctx=n_ctx,
-                class_specific=class_specific, device=device, force=force, resume=resume,
+                class_specific=class_specific, device=device, precision=precision, force=force, resume=resume,
                 deterministic=deterministic, on_step=progress.on_step,
                 data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
             )
@@ -309,7 +313,8 @@ def eval_command(
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     workers: WorkersOpt = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     baselines: Annotated[bool, typer.Option(
         "--baselines", help="Add WiSE-FT (best alpha) and the output ensemble of zero-shot and the FIRST checkpoint."
     )] = False,
@@ -341,7 +346,7 @@ def eval_command(
             data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
             kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
                                      normalize_features=_head_features(head_features)),
-            baselines=baselines, device=device,
+            baselines=baselines, device=device, precision=precision,
         )
         failures = check(report, thresholds) if thresholds.any() else None
         if failures is not None:
@@ -357,6 +362,56 @@ def eval_command(
             stderr.print(f"warning: {warning}", markup=False, highlight=False)
         if failures:
             raise GateFailedError("gate failed: " + "; ".join(failures))
+
+    run(action)
+
+
+@app.command("path")
+def path_command(
+    finetuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.")],
+    repaired: Annotated[Path, typer.Argument(help="Its repaired version.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled test images (an ImageFolder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report.")],
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also plot accuracy and loss along the paths.")] = None,
+    points: Annotated[int, typer.Option("--points", min=2, help="Points per segment, t = 0 .. 1.")] = 11,
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    kind: KindOpt = None,
+    ctx_init: CtxInitOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy and loss along zero-shot -> fine-tuned, zero-shot -> repaired and fine-tuned -> repaired."""
+
+    def action() -> None:
+        from repair.api import KindOptions, check_output
+        from repair.lmc import path_report, plot_path, write_path_json
+
+        check_output(out, [finetuned, repaired], force)
+        if png is not None:
+            check_output(png, [finetuned, repaired], force)
+        report = path_report(
+            finetuned, repaired, data, backbone=_backbone_spec(model, pretrained, model_config), points=points,
+            data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
+            kind_options=KindOptions(kind=kind, ctx_init=ctx_init), device=device,
+        )
+        write_path_json(report, out, force=force)
+        if png is not None:
+            plot_path(report, png, force=force)
+        if as_json:
+            stdout.print_json(json.dumps(report))
+            return
+        for segment in report["segments"]:
+            stdout.print(f"{segment['name']}: loss barrier {segment['loss_barrier']:.4f}, accuracy drop "
+                         f"{segment['accuracy_drop']:.2f} points", markup=False, highlight=False)
+        stdout.print(f"wrote {out}" + (f" and {png}" if png else ""), markup=False, highlight=False)
 
     run(action)
 

@@ -125,14 +125,19 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def split_metrics(predictions: Predictions, classnames: Sequence[str]) -> SplitMetrics:
-    correct = (predictions.probs.argmax(dim=-1) == predictions.labels).float()
+    correct = predictions.probs.argmax(dim=-1) == predictions.labels
     per_class = {}
     for index, name in enumerate(classnames):
         mask = predictions.labels == index
         if mask.any():
-            per_class[name] = 100.0 * float(correct[mask].mean())
-    accuracy = 100.0 * float(correct.mean()) if len(correct) else 0.0
+            per_class[name] = _percent(int(correct[mask].sum()), int(mask.sum()))
+    accuracy = _percent(int(correct.sum()), len(correct))
     return SplitMetrics(accuracy, expected_calibration_error(predictions.probs, predictions.labels), per_class)
+
+
+def _percent(correct: int, total: int) -> float:
+    """Exact in double precision (a float32 mean is off by ~1e-6)."""
+    return 100.0 * correct / total if total else 0.0
 
 
 def accuracy_percent(scorer: Scorer, evalset: EvalSet) -> float:

@@ -209,7 +209,8 @@ def train(
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
         for inputs, labels in shuffled_batches(train_set, config.batch_size, generator):
-            terms = mergetune_loss(kind, objective, inputs, labels, surrogate)
+            with kind.backbone.autocast():  # forward in the chosen precision; tensors and updates stay fp32
+                terms = mergetune_loss(kind, objective, inputs, labels, surrogate)
             _check_finite(terms.total, result.steps + 1, epoch)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()

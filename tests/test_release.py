@@ -142,3 +142,37 @@ def test_verify_catches_a_changed_input_byte(tmp_path, tiny_spec, image_dirs, ch
     ft.write_bytes(bytes(tampered))
     result = cli("verify", fixed, "--ft", ft)
     assert result.exit_code == 13 and "fine-tuned checkpoint differ" in result.output
+
+
+def test_path_command_writes_json_and_png(tmp_path, tiny_spec, image_dirs, checkpoints):
+    out, png = tmp_path / "path.json", tmp_path / "path.png"
+    result = cli("path", checkpoints["ft"], checkpoints["fixed"], "--data", image_dirs["test"], "--out", out,
+                 "--png", png, "--model", tiny_spec.model)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mergetune.path/1"
+    assert [len(segment["points"]) for segment in report["segments"]] == [11, 11, 11]
+    assert all(segment["loss_barrier"] >= 0 for segment in report["segments"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = cli("path", checkpoints["ft"], checkpoints["fixed"], "--data", image_dirs["test"], "--out", out,
+                "--model", tiny_spec.model)
+    assert again.exit_code == 8
+
+
+def test_precision_and_device_options(tmp_path, tiny_spec, image_dirs, checkpoints, backbone):
+    from repair.backbone import load_backbone
+    from repair.data import extract_features, scan_image_folder
+
+    bf16 = load_backbone(tiny_spec, precision="bf16")
+    assert bf16.visual_fingerprint != backbone.visual_fingerprint  # separate cache entries
+    dataset = scan_image_folder(image_dirs["test"])
+    low = extract_features(bf16, dataset).features
+    full = extract_features(backbone, dataset).features
+    assert low.dtype == torch.float32 and torch.allclose(low, full, atol=0.05)
+    result = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
+                 "--precision", "bf16", "--json")
+    assert result.exit_code == 0, result.output
+    if not torch.cuda.is_available():
+        unavailable = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
+                          "--device", "cuda:3")
+        assert unavailable.exit_code == 10 and "not available" in unavailable.output
