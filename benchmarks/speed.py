@@ -8,14 +8,18 @@ the fine-tuned and zero-shot class features once per run, and cuts sequences at 
 
 Both compute the same loss; the script checks that on the first batch before timing.
 
-    python -m benchmarks.speed --classes 10 --batch 32 --out benchmarks/results/speed.json
+    python -m benchmarks.speed --classes 10 100 --batch 32 --out benchmarks/results/speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
+import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,6 +149,62 @@ def measure_kinds(model: str, classes: int, batch: int, steps: int) -> list[dict
     return rows
 
 
+def measure_extraction(model: str, image_dir: Path | None, count: int, batch: int, workers: int
+                       ) -> list[dict[str, object]]:
+    """Images/s of feature extraction: a plain loop over ``encode_image`` against ours.
+
+    Plain: decode and preprocess one image at a time in the main process, ``encode_image`` per
+    batch under ``no_grad``. Ours: ``repair.data.extract_features`` (DataLoader workers decoding in
+    parallel, ``inference_mode``, channels-last), at fp32 and with bf16 autocast.
+    """
+    from PIL import Image
+
+    from repair.data import ImageFolder, _ImageFiles, extract_features, scan_image_folder
+    from repair.synthetic import make_image_folder
+
+    if image_dir is None or not image_dir.is_dir():
+        image_dir = make_image_folder(Path(tempfile.mkdtemp()) / "images", ["red", "green", "blue", "yellow"],
+                                      count // 4 + 1, size=224)
+    dataset = scan_image_folder(image_dir)
+    dataset = dataset.subset(range(min(count, len(dataset))))
+    rows = []
+    backbone = load_backbone(BackboneSpec(model, "none"))
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, len(dataset), batch):
+            pixels = torch.stack([backbone.preprocess(Image.open(path).convert("RGB"))
+                                  for path in dataset.files[first:first + batch]])
+            backbone.model.encode_image(pixels)
+    plain = time.perf_counter() - start
+    rows.append({"method": "plain loop", "images": len(dataset), "seconds": plain,
+                 "images_per_second": len(dataset) / plain})
+    for precision in ("fp32", "bf16"):
+        backbone = load_backbone(BackboneSpec(model, "none"), precision=precision)
+        start = time.perf_counter()
+        extract_features(backbone, dataset, cache_dir=None, batch_size=batch, workers=workers)
+        seconds = time.perf_counter() - start
+        rows.append({"method": f"mergetune ({precision}, {workers} workers)", "images": len(dataset),
+                     "seconds": seconds, "images_per_second": len(dataset) / seconds})
+    return rows
+
+
+def in_fresh_process(function, *args):
+    """Run one measurement in its own process, so its peak resident memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_with_peak_memory, (function, *args))
+
+
+def _with_peak_memory(function, *args):
+    result = function(*args)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        row["peak_rss_mib_of_process"] = round(peak_mib, 1)
+    return result
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
@@ -158,15 +218,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=11)
     parser.add_argument("--reference-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                        / "flowers5", help="an ImageFolder for the extraction timing (generated if absent)")
+    parser.add_argument("--extraction-images", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [measure(args.model, count, args.batch, args.steps, args.reference_steps) for count in args.classes]
-    kinds = [row for count in args.classes for row in measure_kinds(args.model, count, args.batch, args.steps)]
+    results = [in_fresh_process(measure, args.model, count, args.batch, args.steps, args.reference_steps)
+               for count in args.classes]
+    kinds = [row for count in args.classes
+             for row in in_fresh_process(measure_kinds, args.model, count, args.batch, args.steps)]
+    extraction = in_fresh_process(measure_extraction, args.model, args.images, args.extraction_images, args.batch,
+                                  args.workers)
     report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "processor": platform.processor(), "coop_vs_reference": results,
-              "kinds": kinds}
+              "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "machine": platform.machine(), "model": args.model, "weights": "random (timing only)",
+              "coop_vs_reference": results, "kinds": kinds, "extraction": extraction}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
