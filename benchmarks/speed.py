@@ -159,7 +159,7 @@ def measure_extraction(model: str, image_dir: Path | None, count: int, batch: in
     """
     from PIL import Image
 
-    from repair.data import ImageFolder, _ImageFiles, extract_features, scan_image_folder
+    from repair.data import extract_features, scan_image_folder
     from repair.synthetic import make_image_folder
 
     if image_dir is None or not image_dir.is_dir():

@@ -1019,3 +1019,28 @@ def write_safetensors(
     with atomic_output(target, force=force, inputs=inputs) as temp:
         safetensors.torch.save_file(owned, str(temp), metadata=dict(metadata))
     return target
+
+
+def read_cache_entry(path: Path, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+    """A cached tensor file, or None when absent or damaged: caches are recomputed, never trusted."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = safetensors.torch.load_file(str(path), device=device)
+    except Exception:
+        return None
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        return None
+    return tensors
+
+
+def write_cache_entry(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Best effort, atomic: a read-only or full cache directory must not fail the run."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                                    str(temporary))
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)

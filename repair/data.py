@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
 
 from repair.backbone import Backbone, ImageEncoder
+from repair.checkpoints import read_cache_entry, write_cache_entry
 from repair.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -311,21 +311,10 @@ def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Pat
 
 
 def _read_cache(path: Path, expected_rows: int) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    try:
-        features = load_file(path)["features"]
-    except Exception:  # a damaged cache entry is recomputed, never trusted
-        return None
-    return features if features.shape[0] == expected_rows and torch.isfinite(features).all() else None
+    entry = read_cache_entry(path)
+    features = entry.get("features") if entry else None
+    return features if features is not None and features.shape[0] == expected_rows else None
 
 
 def _write_cache(path: Path, features: torch.Tensor) -> None:
-    """Best effort: a read-only or full cache directory must not fail the run."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"features": features.detach().cpu().contiguous()}, temporary, metadata={"format": CACHE_FORMAT})
-        os.replace(temporary, path)
-    except OSError:
-        pass
+    write_cache_entry(path, {"features": features})

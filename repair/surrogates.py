@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from repair.checkpoints import read_cache_entry, write_cache_entry
 from repair.data import Features
 from repair.kinds.base import Kind, KindOutput
 
@@ -116,19 +115,9 @@ def _cached_fisher(kind: Kind, data: Features, seed: int, cache_key: str | None,
         return fisher_diagonal(kind, data, seed=seed)
     digest = hashlib.sha256(json.dumps([FISHER_CACHE_FORMAT, cache_key, seed]).encode()).hexdigest()
     path = Path(cache_dir) / "fisher" / f"{digest}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(path, device=str(data.features.device))
-            if stored.keys() == kind.trainable().keys():
-                return stored
-        except Exception:  # a damaged cache entry is recomputed, never trusted
-            pass
+    stored = read_cache_entry(path, device=str(data.features.device))
+    if stored is not None and stored.keys() == kind.trainable().keys():
+        return stored
     fisher = fisher_diagonal(kind, data, seed=seed)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({name: value.cpu().contiguous() for name, value in fisher.items()}, temporary)
-        os.replace(temporary, path)
-    except OSError:
-        pass
+    write_cache_entry(path, fisher)
     return fisher

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import repair.data
-from repair.api import DataOptions, KindOptions, evaluate, finetune, load_repaired, repair as run_repair
+from repair.api import DataOptions, evaluate, finetune, load_repaired, repair as run_repair
 from repair.checkpoints import read_tensors
 from repair.data import extract_features, scan_image_folder
 from repair.kinds.coop import CoOpPrompts, init_context

@@ -1,0 +1,172 @@
+"""Sharded feature extraction on two real gloo ranks (CPU, 127.0.0.1), against one process.
+
+The two-rank run is this file executed as a script under ``torchrun``; each rank loads the
+tiny backbone from its ``local-dir:`` path and saves what it got for the test to compare.
+Every subprocess is bounded by a timeout and killed as a process group if it overruns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+BASE = ("blue", "green", "red", "yellow")
+RUN_TIMEOUT_S = 120
+GROUP_TIMEOUT_S = 60
+BATCH = 8  # several batches per shard, with batch boundaries that differ from the single-process run
+
+
+@pytest.mark.parametrize("count,world", [(0, 1), (0, 3), (1, 2), (5, 8), (7, 7), (10, 3), (41, 2), (100, 7)])
+def test_shards_cover_every_index_once_and_are_balanced(count, world):
+    from repair.distributed import shard
+
+    parts = [shard(count, rank, world) for rank in range(world)]
+    assert [index for part in parts for index in part] == list(range(count))
+    assert all(part.step == 1 for part in parts)
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first count % world ranks get the extra item
+    assert sum(size > count // world for size in sizes) == count % world
+
+
+@pytest.mark.parametrize("rank,world", [(-1, 2), (2, 2), (0, 0)])
+def test_shard_refuses_impossible_ranks(rank, world):
+    from repair.distributed import shard
+
+    with pytest.raises(ValueError):
+        shard(10, rank, world)
+
+
+def test_single_process_reads_the_environment_and_stays_local(monkeypatch, backbone, image_dirs):
+    from repair.data import extract_features, scan_image_folder
+    from repair.distributed import extract_features_sharded, init_from_env, rank_and_world
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_and_world() == (0, 1)
+    assert init_from_env() is False
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert rank_and_world() == (1, 3)
+    assert init_from_env() is False  # no MASTER_ADDR: not launched by torchrun, nothing to join
+
+    dataset = scan_image_folder(image_dirs["test"])
+    local = extract_features_sharded(backbone, dataset)  # no process group: exactly extract_features
+    expected = extract_features(backbone, dataset)
+    assert torch.equal(local.features, expected.features) and torch.equal(local.labels, expected.labels)
+
+
+def test_two_gloo_ranks_match_one_process_and_share_the_cache(tmp_path, monkeypatch, tiny_model_dir, backbone):
+    import repair.data
+    from repair.data import extract_features, scan_image_folder
+    from repair.synthetic import make_image_folder
+    from safetensors.torch import load_file
+
+    data = tmp_path / "images"
+    make_image_folder(data, BASE[:3], 10, seed=5)
+    make_image_folder(data, BASE[3:], 11, seed=6)  # 41 images: shards of 21 and 20
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    _torchrun([__file__, tiny_model_dir, str(data), str(cache), str(out)])
+
+    dataset = scan_image_folder(data)
+    assert len(dataset) == 41
+    ranks = [load_file(out / f"rank{rank}.safetensors") for rank in range(2)]
+    single = extract_features(backbone, dataset, cache_dir=None, batch_size=BATCH)
+    # Other batch boundaries may change the last bits of a matmul (BLAS blocking), never more:
+    # normalised features are unit vectors, so atol 1e-6 is a few float32 ulps.
+    torch.testing.assert_close(ranks[0]["first"], single.features, rtol=0, atol=1e-6)
+    assert torch.equal(ranks[0]["labels"], single.labels)
+    for key in ("first", "labels", "cached", "partial_cache"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # every rank returns the same full result
+    assert torch.equal(ranks[0]["cached"], ranks[0]["first"])  # second call: every rank read the cache
+    assert torch.equal(ranks[0]["partial_cache"], ranks[0]["first"])  # only rank 0 saw it: both encoded again
+
+    errors = [json.loads((out / f"error{rank}.json").read_text()) for rank in range(2)]
+    assert all(error["type"] == "DataError" and "corrupt.png" in error["message"] for error in errors)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded again instead of reading the cache rank 0 wrote")
+
+    monkeypatch.setattr(repair.data, "_encode_files", refuse)
+    cached = extract_features(backbone, dataset, cache_dir=cache, batch_size=BATCH)
+    assert torch.equal(cached.features, ranks[0]["first"]) and torch.equal(cached.labels, single.labels)
+
+
+def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
+    from repair.distributed import launch
+
+    assert launch(2, ["inspect", str(tmp_path / "missing.safetensors")]) == 3  # InputFileError, not torchrun's 1
+    captured = capfd.readouterr()
+    assert captured.err.count("error:") == 1, captured.err  # rank 1 is quiet
+    assert "Traceback" not in captured.err and "ChildFailedError" not in captured.err
+
+
+def _torchrun(args: list[str]) -> None:
+    """``torchrun --nproc_per_node 2`` on 127.0.0.1, killed with its whole process group if it overruns."""
+    from repair.distributed import _free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"two-rank run did not finish in {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-4000:]
+
+
+def _rank_main(model: str, data: str, cache: str, out: str) -> None:
+    """One rank of the two-rank test: three extractions and one that must fail on every rank."""
+    import repair.data
+    import repair.distributed as distributed
+    from repair.backbone import BackboneSpec, load_backbone
+    from repair.data import scan_image_folder
+    from repair.errors import DataError
+    from safetensors.torch import save_file
+
+    assert distributed.init_from_env(timeout_s=GROUP_TIMEOUT_S)
+    rank, world = distributed.rank_and_world()
+    assert world == 2
+    backbone = load_backbone(BackboneSpec(model=model))
+    dataset = scan_image_folder(data)
+
+    def extract(cache_dir: Path | None, folder=dataset):
+        return distributed.extract_features_sharded(backbone, folder, cache_dir=cache_dir, batch_size=BATCH)
+
+    first = extract(Path(cache))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded although the cache holds these features")
+
+    distributed._encode_files = refuse
+    cached = extract(Path(cache))
+    distributed._encode_files = repair.data._encode_files
+    partial_cache = extract(Path(cache) if rank == 0 else Path(out) / f"empty-cache-{rank}")
+
+    corrupt = replace(dataset, files=dataset.files[:-1] + (Path(out).parent / "corrupt.png",))  # in rank 1's shard
+    try:
+        extract(None, corrupt)
+        error = {"type": None, "message": "no error"}
+    except DataError as exc:
+        error = {"type": type(exc).__name__, "message": str(exc)}
+    Path(out, f"error{rank}.json").write_text(json.dumps(error))
+    save_file({"first": first.features, "labels": first.labels, "cached": cached.features,
+               "partial_cache": partial_cache.features}, Path(out) / f"rank{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    _rank_main(*sys.argv[1:])
