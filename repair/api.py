@@ -60,6 +60,7 @@ class DataOptions:
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None disables the cache
     workers: int = 0
     batch_size: int = 64
+    on_progress: Callable[[int, int], None] | None = None  # (images encoded, total) while encoding
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def encode_for(scorer: Kind | Scorer, backbone: Backbone, dataset: ImageFolder, 
         return load_pixels(backbone, dataset, batch_size=options.batch_size, workers=options.workers)
     return extract_features(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
                             workers=options.workers, normalize=scorer.input_kind != "raw-features",
-                            encoder=scorer.image_encoder())
+                            encoder=scorer.image_encoder(), on_progress=options.on_progress)
 
 
 def encode_training_images(backbone: Backbone, kind: Kind, dataset: ImageFolder, held_out: ImageFolder | None,

@@ -118,13 +118,13 @@ def _backbone_spec(model: str, pretrained: str, model_config: Optional[Path]):
     return BackboneSpec(model=model, pretrained=pretrained, model_config=model_config)
 
 
-def _data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers):
+def _data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers, progress=None):
     from repair.api import DataOptions
     from repair.data import default_cache_dir
 
     return DataOptions(classnames_file=classnames, templates_file=templates, shots=shots,
                        val_fraction=val_fraction, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                       workers=workers)
+                       workers=workers, on_progress=progress.on_images if progress else None)
 
 
 class _Progress:
@@ -138,7 +138,10 @@ class _Progress:
             TextColumn("{task.fields[terms]}"), console=stderr, disable=quiet or not stderr.is_terminal,
             transient=True,
         )
+        self.description = description
         self.task = self.progress.add_task(description, total=None, terms="")
+        self.images_task: Any = None
+        self.images_done = 0
 
     def __enter__(self) -> _Progress:
         self.progress.__enter__()
@@ -146,6 +149,16 @@ class _Progress:
 
     def __exit__(self, *exc_info: object) -> None:
         self.progress.__exit__(*exc_info)
+
+    def on_images(self, done: int, total: int) -> None:
+        """Encoding progress: images per second and time left (a new bar for each folder)."""
+        if self.images_task is None or done <= self.images_done:
+            self.images_task = self.progress.add_task("encoding images", total=total, terms="")
+        self.images_done = done
+        self.progress.update(self.images_task, total=total, completed=done)
+        task = next(task for task in self.progress.tasks if task.id == self.images_task)
+        if task.speed:
+            self.progress.update(self.images_task, terms=f"{task.speed:.1f} img/s")
 
     def on_step(self, report: Any) -> None:
         terms = " ".join(f"{key} {value:.3f}" for key, value in report.terms.items())
@@ -227,9 +240,10 @@ def repair_command(
         with _Progress("repairing", quiet) as progress:
             outcome = repair(
                 finetuned, data, out, backbone=_backbone_spec(model, pretrained, model_config), objective=objective,
-                config=config, kind_options=kind_options, device=device, precision=precision, force=force, resume=resume,
-                deterministic=deterministic, on_step=progress.on_step,
-                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
+                config=config, kind_options=kind_options, device=device, precision=precision, force=force,
+                resume=resume, deterministic=deterministic, on_step=progress.on_step,
+                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers,
+                                           progress),
             )
         _report_run(outcome, as_json, "wrote")
 
@@ -287,7 +301,8 @@ def finetune_command(
                                          normalize_features=_head_features(head_features)), n_ctx=n_ctx,
                 class_specific=class_specific, device=device, precision=precision, force=force, resume=resume,
                 deterministic=deterministic, on_step=progress.on_step,
-                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers),
+                data_options=_data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers,
+                                           progress),
             )
         _report_run(outcome, as_json, "wrote")
 
@@ -328,6 +343,7 @@ def eval_command(
     ] = None,
     markdown: Annotated[Optional[Path], typer.Option(
         "--markdown", help="Append a markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")] = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The forgetting report: zero-shot CLIP and each checkpoint on base / novel classes, optionally gated."""
@@ -340,13 +356,14 @@ def eval_command(
 
         flags = Thresholds(min_base, min_novel, min_hm, max_forgetting)
         thresholds = load_thresholds(gate).merged(flags) if gate else flags
-        report = evaluate(
-            checkpoints, data, novel_dir=novel_data, backbone=_backbone_spec(model, pretrained, model_config),
-            data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
-            kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
-                                     normalize_features=_head_features(head_features)),
-            baselines=baselines, device=device, precision=precision,
-        )
+        with _Progress("evaluating", quiet) as progress:
+            report = evaluate(
+                checkpoints, data, novel_dir=novel_data, backbone=_backbone_spec(model, pretrained, model_config),
+                data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers, progress),
+                kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
+                                         normalize_features=_head_features(head_features)),
+                baselines=baselines, device=device, precision=precision,
+            )
         failures = check(report, thresholds) if thresholds.any() else None
         if failures is not None:
             report["gate"] = {"thresholds": thresholds.__dict__, "failures": failures, "passed": not failures}

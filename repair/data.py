@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -272,6 +272,7 @@ def extract_features(
     workers: int = 0,
     normalize: bool = True,
     encoder: ImageEncoder | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Features:
     """Encode every image once (the backbone's frozen tower unless ``encoder`` is given); reuse the cache."""
     encoder = encoder or backbone.image_encoder
@@ -283,7 +284,8 @@ def extract_features(
         cache_file = Path(cache_dir) / "features" / f"{key}.safetensors"
         features = _read_cache(cache_file, len(dataset))
     if features is None:
-        features = _encode_files(backbone, encoder, dataset.files, batch_size=batch_size, workers=workers)
+        features = _encode_files(backbone, encoder, dataset.files, batch_size=batch_size, workers=workers,
+                                 on_progress=on_progress)
         if cache_file is not None:
             _write_cache(cache_file, features)
     features = features.to(backbone.device)
@@ -299,7 +301,8 @@ def load_pixels(backbone: Backbone, dataset: ImageFolder, *, batch_size: int = 6
 
 
 def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Path], *, batch_size: int,
-                  workers: int) -> torch.Tensor:
+                  workers: int, on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Stream the images through the tower in batches; only the features are kept."""
     loader = torch.utils.data.DataLoader(
         _ImageFiles(files, backbone.preprocess), batch_size=batch_size, num_workers=workers, shuffle=False
     )
@@ -307,6 +310,8 @@ def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Pat
     with torch.inference_mode():
         for pixels in loader:
             chunks.append(encoder.encode(pixels.to(backbone.device)).float().cpu())
+            if on_progress is not None:
+                on_progress(sum(len(chunk) for chunk in chunks), len(files))
     return torch.cat(chunks).clone()
 
 
