@@ -424,7 +424,7 @@ def evaluate(
     checkpoints: Sequence[str | Path],
     data_dir: str | Path,
     *,
-    novel_dir: str | Path | None = None,
+    novel_dir: str | Path | Sequence[str | Path] | None = None,
     backbone: Backbone | BackboneSpec | None = None,
     data_options: DataOptions | None = None,
     kind_options: KindOptions = KindOptions(),
@@ -433,6 +433,8 @@ def evaluate(
     precision: str = "fp32",
 ) -> dict[str, object]:
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
+
+    ``novel_dir`` may be several held-out folders: each is reported, and "novel" is their mean.
 
     With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
     (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
@@ -444,9 +446,10 @@ def evaluate(
     backbone = _resolve_backbone(backbone, device, precision)
     templates = load_templates(data_options.templates_file)
     base_folder = scan_image_folder(data_dir, data_options.classnames_file)
-    novel_folder = scan_image_folder(novel_dir) if novel_dir is not None else None
+    novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
     base = load_evalset(backbone, base_folder, "base", data_options)
-    novel = load_evalset(backbone, novel_folder, "novel", data_options) if novel_folder is not None else None
+    novel = [load_evalset(backbone, folder, name, data_options)
+             for folder, name in zip(novel_folders, _novel_names(novel_folders))]
     warnings: list[str] = []
     kinds: dict[str, tuple[Kind, TensorFile]] = {}
     for tensor_file in files:
@@ -468,7 +471,8 @@ def evaluate(
     return {
         "schema": EVAL_SCHEMA,
         "backbone": backbone.spec.as_dict(),
-        "data": {"base": _describe_folder(base_folder), "novel": _describe_folder(novel_folder)},
+        "data": {"base": _describe_folder(base_folder),
+                 "novel": [_describe_folder(folder) for folder in novel_folders] or None},
         "models": [_model_row(result, sources.get(result.name)) for result in results],
         "per_class": {result.name: result.per_class for result in results},
         "forgetting": forgetting(results),
@@ -478,8 +482,25 @@ def evaluate(
     }
 
 
+def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if paths is None:
+        return []
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
+
+
+def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:
+    """'novel' for one held-out set; 'novel:NAME' for several (unique)."""
+    if len(folders) == 1:
+        return ["novel"]
+    names = []
+    for index, folder in enumerate(folders):
+        name = f"novel:{folder.root.name}"
+        names.append(name if name not in names else f"{name}#{index}")
+    return names
+
+
 def _model_row(result: ModelResult, source: dict[str, str] | None) -> dict[str, object]:
-    row = {key: value for key, value in asdict(result).items() if key != "per_class"}
+    row = {key: value for key, value in asdict(result).items() if key not in ("per_class", "_novel_eces")}
     return {**row, "source": source}
 
 

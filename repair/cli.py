@@ -313,8 +313,9 @@ def finetune_command(
 def eval_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to score next to the zero-shot model.")],
     data: Annotated[Path, typer.Option("--data", help="Test images of the base (repair) classes.")],
-    novel_data: Annotated[Optional[Path], typer.Option(
-        "--novel-data", help="Test images of held-out (novel) classes.")] = None,
+    novel_data: Annotated[Optional[list[Path]], typer.Option(
+        "--novel-data", help="Test images of held-out classes or datasets; repeat for several (novel = their mean)."
+    )] = None,
     model: ModelOpt = "ViT-B-16",
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,

@@ -87,13 +87,21 @@ class ModelResult:
     hm: float | None = None
     base_ece: float | None = None
     novel_ece: float | None = None
+    novel_sets: dict[str, float] = field(default_factory=dict)  # accuracy per held-out set
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _novel_eces: dict[str, float] = field(default_factory=dict, repr=False)
 
     def set_split(self, split: str, metrics: SplitMetrics) -> None:
-        setattr(self, split, metrics.accuracy)
-        setattr(self, f"{split}_ece", metrics.ece)
+        """Base is one set; novel is the mean over every held-out set (each is kept too)."""
         self.per_class[split] = metrics.per_class
+        if split == "base":
+            self.base, self.base_ece = metrics.accuracy, metrics.ece
+        else:
+            self.novel_sets[split] = metrics.accuracy
+            self._novel_eces[split] = metrics.ece
+            self.novel = sum(self.novel_sets.values()) / len(self.novel_sets)
+            self.novel_ece = sum(self._novel_eces.values()) / len(self._novel_eces)
         self.hm = harmonic_mean(self.base, self.novel)
 
 
@@ -147,8 +155,8 @@ def accuracy_percent(scorer: Scorer, evalset: EvalSet) -> float:
 class Evaluation:
     """Scores models on the base (and novel) sets, keeping each model's predictions for baselines."""
 
-    def __init__(self, base: EvalSet, novel: EvalSet | None = None) -> None:
-        self.splits = {"base": base, **({"novel": novel} if novel is not None else {})}
+    def __init__(self, base: EvalSet, novel: Sequence[EvalSet] = ()) -> None:
+        self.splits = {"base": base, **{evalset.name: evalset for evalset in novel}}
         self.predictions: dict[str, dict[str, Predictions]] = {}
 
     def score(self, name: str, scorer: Scorer, role: str = "checkpoint") -> ModelResult:

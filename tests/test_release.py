@@ -176,3 +176,18 @@ def test_precision_and_device_options(tmp_path, tiny_spec, image_dirs, checkpoin
         unavailable = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
                           "--device", "cuda:3")
         assert unavailable.exit_code == 10 and "not available" in unavailable.output
+
+
+def test_several_novel_sets_are_reported_and_averaged(tmp_path, backbone, image_dirs, checkpoints):
+    from repair.synthetic import make_image_folder
+
+    extra = make_image_folder(tmp_path / "other", ("cyan", "pink"), 6, seed=9)
+    report = evaluate([checkpoints["fixed"]], image_dirs["test"], novel_dir=[image_dirs["novel"], extra],
+                      backbone=backbone, data_options=DataOptions(shots=None, cache_dir=None))
+    jsonschema.validate(report, SCHEMA)
+    assert [folder["classes"] for folder in report["data"]["novel"]] == [
+        ["cyan", "orange", "pink", "purple"], ["cyan", "pink"]]
+    for row in report["models"]:
+        sets = row["novel_sets"]
+        assert set(sets) == {"novel:novel", "novel:other"}
+        assert row["novel"] == pytest.approx(sum(sets.values()) / 2)
