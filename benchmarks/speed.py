@@ -14,6 +14,7 @@ Both compute the same loss; the script checks that on the first batch before tim
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -192,8 +193,9 @@ def measure_extraction(model: str, image_dir: Path | None, count: int, batch: in
 def in_fresh_process(function, *args):
     """Run one measurement in its own process, so its peak resident memory is its own."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_with_peak_memory, (function, *args))
+    # not a Pool: its daemonic workers may not start DataLoader workers of their own
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_with_peak_memory, function, *args).result()
 
 
 def _with_peak_memory(function, *args):
@@ -226,21 +228,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [in_fresh_process(measure, args.model, count, args.batch, args.steps, args.reference_steps)
-               for count in args.classes]
-    kinds = [row for count in args.classes
-             for row in in_fresh_process(measure_kinds, args.model, count, args.batch, args.steps)]
-    extraction = in_fresh_process(measure_extraction, args.model, args.images, args.extraction_images, args.batch,
-                                  args.workers)
     report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "machine": platform.machine(), "model": args.model, "weights": "random (timing only)",
-              "coop_vs_reference": results, "kinds": kinds, "extraction": extraction}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+              "coop_vs_reference": [], "kinds": [], "extraction": []}
+    for count in args.classes:  # the report is rewritten after every part, so a late failure loses nothing
+        report["coop_vs_reference"].append(
+            in_fresh_process(measure, args.model, count, args.batch, args.steps, args.reference_steps))
+        _save(report, args.out)
+    for count in args.classes:
+        report["kinds"] += in_fresh_process(measure_kinds, args.model, count, args.batch, args.steps)
+        _save(report, args.out)
+    report["extraction"] = in_fresh_process(measure_extraction, args.model, args.images, args.extraction_images,
+                                            args.batch, args.workers)
+    _save(report, args.out)
+    print(json.dumps(report, indent=2))
+
+
+def _save(report: dict[str, object], path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

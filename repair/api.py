@@ -23,11 +23,11 @@ from repair.data import (
     Features,
     ImageFolder,
     default_cache_dir,
-    extract_features,
     load_pixels,
     load_templates,
     scan_image_folder,
 )
+from repair.distributed import extract_features_sharded
 from repair.errors import IncompatibleCheckpointError, InputFileError, OutputExistsError
 from repair.evaluation import (
     EVAL_SCHEMA,
@@ -166,9 +166,9 @@ def encode_for(scorer: Kind | Scorer, backbone: Backbone, dataset: ImageFolder, 
     """The inputs a model scores: pixels when its image tower trains, else (cached) features of its tower."""
     if training and scorer.input_kind == "pixels":
         return load_pixels(backbone, dataset, batch_size=options.batch_size, workers=options.workers)
-    return extract_features(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
-                            workers=options.workers, normalize=scorer.input_kind != "raw-features",
-                            encoder=scorer.image_encoder(), on_progress=options.on_progress)
+    return extract_features_sharded(backbone, dataset, cache_dir=options.cache_dir, batch_size=options.batch_size,
+                                    workers=options.workers, normalize=scorer.input_kind != "raw-features",
+                                    encoder=scorer.image_encoder(), on_progress=options.on_progress)
 
 
 def encode_training_images(backbone: Backbone, kind: Kind, dataset: ImageFolder, held_out: ImageFolder | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -344,12 +345,20 @@ def eval_command(
     ] = None,
     markdown: Annotated[Optional[Path], typer.Option(
         "--markdown", help="Append a markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")] = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Encode test images on N local processes (torch.distributed, gloo); rank 0 reports."
+    )] = 1,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The forgetting report: zero-shot CLIP and each checkpoint on base / novel classes, optionally gated."""
 
     def action() -> None:
+        from repair.distributed import init_from_env, launch, rank_and_world, rank_device
+
+        if nproc > 1 and rank_and_world()[1] == 1:
+            raise typer.Exit(launch(nproc, _without_option(sys.argv[1:], "--nproc")))
+        init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
         from repair.api import KindOptions, evaluate
         from repair.errors import GateFailedError
         from repair.gate import Thresholds, check, load_thresholds
@@ -363,12 +372,12 @@ def eval_command(
                 data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers, progress),
                 kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
                                          normalize_features=_head_features(head_features)),
-                baselines=baselines, device=device, precision=precision,
+                baselines=baselines, device=rank_device(device), precision=precision,
             )
         failures = check(report, thresholds) if thresholds.any() else None
         if failures is not None:
             report["gate"] = {"thresholds": thresholds.__dict__, "failures": failures, "passed": not failures}
-        if markdown is not None:
+        if markdown is not None and rank_and_world()[0] == 0:
             with open(markdown, "a", encoding="utf-8") as handle:
                 handle.write(eval_markdown(report, failures))
         if as_json:
@@ -499,6 +508,20 @@ def inspect_command(
             stdout.print_json(json.dumps(summary or metadata))
 
     run(action)
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus ``option VALUE`` / ``option=VALUE``: the workers must not see the launcher's own flag
+    (torchrun would also take ``--nproc`` for its ``--nproc-per-node``)."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(option + "="):
+            kept.append(argument)
+    return kept
 
 
 def _head_features(value: Optional[str]) -> Optional[bool]:

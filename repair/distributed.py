@@ -2,9 +2,9 @@
 
 Each rank encodes a contiguous shard of the images with the same code path as
 :func:`repair.data.extract_features`; the shards are gathered in rank order, so every rank
-ends up with exactly the rows one process would have produced, and rank 0 writes the
-shared feature cache. Without an initialised process group everything here is the plain
-single-process path.
+ends up with the rows one process would have produced (equal up to float rounding, since
+batch boundaries move), and rank 0 writes the shared feature cache. Without an initialised
+process group everything here is the plain single-process path.
 
 :func:`launch` wraps ``torchrun``: ``python -m repair.distributed ARGS`` is one rank of
 ``mergetune ARGS``. It initialises the process group, keeps ranks other than 0 quiet and
@@ -15,11 +15,13 @@ exit 11).
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from repair.data import (
     extract_features,
     features_cache_key,
 )
-from repair.errors import EXIT_INTERNAL, MergetuneError
+from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, MergetuneError
 
 LAUNCH_DIR_ENV = "MERGETUNE_LAUNCH_DIR"  # set by launch(): where ranks leave exit codes and logs
 
@@ -56,7 +58,7 @@ def rank_and_world() -> tuple[int, int]:
 def init_from_env(backend: str = "gloo", *, timeout_s: float | None = None) -> bool:
     """Join the process group torchrun describes in the environment, once; returns whether distributed.
 
-    gloo by default: the gathered features are CPU tensors whatever device encodes them.
+    gloo by default: every collective here moves CPU tensors, whatever device encodes the images.
     """
     import torch.distributed as dist
 
@@ -69,12 +71,21 @@ def init_from_env(backend: str = "gloo", *, timeout_s: float | None = None) -> b
         return False
     options = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     dist.init_process_group(backend, **options)  # env:// reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    atexit.register(_leave_group)
     return True
 
 
+def _leave_group() -> None:
+    """Tear the group down before interpreter exit: gloo's threads left running abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_device(device: str) -> str:
-    """A bare ``cuda`` means this rank's own GPU under a launcher, so ranks do not share GPU 0."""
-    if device == "cuda" and rank_and_world()[1] > 1:
+    """Under a launcher, ``cuda`` (or ``auto`` finding CUDA) means this rank's own GPU, not all on GPU 0."""
+    if rank_and_world()[1] > 1 and (device == "cuda" or (device == "auto" and torch.cuda.is_available())):
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
 
@@ -97,22 +108,24 @@ def extract_features_sharded(
     workers: int = 0,
     normalize: bool = True,
     encoder: ImageEncoder | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Features:
     """:func:`repair.data.extract_features`, with the encoding split over the ranks of the process group.
 
     Every rank returns all rows, so rank 0 can report; every rank must call this with the same
-    arguments, as all ranks of ``mergetune eval`` do.
+    arguments, as all ranks of ``mergetune eval`` do. ``on_progress`` counts this rank's shard.
     """
     if not _group_active():
         return extract_features(backbone, dataset, cache_dir=cache_dir, batch_size=batch_size, workers=workers,
-                                normalize=normalize, encoder=encoder)
+                                normalize=normalize, encoder=encoder, on_progress=on_progress)
     import torch.distributed as dist
 
     encoder = encoder or backbone.image_encoder
     cache_file = _cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
     features = _read_cache(cache_file, len(dataset)) if cache_file is not None else None
     if not _all_ranks(features is not None):  # one rank encoding alone would wait for the others forever
-        features = _encode_shards(backbone, encoder, dataset, batch_size=batch_size, workers=workers)
+        features = _encode_shards(backbone, encoder, dataset, batch_size=batch_size, workers=workers,
+                                  on_progress=on_progress)
         if cache_file is not None and dist.get_rank() == 0:
             _write_cache(cache_file, features)
         dist.barrier()  # the cache is complete before any rank moves on
@@ -142,11 +155,11 @@ def _all_ranks(flag: bool) -> bool:
 
 
 def _encode_shards(backbone: Backbone, encoder: ImageEncoder, dataset: ImageFolder, *, batch_size: int,
-                   workers: int) -> torch.Tensor:
+                   workers: int, on_progress: Callable[[int, int], None] | None) -> torch.Tensor:
     """Encode this rank's shard, gather every shard (they differ in length) and concatenate in rank order.
 
-    A rank that fails still joins the gather, carrying its error, so every rank raises it at once
-    instead of the others waiting out the group's timeout.
+    A rank that fails still joins the gather, carrying its error, so every rank raises that error
+    (rank 0 reports it with its own exit code) rather than a lost connection or a wait.
     """
     import torch.distributed as dist
 
@@ -157,7 +170,7 @@ def _encode_shards(backbone: Backbone, encoder: ImageEncoder, dataset: ImageFold
     try:
         if part:
             local = _encode_files(backbone, encoder, dataset.files[part.start:part.stop], batch_size=batch_size,
-                                  workers=workers)
+                                  workers=workers, on_progress=on_progress)
     except Exception as exc:
         failure = exc
     gathered: list[tuple[torch.Tensor | None, Exception | None]] = [(None, None)] * world
@@ -195,7 +208,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                    "-m", "repair.distributed", *argv]
-        returncode = subprocess.run(command, env=env, check=False).returncode
+        with subprocess.Popen(command, env=env) as process:
+            try:
+                returncode = process.wait()
+            except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let torchrun wind them down
+                returncode = process.wait()
         return _exit_code(Path(folder), nproc, returncode)
 
 
@@ -236,20 +253,18 @@ def _run_worker(argv: list[str]) -> int:
     code = EXIT_INTERNAL
     try:
         init_from_env()
-        from repair.cli import main
+        from repair.cli import app
 
-        sys.argv = ["mergetune", *argv]
-        main()
+        app(args=argv, prog_name="mergetune")  # click would name us after this module otherwise
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL)
+    except KeyboardInterrupt:  # before the CLI could catch it, e.g. while importing
+        code = EXIT_INTERRUPTED
+        raise
     finally:
         if folder:
             Path(folder, f"rank{rank}.exit").write_text(str(code))
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return code if code == EXIT_INTERNAL else 0
 
 

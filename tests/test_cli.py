@@ -194,7 +194,8 @@ def test_inspect_foreign_file_is_one_line(tmp_path):
 def test_public_api_names_are_the_functions_not_submodules():
     import repair
 
-    for name in ("repair", "finetune", "evaluate", "load_repaired"):
+    for name in ("repair", "finetune", "evaluate", "load_repaired", "verify", "inspect_checkpoint", "path_report",
+                 "push"):
         assert callable(getattr(repair, name)), name
     import repair.evaluation  # importing every submodule must not shadow them
 

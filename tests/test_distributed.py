@@ -64,6 +64,19 @@ def test_single_process_reads_the_environment_and_stays_local(monkeypatch, backb
     assert torch.equal(local.features, expected.features) and torch.equal(local.labels, expected.labels)
 
 
+def test_rank_device_gives_each_rank_its_own_gpu(monkeypatch):
+    from repair.distributed import rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device("cuda") == "cuda"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [rank_device(name) for name in ("cuda", "auto", "cuda:0", "cpu")] == ["cuda:1", "cuda:1", "cuda:0", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto") == "auto"
+
+
 def test_two_gloo_ranks_match_one_process_and_share_the_cache(tmp_path, monkeypatch, tiny_model_dir, backbone):
     import repair.data
     from repair.data import extract_features, scan_image_folder
@@ -111,11 +124,25 @@ def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
     assert "Traceback" not in captured.err and "ChildFailedError" not in captured.err
 
 
+def test_launch_reports_rank_zero_else_the_failing_rank(tmp_path, capsys):
+    from repair.distributed import _exit_code
+
+    (tmp_path / "rank0.exit").write_text("0")
+    (tmp_path / "rank1.exit").write_text("6")
+    (tmp_path / "rank1.log").write_text("error: only rank 1 saw this\n")
+    assert _exit_code(tmp_path, 2, 0) == 6
+    assert "only rank 1 saw this" in capsys.readouterr().err  # rank 0 said nothing about it
+    (tmp_path / "rank0.exit").write_text("11")
+    assert _exit_code(tmp_path, 2, 0) == 11
+    assert capsys.readouterr().err == ""  # rank 0 explained its own failure
+    assert _exit_code(tmp_path / "none", 2, 1) == 1  # ranks killed before recording: torchrun's code
+
+
 def _torchrun(args: list[str]) -> None:
     """``torchrun --nproc_per_node 2`` on 127.0.0.1, killed with its whole process group if it overruns."""
     from repair.distributed import _free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -170,3 +197,31 @@ def _rank_main(model: str, data: str, cache: str, out: str) -> None:
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
+
+
+def test_eval_on_two_processes_reports_what_one_process_does(tmp_path, tiny_spec, image_dirs, backbone):
+    """`mergetune eval --nproc 2` through torchrun equals the single-process report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from repair.api import DataOptions, evaluate
+    from repair.kinds.coop import init_context
+
+    ft = tmp_path / "ft.safetensors"
+    save_file({"ctx": init_context(backbone, "a photo of a")}, ft)
+    args = ["eval", str(ft), "--data", str(image_dirs["test"]), "--novel-data", str(image_dirs["novel"]),
+            "--model", tiny_spec.model, "--device", "cpu", "--no-cache", "--json", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "repair.cli", *args, "--nproc", "2"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sharded = json.loads(done.stdout)
+    single = evaluate([ft], image_dirs["test"], novel_dir=image_dirs["novel"], backbone=backbone,
+                      data_options=DataOptions(shots=None, cache_dir=None))
+    for ours, theirs in zip(sharded["models"], single["models"]):
+        assert (ours["name"], ours["base"], ours["novel"], ours["hm"]) == (
+            theirs["name"], theirs["base"], theirs["novel"], theirs["hm"])
