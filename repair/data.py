@@ -263,6 +263,11 @@ def features_cache_key(encoder: ImageEncoder, file_hashes: Sequence[str]) -> str
     return digest.hexdigest()
 
 
+def features_cache_file(cache_dir: Path, encoder: ImageEncoder, dataset: ImageFolder) -> Path:
+    """Where the features of exactly these images under this tower are cached."""
+    return Path(cache_dir) / "features" / f"{features_cache_key(encoder, dataset.file_hashes())}.safetensors"
+
+
 def extract_features(
     backbone: Backbone,
     dataset: ImageFolder,
@@ -277,12 +282,8 @@ def extract_features(
     """Encode every image once (the backbone's frozen tower unless ``encoder`` is given); reuse the cache."""
     encoder = encoder or backbone.image_encoder
     labels = torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device)
-    cache_file = None
-    features = None
-    if cache_dir is not None:
-        key = features_cache_key(encoder, dataset.file_hashes())
-        cache_file = Path(cache_dir) / "features" / f"{key}.safetensors"
-        features = _read_cache(cache_file, len(dataset))
+    cache_file = features_cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
+    features = _read_cache(cache_file, len(dataset)) if cache_file is not None else None
     if features is None:
         features = _encode_files(backbone, encoder, dataset.files, batch_size=batch_size, workers=workers,
                                  on_progress=on_progress)

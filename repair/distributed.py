@@ -36,7 +36,7 @@ from repair.data import (
     _read_cache,
     _write_cache,
     extract_features,
-    features_cache_key,
+    features_cache_file,
 )
 from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, MergetuneError
 
@@ -121,7 +121,7 @@ def extract_features_sharded(
     import torch.distributed as dist
 
     encoder = encoder or backbone.image_encoder
-    cache_file = _cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
+    cache_file = features_cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
     features = _read_cache(cache_file, len(dataset)) if cache_file is not None else None
     if not _all_ranks(features is not None):  # one rank encoding alone would wait for the others forever
         features = _encode_shards(backbone, encoder, dataset, batch_size=batch_size, workers=workers,
@@ -138,11 +138,6 @@ def _group_active() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _cache_file(cache_dir: Path, encoder: ImageEncoder, dataset: ImageFolder) -> Path:
-    """The entry extract_features reads and writes, so either path hits the other's cache."""
-    return Path(cache_dir) / "features" / f"{features_cache_key(encoder, dataset.file_hashes())}.safetensors"
 
 
 def _all_ranks(flag: bool) -> bool:
