@@ -154,9 +154,21 @@ def test_diverging_loss_writes_nothing(tmp_path, tiny_spec, image_dirs, ft_file)
     assert not out.exists()
 
 
-def test_exit_codes_are_distinct_and_documented():
-    assert len(EXIT_CODES) == len(set(EXIT_CODES))
-    assert {0, 1, 2, 3, 5, 6, 7, 8, 9} <= EXIT_CODES.keys()
+def test_exit_codes_are_distinct_and_the_readme_table_matches():
+    from pathlib import Path
+
+    from repair.errors import ERROR_CLASSES
+
+    codes = [cls.exit_code for cls in ERROR_CLASSES]
+    assert len(codes) == len(set(codes)), "two error classes share an exit code"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+    assert rows == EXIT_CODES
 
 
 @pytest.mark.parametrize("kind", ["coop", "linear", "clipfit"])
