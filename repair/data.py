@@ -12,16 +12,18 @@ import hashlib
 import json
 import os
 import random
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from repair.backbone import Backbone, ImageEncoder
-from repair.checkpoints import read_cache_entry, write_cache_entry
+from repair.checkpoints import write_cache_entry
 from repair.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -317,9 +319,30 @@ def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Pat
 
 
 def _read_cache(path: Path, expected_rows: int) -> torch.Tensor | None:
-    entry = read_cache_entry(path)
-    features = entry.get("features") if entry else None
-    return features if features is not None and features.shape[0] == expected_rows else None
+    """The cached features, memory-mapped (pages load on demand, and stay file-backed)."""
+    features = map_cached_features(path)
+    if features is None or features.shape[0] != expected_rows or not torch.isfinite(features).all():
+        return None
+    return features
+
+
+def map_cached_features(path: Path) -> torch.Tensor | None:
+    """Map the ``features`` tensor of a cache entry without reading it; None if absent or malformed."""
+    try:
+        with open(path, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if header_length > 1 << 20:
+                return None
+            header = json.loads(handle.read(header_length))
+        entry = header["features"]
+        rows, columns = entry["shape"]
+        start, end = entry["data_offsets"]
+        if entry["dtype"] != "F32" or end - start != rows * columns * 4:
+            return None
+        mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_length + start, shape=(rows, columns))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    return torch.from_numpy(mapped)  # copy-on-write mapping: writable for torch, never written back
 
 
 def _write_cache(path: Path, features: torch.Tensor) -> None:

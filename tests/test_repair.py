@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,19 @@ def test_eval_numbers_equal_a_direct_computation(tmp_path, tiny_spec, backbone, 
     base, novel = rows["ft.safetensors"]["base"], rows["ft.safetensors"]["novel"]
     expected_hm = 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
     assert rows["ft.safetensors"]["hm"] == pytest.approx(expected_hm)
+
+
+def test_cached_features_are_memory_mapped(tmp_path, backbone, image_dirs):
+    from repair.data import features_cache_file, map_cached_features
+
+    dataset = scan_image_folder(image_dirs["test"])
+    first = extract_features(backbone, dataset, cache_dir=tmp_path, normalize=False)
+    path = features_cache_file(tmp_path, backbone.image_encoder, dataset)
+    mapped = map_cached_features(path)
+    assert mapped is not None and torch.equal(mapped, first.features)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the entry is mapped into this process, not read into it
+        assert str(path.resolve()) in maps.read_text()
+    path.write_bytes(path.read_bytes()[:-8])  # a damaged entry is recomputed, not trusted
+    again = extract_features(backbone, dataset, cache_dir=tmp_path, normalize=False)
+    assert torch.equal(again.features, first.features)
