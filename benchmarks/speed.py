@@ -224,10 +224,15 @@ def main() -> None:
                         / "flowers5", help="an ImageFolder for the extraction timing (generated if absent)")
     parser.add_argument("--extraction-images", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, default=None, help="write the RESULTS.md speed section here")
+    parser.add_argument("--markdown-only", action="store_true", help="regenerate --markdown from --out; no timing")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.markdown_only:
+        args.markdown.write_text("# Benchmark results\n\n" + speed_markdown(json.loads(args.out.read_text())))
+        return
     report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "machine": platform.machine(), "model": args.model, "weights": "random (timing only)",
@@ -242,7 +247,30 @@ def main() -> None:
     report["extraction"] = in_fresh_process(measure_extraction, args.model, args.images, args.extraction_images,
                                             args.batch, args.workers)
     _save(report, args.out)
+    if args.markdown:
+        args.markdown.write_text("# Benchmark results\n\n" + speed_markdown(report))
     print(json.dumps(report, indent=2))
+
+
+def speed_markdown(report: dict) -> str:
+    """The speed section of benchmarks/RESULTS.md, regenerated from speed.json."""
+    lines = ["## Speed", "",
+             f"{report['model']}, {report['weights']}, {report['cpus']} CPU cores, torch {report['torch']}, "
+             f"GPU: {report['gpu'] or 'none available'}. Source: `benchmarks/results/speed.json`.", "",
+             "| CoOp repair step | classes | ours (s) | reference pattern (s) | ratio | loss ours / reference | "
+             "peak RSS of the process (MiB) |", "|---|---|---|---|---|---|---|"]
+    for row in report["coop_vs_reference"]:
+        lines.append(f"| batch {row['batch']} | {row['classes']} | {row['step_seconds_ours']:.3f} | "
+                     f"{row['step_seconds_reference']:.1f} | {row['speedup']:.0f}x | "
+                     f"{row['loss_ours']:.7f} / {row['loss_reference']:.7f} | {row['peak_rss_mib_of_process']} |")
+    lines += ["", "| kind | classes | trainable numbers | repair step (s) | inputs |", "|---|---|---|---|---|"]
+    for row in report["kinds"]:
+        lines.append(f"| {row['kind']} | {row['classes']} | {row['trainable_numbers']:,} | "
+                     f"{row['step_seconds']:.4f} | {row['inputs']} |")
+    lines += ["", "| feature extraction | images | images/s |", "|---|---|---|"]
+    for row in report["extraction"]:
+        lines.append(f"| {row['method']} | {row['images']} | {row['images_per_second']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _save(report: dict[str, object], path: Path | None) -> None:
