@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from repair.backbone import Backbone, BackboneSpec, load_backbone
-from repair.checkpoints import TensorFile, atomic_output, read_tensors, write_safetensors
+from repair.checkpoints import TensorFile, atomic_output, check_output_path, read_tensors, write_safetensors
 from repair.data import (
     Features,
     ImageFolder,
@@ -142,15 +142,11 @@ def check_same_backbone(record: dict[str, object], backbone: Backbone, source: P
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Fail before the expensive part, not after it."""
+    """Fail before the expensive part, not after it: the same check the atomic write makes."""
     out = Path(out)
-    for source in inputs:
-        if source.exists() and out.exists() and out.resolve() == source.resolve():
-            raise OutputExistsError(f"{out}: the output would overwrite an input; choose another --out")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
+    if not out.parent.is_dir():  # an output problem for the commands (exit 8), not an unreadable input
         raise OutputExistsError(f"{out.parent}: output directory does not exist")
+    check_output_path(out, force, [Path(source) for source in inputs])
 
 
 def select_training_images(data_dir: Path, options: DataOptions, seed: int) -> tuple[ImageFolder, ImageFolder | None]:

@@ -47,6 +47,7 @@ __all__ = [
     "MAX_SAFETENSORS_HEADER",
     "TensorFile",
     "atomic_output",
+    "check_output_path",
     "read_safetensors_metadata",
     "read_tensors",
     "sha256_file",
@@ -926,7 +927,8 @@ def read_tensors(path: str | Path) -> TensorFile:
 # --------------------------------------------------------------------------- writing
 
 
-def _check_output(target: Path, force: bool, inputs: Sequence[Path]) -> None:
+def check_output_path(target: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """Refuse an output that exists (without force), is an input, is a directory, or has no parent."""
     parent = target.parent
     if not parent.is_dir():
         raise _fail(InputFileError, target, f"output directory {parent} does not exist")
@@ -987,7 +989,7 @@ def atomic_output(
 ) -> Iterator[Path]:
     """Yield a temp path that becomes ``path`` only if the body finishes: no half-written files."""
     target = Path(path)
-    _check_output(target, force, inputs)
+    check_output_path(target, force, inputs)
     temp = _create_temp(target)
     try:
         yield temp

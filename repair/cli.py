@@ -537,6 +537,8 @@ def _head_features(value: Optional[str]) -> Optional[bool]:
 def _print_eval_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from repair.report import format_percent
+
     has_novel = report["data"]["novel"] is not None
     table = Table(title="accuracy (%)", title_justify="left")
     table.add_column("model")
@@ -547,10 +549,10 @@ def _print_eval_table(report: dict[str, Any]) -> None:
     table.add_column("ECE base", justify="right")
     notes = []
     for row in report["models"]:
-        cells = [row["name"], _percent(row["base"])]
+        cells = [row["name"], format_percent(row["base"])]
         if has_novel:
-            cells += [_percent(row["novel"]), _percent(row["hm"])]
-        table.add_row(*cells, _percent(row["base_ece"]))
+            cells += [format_percent(row["novel"]), format_percent(row["hm"])]
+        table.add_row(*cells, format_percent(row["base_ece"]))
         notes += [f"{row['name']}: {note}" for note in row["notes"]]
     stdout.print(table)
     for name, rows in report.get("forgetting", {}).items():
@@ -560,10 +562,6 @@ def _print_eval_table(report: dict[str, Any]) -> None:
             stdout.print(f"most forgotten by {name}: {worst}", markup=False, highlight=False)
     for note in notes:
         stdout.print(note, markup=False, highlight=False)
-
-
-def _percent(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 @app.command("push")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from repair.errors import HubError, InputFileError, MergetuneError, OutputExistsError
+from repair.report import format_percent
 
 __all__ = ["HubError", "PushResult", "model_card", "prepare_upload", "push"]
 
@@ -88,10 +89,6 @@ def _number(value: object) -> str:
     if isinstance(value, float):
         return format(value, "g")
     return str(value)
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _yaml_scalar(value: str) -> str:
@@ -356,8 +353,8 @@ def _eval_section(report: Mapping[str, Any], filename: str, file_sha256: str | N
     notes = []
     for row in report["models"]:
         label = _md(row["name"]) + (" (this file)" if _is_this_file(row, filename, file_sha256) else "")
-        lines.append(f"| {label} | {_percent(row.get('base'))} | {_percent(row.get('novel'))} "
-                     f"| {_percent(row.get('hm'))} |")
+        lines.append(f"| {label} | {format_percent(row.get('base'))} | {format_percent(row.get('novel'))} "
+                     f"| {format_percent(row.get('hm'))} |")
         notes += [f"- {_md(row['name'])}: {_md(note)}" for note in row.get("notes") or []]
     return "\n".join(lines + ([""] + notes if notes else []))
 

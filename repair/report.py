@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def _cell(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """A table cell for an accuracy or ECE: two decimals, or n/a where a model cannot score a set."""
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -15,10 +16,10 @@ def eval_markdown(report: dict, gate_failures: Sequence[str] | None = None, top:
     header = "| model | base | " + ("novel | HM | " if has_novel else "") + "ECE (base) |"
     lines = ["## mergetune evaluation", "", header, "|" + "---|" * (header.count("|") - 1)]
     for row in report["models"]:
-        cells = [row["name"], _cell(row["base"])]
+        cells = [row["name"], format_percent(row["base"])]
         if has_novel:
-            cells += [_cell(row["novel"]), _cell(row["hm"])]
-        cells.append(_cell(row["base_ece"]))
+            cells += [format_percent(row["novel"]), format_percent(row["hm"])]
+        cells.append(format_percent(row["base_ece"]))
         lines.append("| " + " | ".join(cells) + " |")
     for name, rows in report["forgetting"].items():
         losers = [row for row in rows if row["change"] < 0][:top]

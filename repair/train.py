@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from repair.data import Features
@@ -106,8 +107,6 @@ class ProgressFile:
             raise InputFileError(f"{self.path}: no saved progress to resume from; run without --resume")
         try:
             tensors = load_file(self.path)
-            from safetensors import safe_open
-
             with safe_open(self.path, "pt") as handle:
                 record = json.loads(handle.metadata()["state"])
         except Exception:
