@@ -279,6 +279,7 @@ def repair(
     templates = load_templates(data_options.templates_file)
     dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
     kind = build_kind(backbone, source, dataset.classnames, templates, kind_options)
+    objective = objective.for_kind(kind.name)
     train_set, val_set = encode_training_images(backbone, kind, dataset, held_out, data_options)
     surrogate = prepare_surrogate(objective, kind, backbone, dataset, train_set, templates, data_options, config.seed)
     progress = progress_file(out, "repair", kind, backbone, dataset, held_out, templates, objective, config, source)
@@ -425,6 +426,7 @@ def evaluate(
     data_options: DataOptions | None = None,
     kind_options: KindOptions = KindOptions(),
     baselines: bool = False,
+    wise_alpha: float | None = None,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> dict[str, object]:
@@ -434,7 +436,11 @@ def evaluate(
 
     With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
     (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
+    WiSE-FT's alpha is the one with the best HM on this data (optimistic) unless ``wise_alpha``
+    fixes it, e.g. to the alpha a report on a validation split chose (:func:`best_wise_alpha`).
     """
+    if wise_alpha is not None and not 0.0 <= wise_alpha <= 1.0:
+        raise ValueError(f"wise_alpha must lie in [0, 1], got {wise_alpha}")
     data_options = data_options or DataOptions(shots=None)
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
     if baselines and not files:
@@ -461,7 +467,7 @@ def evaluate(
     if baselines:
         finetuned_name = next(iter(kinds))
         baseline_rows, baseline_report = _baselines(evaluation, finetuned_name, *kinds[finetuned_name], backbone,
-                                                    templates, kind_options)
+                                                    templates, kind_options, wise_alpha)
         results += baseline_rows
     sources = {name: {"path": str(f.path), "sha256": f.sha256} for name, (_, f) in kinds.items()}
     return {
@@ -500,9 +506,18 @@ def _model_row(result: ModelResult, source: dict[str, str] | None) -> dict[str, 
     return {**row, "source": source}
 
 
+def best_wise_alpha(report: dict[str, object]) -> float:
+    """The WiSE-FT alpha an ``evaluate(..., baselines=True)`` report chose, to reuse on other data."""
+    wise_ft = (report.get("baselines") or {}).get("wise_ft")
+    if not wise_ft:
+        raise IncompatibleCheckpointError("this report has no WiSE-FT curve (a kind without zero-shot values?)")
+    return float(wise_ft["best_alpha"])
+
+
 def _baselines(evaluation: Evaluation, finetuned: str, kind: Kind, tensor_file: TensorFile, backbone: Backbone,
-               templates: Sequence[str], kind_options: KindOptions) -> tuple[list[ModelResult], dict[str, object]]:
-    """WiSE-FT over alpha in 0, 0.1, ..., 1 (best alpha by HM) and the zero-shot + fine-tuned ensemble."""
+               templates: Sequence[str], kind_options: KindOptions, wise_alpha: float | None = None,
+               ) -> tuple[list[ModelResult], dict[str, object]]:
+    """WiSE-FT (best alpha by HM over 0, 0.1, ..., 1, or the given one) and the zero-shot + fine-tuned ensemble."""
     ensemble = evaluation.ensemble(f"ensemble (zero-shot + {finetuned})", "zero-shot", finetuned)
     report: dict[str, object] = {"finetuned": finetuned, "ensemble": ensemble.name, "wise_ft": None}
     try:
@@ -512,16 +527,16 @@ def _baselines(evaluation: Evaluation, finetuned: str, kind: Kind, tensor_file: 
         return [ensemble], report
     tuned = kind.snapshot()
     curve = []
-    for step in range(11):
-        alpha = step / 10
+    for alpha in [wise_alpha] if wise_alpha is not None else [step / 10 for step in range(11)]:
         kind.load_values({name: (1 - alpha) * zero_shot[name] + alpha * tuned[name] for name in tuned})
         curve.append((alpha, evaluation.score(f"wise-ft a={alpha:.1f}", kind, "baseline")))
     kind.load_values(tuned)
     best_alpha, best = max(curve, key=lambda item: selection_score(item[1]))
-    best.name = f"wise-ft (best a={best_alpha:.1f})"
+    best.name = f"wise-ft (a={best_alpha:.2f}, given)" if wise_alpha is not None else f"wise-ft (best a={best_alpha:.1f})"
     report["wise_ft"] = {
         "best_alpha": best_alpha,
-        "selection": "highest HM (base accuracy without novel data) on the evaluated data: optimistic",
+        "selection": ("the caller (--wise-alpha, e.g. from a validation split)" if wise_alpha is not None else
+                      "highest HM (base accuracy without novel data) on the evaluated data: optimistic"),
         "curve": [{"alpha": alpha, "base": r.base, "novel": r.novel, "hm": r.hm} for alpha, r in curve],
     }
     return [best, ensemble], report

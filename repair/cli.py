@@ -190,11 +190,12 @@ def repair_command(
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
-    surrogate: Annotated[str, typer.Option("--surrogate", help="Zero-shot surrogate: feature, fisher or l2.")
-                         ] = "feature",
+    surrogate: Annotated[Optional[str], typer.Option(
+        "--surrogate", help="Zero-shot surrogate: feature, fisher or l2 (default: the kind's, see README).")] = None,
     key_prefix: KeyPrefixOpt = None,
     head_features: HeadFeaturesOpt = None,
-    lam_zs: Annotated[float, typer.Option("--lam-zs", help="Weight of the zero-shot surrogate.")] = 10.0,
+    lam_zs: Annotated[Optional[float], typer.Option(
+        "--lam-zs", help="Weight of the zero-shot surrogate (default: the kind's, see README).")] = None,
     lam_lmc: Annotated[float, typer.Option("--lam-lmc", help="Weight of the path term towards the input.")] = 1.0,
     path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
     path_space: Annotated[str, typer.Option(
@@ -334,6 +335,10 @@ def eval_command(
     baselines: Annotated[bool, typer.Option(
         "--baselines", help="Add WiSE-FT (best alpha) and the output ensemble of zero-shot and the FIRST checkpoint."
     )] = False,
+    wise_alpha: Annotated[Optional[float], typer.Option(
+        "--wise-alpha", min=0.0, max=1.0,
+        help="With --baselines: use this WiSE-FT alpha (e.g. one chosen on a validation split) instead of the "
+             "best on the test data.")] = None,
     min_base: Annotated[Optional[float], typer.Option("--min-base", help="Gate: minimum base accuracy (%).")] = None,
     min_novel: Annotated[Optional[float], typer.Option("--min-novel", help="Gate: minimum novel accuracy (%).")
                          ] = None,
@@ -372,7 +377,7 @@ def eval_command(
                 data_options=_data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers, progress),
                 kind_options=KindOptions(kind=kind, logit_scale=logit_scale, key_prefix=key_prefix,
                                          normalize_features=_head_features(head_features)),
-                baselines=baselines, device=rank_device(device), precision=precision,
+                baselines=baselines, wise_alpha=wise_alpha, device=rank_device(device), precision=precision,
             )
         failures = check(report, thresholds) if thresholds.any() else None
         if failures is not None:

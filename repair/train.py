@@ -180,6 +180,7 @@ def train(
     result = TrainResult(steps=0, selected_epoch=None)
     if total_steps == 0:
         return result
+    objective = objective.for_kind(kind.name)
     if surrogate is None and objective.lam_zs != 0.0:
         surrogate = build_surrogate(objective.surrogate, kind, train_set, seed=config.seed)
     parameters = list(kind.trainable().values())

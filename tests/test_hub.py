@@ -18,6 +18,7 @@ from repair.checkpoints import read_tensors
 from repair.errors import InputFileError, MergetuneError, OutputExistsError
 from repair.hub import HubError, PushResult, model_card, prepare_upload, push
 from repair.kinds.coop import init_context
+from repair.objective import KIND_DEFAULTS
 from repair.train import TrainConfig
 
 TOKEN = "hf_MergetuneTestToken0123456789abcdef"
@@ -90,8 +91,9 @@ def test_card_names_backbone_method_kind_and_hyperparameters(repaired, tiny_mode
     assert "MergeTune continued fine-tuning" in card
     assert "a local open_clip folder" in card and str(tiny_model_dir) not in card  # no local paths leak
     assert str(image_dirs["train"]) not in card
-    for expected in ("| lam_zs (zero-shot surrogate weight) | `10` |", "| lam_lmc (path term weight) | `1` |",
-                     "| path points K | `5` |", "| surrogate | `feature` |", "| lr | `0.002` |",
+    surrogate, lam_zs = KIND_DEFAULTS["coop"]
+    for expected in (f"| lam_zs (zero-shot surrogate weight) | `{lam_zs:g}` |", "| lam_lmc (path term weight) | `1` |",
+                     "| path points K | `5` |", f"| surrogate | `{surrogate}` |", "| lr | `0.002` |",
                      "| weight decay | `0.0005` |", "| shots | `4` |", "| seed | `0` |", "| n ctx | `4` |"):
         assert expected in card
     assert "blue, green, red, yellow" in card

@@ -63,6 +63,24 @@ def test_wise_ft_endpoints_are_zero_shot_and_finetuned(report):
     assert report["baselines"]["wise_ft"]["best_alpha"] == pytest.approx(best["alpha"])
 
 
+def test_a_given_wise_alpha_is_used_as_is_and_best_wise_alpha_reads_it(report, backbone, image_dirs, checkpoints):
+    from repair.api import best_wise_alpha
+
+    alpha = best_wise_alpha(report)
+    curve = {point["alpha"]: point for point in report["baselines"]["wise_ft"]["curve"]}
+    given = evaluate([checkpoints["ft"]], image_dirs["test"], novel_dir=image_dirs["novel"], backbone=backbone,
+                     baselines=True, wise_alpha=0.3, data_options=DataOptions(shots=None, cache_dir=None))
+    row = next(row for row in given["models"] if row["name"].startswith("wise-ft"))
+    assert row["name"] == "wise-ft (a=0.30, given)" and given["baselines"]["wise_ft"]["best_alpha"] == 0.3
+    assert row["base"] == pytest.approx(curve[0.3]["base"]) and row["novel"] == pytest.approx(curve[0.3]["novel"])
+    assert given["baselines"]["wise_ft"]["selection"].startswith("the caller")
+    assert 0.0 <= alpha <= 1.0
+    with pytest.raises(ValueError):
+        evaluate([checkpoints["ft"]], image_dirs["test"], backbone=backbone, baselines=True, wise_alpha=1.5)
+    result = cli("eval", checkpoints["ft"], "--data", image_dirs["test"], "--baselines", "--wise-alpha", "2")
+    assert result.exit_code == 2
+
+
 def test_per_class_and_forgetting_order(report):
     per_class = report["per_class"]["ft.safetensors"]
     assert set(per_class) == {"base", "novel"} and set(per_class["base"]) == {"blue", "green", "red", "yellow"}

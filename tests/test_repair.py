@@ -15,7 +15,7 @@ from repair.api import DataOptions, evaluate, finetune, load_repaired, repair as
 from repair.checkpoints import read_tensors
 from repair.data import extract_features, scan_image_folder
 from repair.kinds.coop import CoOpPrompts, init_context
-from repair.objective import Objective
+from repair.objective import KIND_DEFAULTS, Objective
 from repair.train import TrainConfig, train
 
 
@@ -89,7 +89,7 @@ def test_loss_terms_follow_the_objective(backbone, image_dirs):
     kind = CoOpPrompts(backbone, ctx_ft, dataset.classnames, ["a photo of a {}."])
     with torch.no_grad():
         kind.ctx.add_(0.1 * torch.randn_like(kind.ctx))
-    objective = Objective(lam_zs=2.0, lam_lmc=3.0)
+    objective = Objective(lam_zs=2.0, lam_lmc=3.0, surrogate="feature")
     assert torch.allclose(objective.path_ts(), torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]))
     terms = mergetune_loss(kind, objective, data.features, data.labels)
     text = kind.class_features()
@@ -117,7 +117,8 @@ def test_repair_metadata_round_trips_and_loads(tmp_path, tiny_spec, backbone, im
     assert record["backbone"]["model"] == tiny_spec.model
     assert record["classnames"] == ["blue", "green", "red", "yellow"]
     assert record["inputs"]["checkpoint"]["sha256"] == read_tensors(ft).sha256
-    assert record["objective"] == {"lam_zs": 10.0, "lam_lmc": 1.0, "path_points": 5, "surrogate": "feature"}
+    surrogate, lam_zs = KIND_DEFAULTS["coop"]  # the objective left unset takes the kind's defaults
+    assert record["objective"] == {"lam_zs": lam_zs, "lam_lmc": 1.0, "path_points": 5, "surrogate": surrogate}
     assert record["train"]["seed"] == 5 and record["seed"] == 5
     assert record["inputs"]["data"]["images"] == 16 and record["inputs"]["data"]["val_images"] == 8
     assert record["result"]["selected_epoch"] in (1, 2)
