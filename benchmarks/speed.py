@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import write_results
 from repair.backbone import BackboneSpec, load_backbone
 from repair.kinds import CLIPFit, CoOpPrompts, LinearHead
 from repair.kinds.coop import init_context
@@ -230,8 +231,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.markdown and args.out is None:
+        parser.error("--markdown needs --out (RESULTS.md is rendered from the JSON results)")
     if args.markdown_only:
-        args.markdown.write_text("# Benchmark results\n\n" + speed_markdown(json.loads(args.out.read_text())))
+        write_results(markdown=args.markdown, speed_json=args.out)
         return
     report = {"schema": "mergetune.speed/1", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -248,7 +251,7 @@ def main() -> None:
                                             args.batch, args.workers)
     _save(report, args.out)
     if args.markdown:
-        args.markdown.write_text("# Benchmark results\n\n" + speed_markdown(report))
+        write_results(markdown=args.markdown, speed_json=args.out)
     print(json.dumps(report, indent=2))
 
 

@@ -1,0 +1,183 @@
+"""benchmarks/RESULTS.md and the HM chart, regenerated from the committed JSON results.
+
+    python -m benchmarks.report    # rewrite RESULTS.md and results/hm.png from results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MARKDOWN = RESULTS.parent / "RESULTS.md"
+CHART = RESULTS / "hm.png"
+KIND_NAMES = {"coop": "CoOp", "clipfit": "CLIPFit", "linear": "linear probe"}
+
+
+def ordered(summary: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Methods in reading order: zero-shot, fine-tuned, the repairs, then the baselines."""
+    rank = {"zero-shot": 0, "fine-tuned": 1, "wise-ft": 3, "ensemble": 4}
+    return sorted(summary.items(), key=lambda item: (rank.get(item[0], 2), item[0]))
+
+
+def _sizes(sizes: dict[str, int | None]) -> str:
+    return ", ".join(f"{part} {'all' if n is None else n}" for part, n in sizes.items())
+
+
+def _cell(row: dict[str, object], key: str) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "n/a"
+    return f"{mean:.1f} ± {std:.1f}" if std else f"{mean:.1f}"
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}"
+
+
+def _alpha(summary_row: dict[str, object], per_seed: dict[str, dict], method: str) -> str:
+    if method != "wise-ft":
+        return ""
+    alphas = [rows[method].get("alpha") for rows in per_seed.values() if method in rows]
+    return " (a = " + ", ".join("n/a" if a is None else f"{a:.1f}" for a in alphas) + ")"
+
+
+def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
+    lines = ["### Base-to-novel", "",
+             "Mean ± standard deviation over seeds; accuracy in %. WiSE-FT's alpha (per seed in brackets) "
+             "was chosen on the validation split.", ""]
+    for dataset, kinds in bench["base_to_novel"].items():
+        for kind, block in kinds.items():
+            summary, check = block["summary"], block["checks"]
+            lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved base "
+                      f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
+                      f"zero-shot (phenomenon {'shown' if check['phenomenon'] else 'NOT shown'}: needs base ≥ +5, "
+                      f"novel ≤ -3).", "",
+                      "| method | base | novel | HM |", "|---|---|---|---|"]
+            for method, row in ordered(summary):
+                name = method + _alpha(row, block["per_seed"], method)
+                lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
+            lines += [""] + target_lines(check) + [""]
+    return lines
+
+
+def target_lines(check: dict[str, object]) -> list[str]:
+    lines = ["| repaired with | HM − fine-tuned | HM − WiSE-FT | base − fine-tuned | target met |",
+             "|---|---|---|---|---|"]
+    for method, row in check["repaired"].items():
+        lines.append(f"| {method.removeprefix('repaired ').strip('()')} | {_signed(row['hm_minus_finetuned'])} | "
+                     f"{_signed(row['hm_minus_wise_ft'])} | {_signed(row['base_minus_finetuned'])} | "
+                     f"{'yes' if row['target_met'] else 'no'} |")
+    return lines
+
+
+def robustness_markdown(bench: dict[str, object]) -> list[str]:
+    lines = ["### Robustness", "",
+             "In-distribution (ID) test accuracy and accuracy under each corruption; 'shifted' is their mean "
+             "and HM combines ID and shifted. WiSE-FT's alpha was chosen on corrupted validation images.", ""]
+    for dataset, kinds in bench["robustness"].items():
+        for kind, block in kinds.items():
+            summary, check = block["summary"], block["checks"]
+            corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
+                                  for row in summary.values() for key in row if key.startswith("novel_sets:")})
+            lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved ID "
+                      f"{_signed(check['base_gain'])} and shifted {_signed(-check['shifted_drop'])} points "
+                      f"against zero-shot.", "",
+                      "| method | ID | shifted | HM | " + " | ".join(corruptions) + " |",
+                      "|---|---|---|---|" + "---|" * len(corruptions)]
+            for method, row in ordered(summary):
+                per = " | ".join(_cell(row, f"novel_sets:{name}") for name in corruptions)
+                name = method + _alpha(row, block["per_seed"], method)
+                lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
+                             f"{per} |")
+            lines += [""] + target_lines(check) + [""]
+    return lines
+
+
+def bench_markdown(bench: dict[str, object]) -> str:
+    plan, proxy = bench["plan"], bench.get("proxy")
+    backbone = bench["backbone"]["model"]
+    lines = ["## Repair benchmark", "",
+             f"Backbone: `{backbone}`" + (" (the proxy CLIP, see below)" if proxy else "") +
+             f"; downstream style `{plan['style']}`; seeds {', '.join(map(str, plan['seeds']))}; "
+             f"images per class: {_sizes(plan['sizes'])}; {bench['environment']['cpus']} CPU cores, "
+             f"torch {bench['environment']['torch']}; {bench['wall_s'] / 60:.0f} min. "
+             "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
+             "Protocol per kind (repair runs the same schedule from the fine-tuned checkpoint):", "",
+             "| kind | epochs | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]
+    for kind, p in plan["protocol"].items():
+        lams = ", ".join(f"{name} {value:g}" for name, value in p["lam_zs"].items())
+        lines.append(f"| {kind} | {p['epochs']} | {p['lr']} | {p['batch_size']} | {p['shots']} | {lams} | "
+                     f"{p['lam_lmc']} |")
+    lines.append("")
+    if proxy:
+        lines += ["Proxy CLIP zero-shot (clean images, one template): " + ", ".join(
+            f"{name} {value:.1f}" for name, value in proxy["zero_shot"].items())
+            + f"; pretrained in {proxy['stats']['train_s'] / 60:.1f} min.", ""]
+    lines += ["![HM per method](results/hm.png)", ""]
+    lines += base_to_novel_markdown(bench) + robustness_markdown(bench)
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(bench: dict[str, object] | None, speed: dict[str, object] | None) -> str:
+    from benchmarks.speed import speed_markdown
+
+    parts = ["# Benchmark results", ""]
+    if bench:
+        parts.append(bench_markdown(bench))
+    if speed:
+        parts.append(speed_markdown(speed))
+    return "\n".join(parts)
+
+
+def hm_chart(bench: dict[str, object], path: Path) -> None:
+    """One panel per (suite, dataset, kind): HM per method, mean with the seeds' standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"{dataset} {KIND_NAMES.get(kind, kind)}", block["summary"])
+              for dataset, kinds in bench["base_to_novel"].items() for kind, block in kinds.items()]
+    panels += [(f"{dataset} {KIND_NAMES.get(kind, kind)}\n(ID x shifted)", block["summary"])
+               for dataset, kinds in bench["robustness"].items() for kind, block in kinds.items()]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for axis, (title, summary) in zip(axes.flat, panels):
+        methods = [m for m, row in ordered(summary) if row.get("hm_mean") is not None]
+        means = [summary[m]["hm_mean"] for m in methods]
+        errors = [summary[m]["hm_std"] or 0 for m in methods]
+        colours = ["#999999" if m == "zero-shot" else "#d62728" if m == "fine-tuned" else
+                   "#2ca02c" if m.startswith("repaired") else "#1f77b4" for m in methods]
+        axis.bar(range(len(methods)), means, yerr=errors, color=colours, capsize=3)
+        axis.set_xticks(range(len(methods)), [m.replace("repaired ", "rep. ") for m in methods], rotation=40,
+                        ha="right", fontsize=8)
+        low = min(means) - 5
+        axis.set_ylim(max(0, low), max(means) + 3)
+        axis.set_title(title, fontsize=9)
+        axis.set_ylabel("HM (%)", fontsize=8)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _load(path: Path) -> dict[str, object] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_results(markdown: Path = MARKDOWN, bench_json: Path = RESULTS / "latest.json",
+                  speed_json: Path = RESULTS / "speed.json", chart: Path = CHART) -> None:
+    """RESULTS.md from whichever result files exist (and the chart from the repair benchmark)."""
+    bench, speed = _load(bench_json), _load(speed_json)
+    markdown.write_text(results_markdown(bench, speed))
+    if bench:
+        hm_chart(bench, chart)
+
+
+if __name__ == "__main__":
+    write_results()
+    print(f"wrote {MARKDOWN} and {CHART}")

@@ -1,0 +1,327 @@
+"""The repair benchmark: forgetting and repair, measured with mergetune's own workflows.
+
+Two suites, each over several few-shot seeds:
+
+- base-to-novel (CoOp, CLIPFit): fit on 16 shots of the base classes; test on base and novel
+  classes; zero-shot, fine-tuned, repaired with each surrogate, WiSE-FT and the output ensemble.
+- robustness (linear head, CoOp, CLIPFit): fit on 16 shots of every class; test in distribution
+  and under six seeded corruptions.
+
+WiSE-FT's alpha is chosen on a validation split (base and novel classes, or clean and corrupted
+images), never on the test set. Without ``--model`` the proxy CLIP is pretrained (or reused);
+with ``--model ViT-B-16 --pretrained openai --style none`` the same protocol runs on real CLIP.
+
+    python -m benchmarks.run            # full run: latest.json, RESULTS.md, hm.png
+    python -m benchmarks.run --quick    # one seed, small test sets, for iteration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.proxy import ProxyConfig, ensure_proxy
+from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, robustness_task
+from repair.api import DataOptions, best_wise_alpha, evaluate, finetune, repair, versions
+from repair.backbone import BackboneSpec, load_backbone
+from repair.data import default_cache_dir
+from repair.objective import Objective
+from repair.surrogates import SURROGATES
+from repair.train import TrainConfig
+
+SCHEMA = "mergetune.bench/1"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class KindProtocol:
+    """How a kind is fine-tuned and repaired in the benchmark (repair runs the same schedule)."""
+
+    epochs: int
+    lr: float
+    lam_zs: dict[str, float]  # per surrogate: their penalties live on different scales
+    lam_lmc: float = 1.0
+    batch_size: int = 32
+    shots: int = 16
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=1, seed=seed)
+
+    def objective(self, surrogate: str) -> Objective:
+        return Objective(lam_zs=self.lam_zs[surrogate], lam_lmc=self.lam_lmc, surrogate=surrogate)
+
+
+# lam_zs per kind and surrogate: the best validation HM (seeds 1 and 2, 50 images per class) over
+# the grids in benchmarks/README.md ("Choosing lam_zs"); lr and epochs move a prompt on the proxy.
+PROTOCOL = {
+    "coop": KindProtocol(epochs=30, lr=0.05, lam_zs={"feature": 10.0, "fisher": 10.0, "l2": 5.0}),
+    "clipfit": KindProtocol(epochs=20, lr=0.01, lam_zs={"feature": 10.0, "fisher": 5.0, "l2": 1.0}),
+    "linear": KindProtocol(epochs=30, lr=0.05, lam_zs={"feature": 30.0, "fisher": 10.0, "l2": 5.0}),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    seeds: tuple[int, ...] = (1, 2, 3)
+    datasets: tuple[str, ...] = ("cifar10", "flowers5")
+    b2n_kinds: tuple[str, ...] = ("coop", "clipfit")
+    robustness_dataset: str = "cifar10"
+    robustness_kinds: tuple[str, ...] = ("linear", "coop", "clipfit")
+    surrogates: tuple[str, ...] = tuple(SURROGATES)
+    style: str = "blur"
+    sizes: Sizes = Sizes()
+    protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(PROTOCOL))
+
+
+QUICK = Plan(seeds=(1,), sizes=Sizes(val=20, test=100, shifted_test=50))
+
+
+# --------------------------------------------------------------------------- one model family, one seed
+
+
+def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, plan: Plan, backbone, log) -> dict[str, Path]:
+    """Fine-tune from zero-shot, then repair that checkpoint with each surrogate; paths by method."""
+    protocol = plan.protocol[kind]
+    options = DataOptions(shots=protocol.shots)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
+                                    config=protocol.train_config(seed), data_options=options, force=True).path}
+    for surrogate in plan.surrogates:
+        paths[f"repaired ({surrogate})"] = repair(
+            paths["fine-tuned"], train_dir, run_dir / f"repaired-{surrogate}.safetensors", backbone=backbone,
+            objective=protocol.objective(surrogate), config=protocol.train_config(seed), data_options=options,
+            force=True).path
+    log(f"  {kind} seed {seed}: fine-tuned and repaired in {time.perf_counter() - started:.0f} s")
+    return paths
+
+
+def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, dict[str, object]]:
+    """Evaluate-report rows renamed by method: zero-shot, fine-tuned, repaired (...), wise-ft, ensemble."""
+    by_path = {str(path): method for method, path in paths.items()}
+    rows = {}
+    for model in report["models"]:
+        if model["role"] == "zero-shot":
+            method = "zero-shot"
+        elif model["role"] == "baseline":
+            method = "wise-ft" if model["name"].startswith("wise-ft") else "ensemble"
+        else:
+            method = by_path[model["source"]["path"]]
+        rows[method] = {"base": model["base"], "novel": model["novel"], "hm": model["hm"],
+                        "novel_sets": model["novel_sets"]}
+    alpha = (report.get("baselines") or {}).get("wise_ft") or {}
+    if "wise-ft" in rows:
+        rows["wise-ft"]["alpha"] = alpha.get("best_alpha")
+    return rows
+
+
+def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]], test: tuple[Path, list[Path]],
+                            backbone) -> dict[str, dict[str, object]]:
+    """WiSE-FT alpha from the validation report, then every method on the test folders."""
+    val_report = evaluate([paths["fine-tuned"]], val[0], novel_dir=val[1], backbone=backbone, baselines=True)
+    try:
+        alpha = best_wise_alpha(val_report)
+    except Exception:  # noqa: BLE001 - a kind without zero-shot values has no WiSE-FT
+        alpha = None
+    report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone, baselines=True,
+                      wise_alpha=alpha)
+    return method_rows(report, paths)
+
+
+def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
+    run_dir = work / "runs" / f"b2n-{task.dataset}-{task.style}" / kind / f"seed{seed}"
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan, backbone, log)
+    return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
+                                   backbone)
+
+
+def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
+    run_dir = work / "runs" / f"robust-{task.dataset}-{task.style}" / kind / f"seed{seed}"
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan, backbone, log)
+    rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
+                                   backbone)
+    for row in rows.values():  # "novel" here is the mean over corrupted test sets
+        row["shifted"] = row.pop("novel")
+        row["novel_sets"] = {key.split(":", 1)[-1].removeprefix("test-"): value
+                             for key, value in row["novel_sets"].items()}
+    return rows
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def summarise(per_seed: dict[int, dict[str, dict[str, object]]]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation over seeds of every number of every method."""
+    methods = next(iter(per_seed.values())).keys()
+    summary = {}
+    for method in methods:
+        rows = [seed_rows[method] for seed_rows in per_seed.values()]
+        numbers = {key for row in rows for key, value in row.items() if isinstance(value, (int, float))}
+        numbers |= {f"{key}:{name}" for row in rows for key, value in row.items() if isinstance(value, dict)
+                    for name in value}
+        summary[method] = {}
+        for key in sorted(numbers):
+            values = [_lookup(row, key) for row in rows]
+            values = [value for value in values if value is not None]
+            summary[method][f"{key}_mean"] = sum(values) / len(values) if values else None
+            summary[method][f"{key}_std"] = _std(values)
+    return summary
+
+
+def _lookup(row: dict[str, object], key: str) -> float | None:
+    if ":" in key:
+        outer, inner = key.split(":", 1)
+        return (row.get(outer) or {}).get(inner)
+    return row.get(key)
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return 0.0 if values else None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def checks(summary: dict[str, dict[str, float | None]], metric: str = "novel") -> dict[str, object]:
+    """The issue's bars: the phenomenon (fine-tuning gains base, loses novel) and the repair targets."""
+    zs, ft = summary["zero-shot"], summary["fine-tuned"]
+    result: dict[str, object] = {
+        "base_gain": ft["base_mean"] - zs["base_mean"],
+        f"{metric}_drop": zs[f"{metric}_mean"] - ft[f"{metric}_mean"] if ft.get(f"{metric}_mean") is not None
+        else None,
+    }
+    drop = result[f"{metric}_drop"]
+    result["phenomenon"] = bool(result["base_gain"] >= 5 and drop is not None and drop >= 3)
+    hm = "hm_mean"
+    wise = summary.get("wise-ft", {}).get(hm)
+    result["repaired"] = {}
+    for method, row in summary.items():
+        if not method.startswith("repaired") or row.get(hm) is None:
+            continue
+        result["repaired"][method] = {
+            "hm_minus_finetuned": row[hm] - ft[hm],
+            "hm_minus_wise_ft": row[hm] - wise if wise is not None else None,
+            "base_minus_finetuned": row["base_mean"] - ft["base_mean"],
+            "target_met": bool(row[hm] > ft[hm] and (wise is None or row[hm] >= wise)
+                               and row["base_mean"] >= ft["base_mean"] - 1),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def environment() -> dict[str, object]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None, "git_commit": commit, **versions()}
+
+
+def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
+             proxy_info: dict[str, object] | None = None) -> dict[str, object]:
+    started = time.perf_counter()
+    backbone = load_backbone(spec)
+    result: dict[str, object] = {
+        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": environment(), "backbone": spec.as_dict(), "proxy": proxy_info,
+        "plan": asdict(plan),
+        "base_to_novel": {}, "robustness": {},
+    }
+    for dataset in plan.datasets:
+        task = base_to_novel_task(data_root, dataset, plan.style, work / "data", plan.sizes)
+        log(f"base-to-novel {dataset} ({plan.style}): base {task.base_classes}, novel {task.novel_classes}")
+        for kind in plan.b2n_kinds:
+            per_seed = {seed: run_base_to_novel(task, kind, seed, plan, work, backbone, log) for seed in plan.seeds}
+            summary = summarise(per_seed)
+            result["base_to_novel"].setdefault(dataset, {})[kind] = {
+                "per_seed": per_seed, "summary": summary, "checks": checks(summary)}
+            log_summary(log, f"{dataset} {kind}", summary, "novel")
+    if plan.robustness_kinds:
+        task = robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)
+        log(f"robustness {task.dataset} ({plan.style}): corruptions {', '.join(task.test_shifted)}")
+        for kind in plan.robustness_kinds:
+            per_seed = {seed: run_robustness(task, kind, seed, plan, work, backbone, log) for seed in plan.seeds}
+            summary = summarise(per_seed)
+            result["robustness"].setdefault(task.dataset, {})[kind] = {
+                "per_seed": per_seed, "summary": summary, "checks": checks(summary, "shifted")}
+            log_summary(log, f"{task.dataset} {kind} (robustness)", summary, "shifted")
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def log_summary(log, title: str, summary: dict[str, dict[str, float | None]], metric: str) -> None:
+    log(f"  {title}:")
+    for method, row in summary.items():
+        log(f"    {method:20s} base {row['base_mean']:5.1f}  {metric} {_fmt(row.get(f'{metric}_mean'))}  "
+            f"hm {_fmt(row.get('hm_mean'))}")
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:5.1f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed and small test sets (a few minutes)")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--model", default=None, help="open_clip model or local-dir:/hf-hub:; default: the proxy")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--proxy-dir", type=Path, default=None, help="where the proxy CLIP is kept")
+    parser.add_argument("--work", type=Path, default=None, help="task folders and checkpoints")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--kinds", nargs="+", default=None, help="base-to-novel kinds (coop, clipfit)")
+    parser.add_argument("--robustness-kinds", nargs="*", default=None)
+    parser.add_argument("--surrogates", nargs="+", default=None)
+    parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
+                        "(quick runs: quick.json)")
+    parser.add_argument("--no-markdown", action="store_true", help="do not regenerate RESULTS.md and the chart")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else Plan()
+    overrides = {"seeds": args.seeds, "datasets": args.datasets, "b2n_kinds": args.kinds,
+                 "robustness_kinds": args.robustness_kinds, "surrogates": args.surrogates, "style": args.style}
+    plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
+                            for key, value in overrides.items() if value is not None})
+    cache = default_cache_dir()
+    work = args.work or cache / "bench"
+    proxy_info = None
+    if args.model is None:
+        proxy_dir = args.proxy_dir or cache / "proxy"
+        model = ensure_proxy(args.data_root, proxy_dir, ProxyConfig())
+        proxy_info = json.loads((proxy_dir / "proxy.json").read_text())
+        spec = BackboneSpec(model=model, pretrained=None)
+    else:
+        spec = BackboneSpec(model=args.model, pretrained=args.pretrained)
+    torch.manual_seed(0)
+    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info)
+    result["quick"] = args.quick
+    out = args.out or RESULTS / ("quick.json" if args.quick else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+    if not args.no_markdown and not args.quick:
+        from benchmarks.report import write_results
+
+        write_results(bench_json=out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The benchmark's own machinery: splits, shifts, the proxy CLIP and one tiny end-to-end plan."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import proxy, shifts, splits
+
+
+def _all_files(parts: splits.Parts) -> dict[str, set[Path]]:
+    return {part: {path for files in by_class.values() for path in files} for part, by_class in parts.items()}
+
+
+def test_splits_are_disjoint_and_keep_evaluation_images_out_of_pretraining(shared_data):
+    for name in ("cifar10", "flowers5"):
+        files = _all_files(splits.dataset_parts(shared_data, name))
+        for first in files:
+            for second in files:
+                if first < second:
+                    assert not files[first] & files[second], (name, first, second)
+        assert files == _all_files(splits.dataset_parts(shared_data, name))  # deterministic
+    flowers = _all_files(splits.flowers5_parts(shared_data / "flowers5"))
+    everything = {p for folder in splits.class_folders(shared_data / "flowers5") for p in splits.images_in(folder)}
+    assert set().union(*flowers.values()) == everything
+    corpus = proxy.build_corpus(shared_data, proxy.ProxyConfig())
+    used = {sample.path for sample in corpus.samples}
+    for name in ("cifar10", "flowers5"):
+        parts = _all_files(splits.dataset_parts(shared_data, name))
+        assert parts["pretrain"] <= used
+        assert not used & (parts["pool"] | parts["val"] | parts["test"])
+
+
+@pytest.mark.parametrize("name", sorted(shifts.CORRUPTIONS))
+def test_every_corruption_is_seeded_by_file_name_and_keeps_the_size(name):
+    rng = random.Random(0)
+    image = Image.new("RGB", (48, 40))
+    image.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(48 * 40)])
+    shift = [(name, shifts.CORRUPTIONS[name])]
+    first, again = shifts.apply(shift, image, "a.png"), shifts.apply(shift, image, "a.png")
+    assert first.size == image.size and first.mode == "RGB"
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != image.tobytes()
+    if name == "noise":
+        assert shifts.apply(shift, image, "b.png").tobytes() != first.tobytes()
+
+
+def test_multi_positive_loss_is_clip_loss_for_one_positive_each_and_rewards_positives():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(20.0)
+    logits = scale * images @ texts.T
+    labels = torch.arange(6)
+    clip = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(proxy.multi_positive_loss(images, texts, torch.eye(6, dtype=torch.bool), scale), clip)
+    same = proxy.multi_positive_loss(images, images, torch.eye(6, dtype=torch.bool), scale)
+    assert same < clip  # matching pairs aligned: lower loss
+
+
+def test_caption_positives_follow_class_superclass_and_generic_captions():
+    corpus = proxy.Corpus()
+    cat, dog = corpus.add_class(["cat"]), corpus.add_class(["dog"])
+    animal = list(proxy.SUPERCLASSES).index("animal")
+    samples = [proxy.Sample(Path("a"), cat, animal), proxy.Sample(Path("b"), dog, animal),
+               proxy.Sample(Path("c"), -1, -1)]
+    import open_clip
+
+    sampler = proxy.CaptionSampler(corpus, proxy.ProxyConfig(), open_clip.get_tokenizer("ViT-B-32", 32), seed=0)
+    for _ in range(30):
+        tokens, positives = sampler.draw(samples)
+        assert tokens.shape == (3, 32)
+        assert positives.diagonal().all()  # every caption is true of its own image
+        assert torch.equal(positives[2], positives.all(dim=0))  # c (no label) only matches generic captions
+
+
+def test_small_proxy_is_a_loadable_local_dir_and_is_rebuilt_only_when_inputs_change(shared_data, tmp_path):
+    from repair.backbone import BackboneSpec, load_backbone
+
+    config = proxy.ProxyConfig(epochs=1, batch_size=32, warmup_steps=1, per_class_limit=8,
+                               sources=("hymenoptera", "flowers5"))
+    messages: list[str] = []
+    model = proxy.ensure_proxy(shared_data, tmp_path / "proxy", config, log=messages.append)
+    info = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
+    assert info["fingerprint"] == proxy.input_fingerprint(shared_data, config)
+    assert set(info["zero_shot"]) == {"flowers5 test split (5-way)"}
+    assert "zero-shot" in (tmp_path / "proxy" / "PROXY.md").read_text()
+    backbone = load_backbone(BackboneSpec(model=model))
+    assert backbone.tokenizer(["a photo of a rose."]).shape[-1] == proxy.MODEL_CFG["text_cfg"]["context_length"]
+    weights = tmp_path / "proxy" / "open_clip_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    messages.clear()
+    proxy.ensure_proxy(shared_data, tmp_path / "proxy", config, log=messages.append)
+    assert messages == [f"proxy CLIP up to date in {tmp_path / 'proxy'}"] and weights.stat().st_mtime_ns == stamp
+    assert proxy.input_fingerprint(shared_data, replace(config, seed=1)) != info["fingerprint"]
+
+
+def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_spec, tmp_path):
+    from benchmarks import report, run
+    from benchmarks.tasks import Sizes
+
+    short = run.KindProtocol(epochs=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0}, shots=2)
+    plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), robustness_kinds=("linear",),
+                    surrogates=("feature", "l2"), sizes=Sizes(val=3, test=4, shifted_test=2),
+                    protocol={"coop": short, "linear": short})
+    result = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None)
+    block = result["base_to_novel"]["flowers5"]["coop"]
+    methods = {"zero-shot", "fine-tuned", "repaired (feature)", "repaired (l2)", "wise-ft", "ensemble"}
+    assert set(block["per_seed"]) == {1, 2} and set(block["per_seed"][1]) == methods
+    assert 0.0 <= block["per_seed"][1]["wise-ft"]["alpha"] <= 1.0
+    hms = [block["per_seed"][seed]["fine-tuned"]["hm"] for seed in (1, 2)]
+    assert block["summary"]["fine-tuned"]["hm_mean"] == pytest.approx(sum(hms) / 2)
+    assert set(block["checks"]["repaired"]) == {"repaired (feature)", "repaired (l2)"}
+    robust = result["robustness"]["cifar10"]["linear"]["per_seed"][1]
+    assert set(robust["fine-tuned"]["novel_sets"]) == set(shifts.CORRUPTIONS)
+    assert robust["fine-tuned"]["shifted"] == pytest.approx(
+        sum(robust["fine-tuned"]["novel_sets"].values()) / len(shifts.CORRUPTIONS))
+    (tmp_path / "latest.json").write_text(json.dumps(result))
+    report.write_results(markdown=tmp_path / "RESULTS.md", bench_json=tmp_path / "latest.json",
+                         speed_json=tmp_path / "absent.json", chart=tmp_path / "hm.png")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| repaired (feature) |" in text and "### Robustness" in text
+    assert (tmp_path / "hm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
