@@ -35,7 +35,7 @@ def main() -> int:
 
     model = repair.load_backbone(backbone)  # load once, share across the calls below
     outcome = repair.repair(finetuned, data / "train", workdir / "repaired.safetensors", backbone=model,
-                            objective=repair.Objective(lam_zs=10.0, lam_lmc=1.0),
+                            objective=repair.Objective(),  # the kind's default surrogate and lam_zs
                             config=repair.TrainConfig(epochs=10, seed=0))
     print(f"repaired: {outcome.path} ({outcome.record['trainable_numbers']} numbers, "
           f"{outcome.train_result.steps} steps)")

@@ -20,9 +20,9 @@ from repair.surrogates import SURROGATES, Surrogate, build_surrogate
 # Per kind: (surrogate, lam_zs) used when the caller names none. Chosen from the repair
 # benchmark (benchmarks/RESULTS.md); see the README's "Defaults" section for the evidence.
 KIND_DEFAULTS: dict[str, tuple[str, float]] = {
-    "coop": ("feature", 10.0),
-    "linear": ("feature", 10.0),
-    "clipfit": ("feature", 10.0),
+    "coop": ("fisher", 10.0),
+    "linear": ("l2", 5.0),
+    "clipfit": ("fisher", 5.0),
 }
 FALLBACK_DEFAULT = ("feature", 10.0)  # the reference code's choice
 
