@@ -28,6 +28,11 @@ class Sizes:
     test: int | None = None
     shifted_test: int | None = 300  # robustness: images per class under each corruption
 
+    def tag(self) -> str:
+        """A folder name per size set, so runs of different sizes never overwrite each other's images."""
+        return "-".join(f"{part}{'all' if n is None else n}" for part, n in
+                        (("val", self.val), ("test", self.test), ("shifted", self.shifted_test)))
+
 
 @dataclass(frozen=True)
 class BaseToNovelTask:
@@ -97,7 +102,7 @@ def base_to_novel_task(data_root: Path, dataset: str, style: str, work: Path, si
     classes = sorted(parts["test"])
     base, novel = classes[:BASE_CLASSES[dataset]], classes[BASE_CLASSES[dataset]:]
     shifts = _style_shifts(style)
-    root = work / f"{dataset}-{style}"
+    root = work / f"{dataset}-{style}" / sizes.tag()
     return BaseToNovelTask(
         dataset, style, base, novel,
         train=write_folder(root / "train-base", _limit(parts["pool"], base, None), shifts),
@@ -112,7 +117,7 @@ def robustness_task(data_root: Path, dataset: str, style: str, work: Path, sizes
     parts = dataset_parts(data_root, dataset)
     classes = sorted(parts["test"])
     shifts = _style_shifts(style)
-    root = work / f"{dataset}-{style}"
+    root = work / f"{dataset}-{style}" / sizes.tag()
     shifted_val = _limit(parts["val"], classes, sizes.val)
     shifted_test = _limit(parts["test"], classes, sizes.shifted_test)
     return RobustnessTask(

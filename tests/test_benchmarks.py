@@ -127,3 +127,14 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| repaired (feature) |" in text and "### Robustness" in text
     assert (tmp_path / "hm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):
+    from benchmarks.lam_sweep import parse_grid, sweep
+
+    grid = parse_grid(["l2=1,5"])
+    assert grid == {"l2": [1.0, 5.0]}
+    scores = sweep("linear", "flowers5", "base-to-novel", grid, [1], backbone, shared_data, tmp_path)
+    assert set(scores) == {"zero-shot", "fine-tuned", "l2 1", "l2 5"}
+    assert all(len(rows) == 1 and rows[0][0] is not None for rows in scores.values())
+    assert (tmp_path / "data" / "flowers5-blur" / "val50-test100-shifted50" / "val-base").is_dir()
