@@ -28,7 +28,7 @@ def _cell(row: dict[str, object], key: str) -> str:
     mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if mean is None:
         return "n/a"
-    return f"{mean:.1f} ± {std:.1f}" if std else f"{mean:.1f}"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None and std > 1e-9 else f"{mean:.1f}"
 
 
 def _signed(value: float | None) -> str:
@@ -42,12 +42,42 @@ def _alpha(summary_row: dict[str, object], per_seed: dict[str, dict], method: st
     return " (a = " + ", ".join("n/a" if a is None else f"{a:.1f}" for a in alphas) + ")"
 
 
+def blocks(bench: dict[str, object], suite: str) -> list[tuple[str, str, dict]]:
+    """(dataset, kind, block) in the plan's order (the JSON's keys are sorted)."""
+    plan = bench["plan"]
+    kinds = plan["b2n_kinds"] if suite == "base_to_novel" else plan["robustness_kinds"]
+    return [(dataset, kind, bench[suite][dataset][kind]) for dataset in bench[suite] for kind in kinds
+            if kind in bench[suite][dataset]]
+
+
+METHODS = ("zero-shot", "fine-tuned", "repaired (feature)", "repaired (fisher)", "repaired (l2)", "wise-ft",
+           "ensemble")
+
+
+def summary_markdown(bench: dict[str, object]) -> list[str]:
+    """One line per task: HM of every method (mean over seeds), the best repair in bold."""
+    lines = ["| suite | dataset | kind | fine-tuning: base / novel (or shifted) change | " +
+             " | ".join(METHODS) + " |", "|---|---|---|---|" + "---|" * len(METHODS)]
+    for suite, label, metric in (("base_to_novel", "base-to-novel", "novel"), ("robustness", "robustness",
+                                                                              "shifted")):
+        for dataset, kind, block in blocks(bench, suite):
+            summary, check = block["summary"], block["checks"]
+            hms = {m: summary[m]["hm_mean"] for m in METHODS if m in summary and summary[m].get("hm_mean") is not None}
+            best = max((m for m in hms if m.startswith("repaired")), key=hms.get, default=None)
+            cells = [("**{:.1f}**" if m == best else "{:.1f}").format(hms[m]) if m in hms else "n/a"
+                     for m in METHODS]
+            change = f"{_signed(check['base_gain'])} / {_signed(-check[f'{metric}_drop'])}"
+            lines.append(f"| {label} | {dataset} | {KIND_NAMES.get(kind, kind)} | {change} | " + " | ".join(cells)
+                         + " |")
+    return lines
+
+
 def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
     lines = ["### Base-to-novel", "",
              "Mean ± standard deviation over seeds; accuracy in %. WiSE-FT's alpha (per seed in brackets) "
              "was chosen on the validation split.", ""]
-    for dataset, kinds in bench["base_to_novel"].items():
-        for kind, block in kinds.items():
+    for dataset, kind, block in blocks(bench, "base_to_novel"):
+        if True:
             summary, check = block["summary"], block["checks"]
             lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved base "
                       f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
@@ -75,8 +105,8 @@ def robustness_markdown(bench: dict[str, object]) -> list[str]:
     lines = ["### Robustness", "",
              "In-distribution (ID) test accuracy and accuracy under each corruption; 'shifted' is their mean "
              "and HM combines ID and shifted. WiSE-FT's alpha was chosen on corrupted validation images.", ""]
-    for dataset, kinds in bench["robustness"].items():
-        for kind, block in kinds.items():
+    for dataset, kind, block in blocks(bench, "robustness"):
+        if True:
             summary, check = block["summary"], block["checks"]
             corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
                                   for row in summary.values() for key in row if key.startswith("novel_sets:")})
@@ -114,7 +144,8 @@ def bench_markdown(bench: dict[str, object]) -> str:
         lines += ["Proxy CLIP zero-shot (clean images, one template): " + ", ".join(
             f"{name} {value:.1f}" for name, value in proxy["zero_shot"].items())
             + f"; pretrained in {proxy['stats']['train_s'] / 60:.1f} min.", ""]
-    lines += ["![HM per method](results/hm.png)", ""]
+    lines += ["HM in % (mean over seeds); the best repair of each task in bold:", ""]
+    lines += summary_markdown(bench) + ["", "![HM per method](results/hm.png)", ""]
     lines += base_to_novel_markdown(bench) + robustness_markdown(bench)
     return "\n".join(lines) + "\n"
 
@@ -138,9 +169,9 @@ def hm_chart(bench: dict[str, object], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(f"{dataset} {KIND_NAMES.get(kind, kind)}", block["summary"])
-              for dataset, kinds in bench["base_to_novel"].items() for kind, block in kinds.items()]
+              for dataset, kind, block in blocks(bench, "base_to_novel")]
     panels += [(f"{dataset} {KIND_NAMES.get(kind, kind)}\n(ID x shifted)", block["summary"])
-               for dataset, kinds in bench["robustness"].items() for kind, block in kinds.items()]
+               for dataset, kind, block in blocks(bench, "robustness")]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)

@@ -223,14 +223,17 @@ def checks(summary: dict[str, dict[str, float | None]], metric: str = "novel") -
 
 
 def environment() -> dict[str, object]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "repair", "benchmarks")
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None, "git_commit": commit, **versions()}
+            if torch.cuda.is_available() else None, "git_commit": git("rev-parse", "HEAD"),
+            "code_modified_since_commit": None if status is None else bool(status), **versions()}
 
 
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,

@@ -22,7 +22,7 @@ from repair.surrogates import SURROGATES, Surrogate, build_surrogate
 KIND_DEFAULTS: dict[str, tuple[str, float]] = {
     "coop": ("fisher", 10.0),
     "linear": ("l2", 5.0),
-    "clipfit": ("fisher", 5.0),
+    "clipfit": ("feature", 10.0),
 }
 FALLBACK_DEFAULT = ("feature", 10.0)  # the reference code's choice
 
