@@ -229,7 +229,7 @@ def environment() -> dict[str, object]:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "repair", "benchmarks")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "repair/*.py", "benchmarks/*.py")
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else None, "git_commit": git("rev-parse", "HEAD"),
