@@ -126,12 +126,14 @@ def robustness_markdown(bench: dict[str, object]) -> list[str]:
 
 def bench_markdown(bench: dict[str, object]) -> str:
     plan, proxy = bench["plan"], bench.get("proxy")
-    backbone = bench["backbone"]["model"]
+    backbone = "the proxy CLIP" if proxy else bench["backbone"]["model"]
     lines = ["## Repair benchmark", "",
-             f"Backbone: `{backbone}`" + (" (the proxy CLIP, see below)" if proxy else "") +
+             f"Backbone: {backbone}" +
              f"; downstream style `{plan['style']}`; seeds {', '.join(map(str, plan['seeds']))}; "
              f"images per class: {_sizes(plan['sizes'])}; {bench['environment']['cpus']} CPU cores, "
-             f"torch {bench['environment']['torch']}; {bench['wall_s'] / 60:.0f} min. "
+             f"torch {bench['environment']['torch']}; git {(bench['environment']['git_commit'] or 'unknown')[:7]}; "
+             f"wall time {bench['wall_s'] / 60:.0f} min (less when mergetune's feature cache already held "
+             "the same images encoded by the same encoder). "
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
              "Protocol per kind (repair runs the same schedule from the fine-tuned checkpoint):", "",
              "| kind | epochs | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]
