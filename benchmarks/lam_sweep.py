@@ -64,7 +64,7 @@ def sweep(kind: str, dataset: str, suite: str, grid: dict[str, list[float]], see
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=sorted(PROTOCOL))
-    parser.add_argument("dataset", choices=["cifar10", "flowers5"])
+    parser.add_argument("dataset", choices=["cifar10", "flowers5", "caltech101", "gtsrb"])
     parser.add_argument("--suite", choices=["base-to-novel", "robustness"], default="base-to-novel")
     parser.add_argument("--grid", nargs="+", required=True, help="SURROGATE=V1,V2,... (e.g. fisher=2,5,10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])

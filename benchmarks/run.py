@@ -74,7 +74,7 @@ PROTOCOL = {
 @dataclass(frozen=True)
 class Plan:
     seeds: tuple[int, ...] = (1, 2, 3)
-    datasets: tuple[str, ...] = ("cifar10", "flowers5")
+    datasets: tuple[str, ...] = ("cifar10", "flowers5", "caltech101", "gtsrb")
     b2n_kinds: tuple[str, ...] = ("coop", "clipfit")
     robustness_dataset: str = "cifar10"
     robustness_kinds: tuple[str, ...] = ("linear", "coop", "clipfit")

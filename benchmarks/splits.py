@@ -7,10 +7,15 @@ seeded choice, so a split depends only on the folder's contents and the seed wri
   downstream few-shot pool; 450-499 the validation split; ``test/`` (1,000 per class) is the test set.
 - flowers5 (no official split): per class, shuffled with ``random.Random(0)``: 40 % pretrain,
   20 % few-shot pool, 10 % validation, 30 % test.
+- Caltech-101 and GTSRB (not in pretraining): ``train/`` files 0-15 (Caltech, 20 per class) or
+  0-39 (GTSRB, 50 per class) are the few-shot pool, the rest of ``train/`` the validation split,
+  ``test/`` the test set. Classes keep the dataset's index order and are named by its
+  ``classes.json`` ("/" becomes "-", as a folder name cannot hold it).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -57,7 +62,26 @@ def flowers5_parts(root: Path) -> Parts:
     return parts
 
 
-DATASET_PARTS = {"cifar10": cifar10_parts, "flowers5": flowers5_parts}
+def _named_train_test_parts(root: Path, pool_size: int) -> Parts:
+    parts: Parts = {"pool": {}, "val": {}, "test": {}}
+    for entry in json.loads((root / "classes.json").read_text()):
+        name = entry["name"].replace("/", "-")
+        train = images_in(root / "train" / entry["folder"])
+        parts["pool"][name], parts["val"][name] = train[:pool_size], train[pool_size:]
+        parts["test"][name] = images_in(root / "test" / entry["folder"])
+    return parts
+
+
+def caltech101_parts(root: Path) -> Parts:
+    return _named_train_test_parts(root, 16)
+
+
+def gtsrb_parts(root: Path) -> Parts:
+    return _named_train_test_parts(root, 40)
+
+
+DATASET_PARTS = {"cifar10": cifar10_parts, "flowers5": flowers5_parts, "caltech101": caltech101_parts,
+                 "gtsrb": gtsrb_parts}
 
 
 def dataset_parts(data_root: Path, name: str) -> Parts:

@@ -17,7 +17,7 @@ from benchmarks.shifts import CORRUPTIONS, STYLES, apply
 from benchmarks.splits import Parts, dataset_parts
 
 TASKS_VERSION = 1
-BASE_CLASSES = {"cifar10": 5, "flowers5": 3}  # base = the first N class folders in name order
+BASE_CLASSES = {"cifar10": 5, "flowers5": 3, "caltech101": 50, "gtsrb": 22}  # base = the first N classes
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _style_shifts(style: str) -> tuple[str, ...]:
 
 def base_to_novel_task(data_root: Path, dataset: str, style: str, work: Path, sizes: Sizes) -> BaseToNovelTask:
     parts = dataset_parts(data_root, dataset)
-    classes = sorted(parts["test"])
+    classes = list(parts["test"])  # the dataset's class order (folder name order for CIFAR-10, flowers5)
     base, novel = classes[:BASE_CLASSES[dataset]], classes[BASE_CLASSES[dataset]:]
     shifts = _style_shifts(style)
     root = work / f"{dataset}-{style}" / sizes.tag()
@@ -115,7 +115,7 @@ def base_to_novel_task(data_root: Path, dataset: str, style: str, work: Path, si
 
 def robustness_task(data_root: Path, dataset: str, style: str, work: Path, sizes: Sizes) -> RobustnessTask:
     parts = dataset_parts(data_root, dataset)
-    classes = sorted(parts["test"])
+    classes = list(parts["test"])
     shifts = _style_shifts(style)
     root = work / f"{dataset}-{style}" / sizes.tag()
     shifted_val = _limit(parts["val"], classes, sizes.val)

@@ -19,7 +19,7 @@ def _all_files(parts: splits.Parts) -> dict[str, set[Path]]:
 
 
 def test_splits_are_disjoint_and_keep_evaluation_images_out_of_pretraining(shared_data):
-    for name in ("cifar10", "flowers5"):
+    for name in ("cifar10", "flowers5", "caltech101", "gtsrb"):
         files = _all_files(splits.dataset_parts(shared_data, name))
         for first in files:
             for second in files:
