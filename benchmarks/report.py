@@ -77,17 +77,16 @@ def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
              "Mean ± standard deviation over seeds; accuracy in %. WiSE-FT's alpha (per seed in brackets) "
              "was chosen on the validation split.", ""]
     for dataset, kind, block in blocks(bench, "base_to_novel"):
-        if True:
-            summary, check = block["summary"], block["checks"]
-            lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved base "
-                      f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
-                      f"zero-shot (phenomenon {'shown' if check['phenomenon'] else 'NOT shown'}: needs base ≥ +5, "
-                      f"novel ≤ -3).", "",
-                      "| method | base | novel | HM |", "|---|---|---|---|"]
-            for method, row in ordered(summary):
-                name = method + _alpha(row, block["per_seed"], method)
-                lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
-            lines += [""] + target_lines(check) + [""]
+        summary, check = block["summary"], block["checks"]
+        lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved base "
+                  f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
+                  f"zero-shot (phenomenon {'shown' if check['phenomenon'] else 'NOT shown'}: needs base ≥ +5, "
+                  f"novel ≤ -3).", "",
+                  "| method | base | novel | HM |", "|---|---|---|---|"]
+        for method, row in ordered(summary):
+            name = method + _alpha(row, block["per_seed"], method)
+            lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
+        lines += [""] + target_lines(check) + [""]
     return lines
 
 
@@ -106,21 +105,20 @@ def robustness_markdown(bench: dict[str, object]) -> list[str]:
              "In-distribution (ID) test accuracy and accuracy under each corruption; 'shifted' is their mean "
              "and HM combines ID and shifted. WiSE-FT's alpha was chosen on corrupted validation images.", ""]
     for dataset, kind, block in blocks(bench, "robustness"):
-        if True:
-            summary, check = block["summary"], block["checks"]
-            corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
-                                  for row in summary.values() for key in row if key.startswith("novel_sets:")})
-            lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved ID "
-                      f"{_signed(check['base_gain'])} and shifted {_signed(-check['shifted_drop'])} points "
-                      f"against zero-shot.", "",
-                      "| method | ID | shifted | HM | " + " | ".join(corruptions) + " |",
-                      "|---|---|---|---|" + "---|" * len(corruptions)]
-            for method, row in ordered(summary):
-                per = " | ".join(_cell(row, f"novel_sets:{name}") for name in corruptions)
-                name = method + _alpha(row, block["per_seed"], method)
-                lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
-                             f"{per} |")
-            lines += [""] + target_lines(check) + [""]
+        summary, check = block["summary"], block["checks"]
+        corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
+                              for row in summary.values() for key in row if key.startswith("novel_sets:")})
+        lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved ID "
+                  f"{_signed(check['base_gain'])} and shifted {_signed(-check['shifted_drop'])} points "
+                  f"against zero-shot.", "",
+                  "| method | ID | shifted | HM | " + " | ".join(corruptions) + " |",
+                  "|---|---|---|---|" + "---|" * len(corruptions)]
+        for method, row in ordered(summary):
+            per = " | ".join(_cell(row, f"novel_sets:{name}") for name in corruptions)
+            name = method + _alpha(row, block["per_seed"], method)
+            lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
+                         f"{per} |")
+        lines += [""] + target_lines(check) + [""]
     return lines
 
 
