@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 from benchmarks.proxy import ProxyConfig, ensure_proxy
-from benchmarks.run import DEFAULT_DATA_ROOT, PROTOCOL
+from benchmarks.run import DEFAULT_DATA_ROOT, PROTOCOL, fit_and_repair
+from benchmarks.splits import missing_datasets
 from benchmarks.tasks import Sizes, base_to_novel_task, robustness_task
-from repair.api import DataOptions, evaluate, finetune, repair
+from repair.api import evaluate
 from repair.backbone import BackboneSpec, load_backbone
 from repair.data import default_cache_dir
 from repair.objective import Objective
@@ -39,20 +40,13 @@ def sweep(kind: str, dataset: str, suite: str, grid: dict[str, list[float]], see
     else:
         task = robustness_task(data_root, dataset, style, work / "data", sizes)
         train, val, held_out = task.train, task.val, task.val_shifted
-    protocol, options = PROTOCOL[kind], DataOptions(shots=PROTOCOL[kind].shots)
+    protocol = PROTOCOL[kind]
+    repairs = {f"{surrogate} {lam_zs:g}": Objective(lam_zs=lam_zs, lam_lmc=protocol.lam_lmc, surrogate=surrogate)
+               for surrogate, values in grid.items() for lam_zs in values}
     scores: dict[str, list[tuple[float, float, float]]] = {}
     for seed in seeds:
         folder = work / "runs" / f"{suite}-{dataset}-{kind}" / f"seed{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
-        config = protocol.train_config(seed)
-        paths = {"fine-tuned": finetune(kind, train, folder / "finetuned.safetensors", backbone=backbone,
-                                        config=config, data_options=options, force=True).path}
-        for surrogate, values in grid.items():
-            for lam_zs in values:
-                paths[f"{surrogate} {lam_zs:g}"] = repair(
-                    paths["fine-tuned"], train, folder / f"{surrogate}-{lam_zs:g}.safetensors", backbone=backbone,
-                    objective=Objective(lam_zs=lam_zs, lam_lmc=protocol.lam_lmc, surrogate=surrogate),
-                    config=config, data_options=options, force=True).path
+        paths = fit_and_repair(kind, train, folder, seed, protocol, repairs, backbone, log=lambda message: None)
         report = evaluate(list(paths.values()), val, novel_dir=held_out, backbone=backbone)
         names = {str(path): name for name, path in paths.items()}
         for row in report["models"]:
@@ -71,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
+    missing = missing_datasets(args.data_root, sorted({args.dataset, *ProxyConfig().sources}))
+    if missing:
+        parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
     cache = default_cache_dir()
     backbone = load_backbone(BackboneSpec(model=ensure_proxy(args.data_root, cache / "proxy", ProxyConfig()),
                                           pretrained=None))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.splits import class_folders, cifar10_parts, flowers5_parts, images_in
+from benchmarks.splits import class_folders, cifar10_parts, flowers5_parts, images_in, missing_datasets
 
 PROXY_VERSION = 1  # bump when the training code changes what is learned
 MODEL_CFG = {
@@ -311,13 +311,14 @@ def zero_shot_accuracy(model, tokenizer, files: dict[str, list[Path]], size: int
     """Top-1 % over the given class folders, with one template; a sanity figure for the card."""
     names = list(files)
     text = F.normalize(model.encode_text(tokenizer([template.format(n) for n in names])), dim=-1)
-    correct = total = 0
-    for label, name in enumerate(names):
-        images = normalize(load_images(files[name], size, workers=1).float() / 255)
+    labels = torch.tensor([label for label, name in enumerate(names) for _ in files[name]])
+    pixels = load_images([path for name in names for path in files[name]], size)
+    correct = 0
+    for start in range(0, len(labels), 512):
+        images = normalize(pixels[start:start + 512].float() / 255)
         predicted = (F.normalize(model.encode_image(images), dim=-1) @ text.T).argmax(1)
-        correct += int((predicted == label).sum())
-        total += len(files[name])
-    return round(100 * correct / total, 2)
+        correct += int((predicted == labels[start:start + 512]).sum())
+    return round(100 * correct / len(labels), 2)
 
 
 def card_accuracies(model, data_root: Path, config: ProxyConfig) -> dict[str, float]:
@@ -385,7 +386,6 @@ def ensure_proxy(data_root: Path, out: Path, config: ProxyConfig = ProxyConfig()
     if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
         log(f"proxy CLIP up to date in {out}")
         return f"local-dir:{out}"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, stats = pretrain(data_root, config, log)
     info = {"format": "mergetune-proxy/1", "fingerprint": fingerprint, "config": asdict(config),
             "model_cfg": MODEL_CFG, "stats": stats, "zero_shot": card_accuracies(model, data_root, config),
@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class-limit", type=int, default=None)
     args = parser.parse_args(argv)
     config = ProxyConfig(epochs=args.epochs, per_class_limit=args.per_class_limit)
+    missing = missing_datasets(args.data_root, config.sources)
+    if missing:
+        parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
     print(ensure_proxy(args.data_root, args.out, config))
 
 

@@ -35,7 +35,7 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1f}"
 
 
-def _alpha(summary_row: dict[str, object], per_seed: dict[str, dict], method: str) -> str:
+def _alpha(per_seed: dict[str, dict], method: str) -> str:
     if method != "wise-ft":
         return ""
     alphas = [rows[method].get("alpha") for rows in per_seed.values() if method in rows]
@@ -84,7 +84,7 @@ def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
                   f"novel ≤ -3).", "",
                   "| method | base | novel | HM |", "|---|---|---|---|"]
         for method, row in ordered(summary):
-            name = method + _alpha(row, block["per_seed"], method)
+            name = method + _alpha(block["per_seed"], method)
             lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
         lines += [""] + target_lines(check) + [""]
     return lines
@@ -115,7 +115,7 @@ def robustness_markdown(bench: dict[str, object]) -> list[str]:
                   "|---|---|---|---|" + "---|" * len(corruptions)]
         for method, row in ordered(summary):
             per = " | ".join(_cell(row, f"novel_sets:{name}") for name in corruptions)
-            name = method + _alpha(row, block["per_seed"], method)
+            name = method + _alpha(block["per_seed"], method)
             lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
                          f"{per} |")
         lines += [""] + target_lines(check) + [""]

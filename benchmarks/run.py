@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.proxy import ProxyConfig, ensure_proxy
+from benchmarks.splits import missing_datasets
 from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, robustness_task
 from repair.api import DataOptions, best_wise_alpha, evaluate, finetune, repair, versions
 from repair.backbone import BackboneSpec, load_backbone
 from repair.data import default_cache_dir
+from repair.errors import IncompatibleCheckpointError
 from repair.objective import Objective
 from repair.surrogates import SURROGATES
 from repair.train import TrainConfig
@@ -90,21 +92,31 @@ QUICK = Plan(seeds=(1,), sizes=Sizes(val=20, test=100, shifted_test=50))
 # --------------------------------------------------------------------------- one model family, one seed
 
 
-def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, plan: Plan, backbone, log) -> dict[str, Path]:
-    """Fine-tune from zero-shot, then repair that checkpoint with each surrogate; paths by method."""
-    protocol = plan.protocol[kind]
+def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol,
+                   repairs: dict[str, Objective], backbone, log) -> dict[str, Path]:
+    """Fine-tune from zero-shot, then repair that checkpoint with each named objective; paths by name."""
     options = DataOptions(shots=protocol.shots)
+    config = protocol.train_config(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
-                                    config=protocol.train_config(seed), data_options=options, force=True).path}
-    for surrogate in plan.surrogates:
-        paths[f"repaired ({surrogate})"] = repair(
-            paths["fine-tuned"], train_dir, run_dir / f"repaired-{surrogate}.safetensors", backbone=backbone,
-            objective=protocol.objective(surrogate), config=protocol.train_config(seed), data_options=options,
-            force=True).path
+                                    config=config, data_options=options, force=True).path}
+    for name, objective in repairs.items():
+        paths[name] = repair(paths["fine-tuned"], train_dir, run_dir / f"{_file_stem(name)}.safetensors",
+                             backbone=backbone, objective=objective, config=config, data_options=options,
+                             force=True).path
     log(f"  {kind} seed {seed}: fine-tuned and repaired in {time.perf_counter() - started:.0f} s")
     return paths
+
+
+def _file_stem(name: str) -> str:
+    """'repaired (fisher)' -> 'repaired-fisher'; 'l2 5' -> 'l2-5'."""
+    return "-".join(name.replace("(", " ").replace(")", " ").split())
+
+
+def plan_repairs(kind: str, plan: Plan) -> dict[str, Objective]:
+    protocol = plan.protocol[kind]
+    return {f"repaired ({surrogate})": protocol.objective(surrogate) for surrogate in plan.surrogates}
 
 
 def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, dict[str, object]]:
@@ -132,7 +144,7 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
     val_report = evaluate([paths["fine-tuned"]], val[0], novel_dir=val[1], backbone=backbone, baselines=True)
     try:
         alpha = best_wise_alpha(val_report)
-    except Exception:  # noqa: BLE001 - a kind without zero-shot values has no WiSE-FT
+    except IncompatibleCheckpointError:  # a kind without zero-shot values has no WiSE-FT
         alpha = None
     report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone, baselines=True,
                       wise_alpha=alpha)
@@ -141,14 +153,16 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
 
 def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"b2n-{task.dataset}-{task.style}" / kind / f"seed{seed}"
-    paths = fit_and_repair(kind, task.train, run_dir, seed, plan, backbone, log)
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan),
+                           backbone, log)
     return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
                                    backbone)
 
 
 def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"robust-{task.dataset}-{task.style}" / kind / f"seed{seed}"
-    paths = fit_and_repair(kind, task.train, run_dir, seed, plan, backbone, log)
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan),
+                           backbone, log)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
                                    backbone)
     for row in rows.values():  # "novel" here is the mean over corrupted test sets
@@ -308,6 +322,12 @@ def main(argv: list[str] | None = None) -> None:
                  "robustness_kinds": args.robustness_kinds, "surrogates": args.surrogates, "style": args.style}
     plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
                             for key, value in overrides.items() if value is not None})
+    needed = {*plan.datasets, *([plan.robustness_dataset] if plan.robustness_kinds else [])}
+    if args.model is None:
+        needed |= set(ProxyConfig().sources)
+    missing = missing_datasets(args.data_root, sorted(needed))
+    if missing:
+        parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
     cache = default_cache_dir()
     work = args.work or cache / "bench"
     proxy_info = None

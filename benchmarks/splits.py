@@ -84,5 +84,10 @@ DATASET_PARTS = {"cifar10": cifar10_parts, "flowers5": flowers5_parts, "caltech1
                  "gtsrb": gtsrb_parts}
 
 
+def missing_datasets(data_root: Path, names: list[str] | tuple[str, ...]) -> list[str]:
+    """The named dataset folders that ``data_root`` lacks, so a script can refuse in one line."""
+    return [name for name in names if not (data_root / name).is_dir()]
+
+
 def dataset_parts(data_root: Path, name: str) -> Parts:
     return DATASET_PARTS[name](data_root / name)

@@ -43,6 +43,8 @@ class Objective:
 
     def for_kind(self, kind: str) -> Objective:
         """The same objective with every unset choice filled in from the kind's defaults."""
+        if self.lam_zs is not None and self.surrogate is not None:
+            return self  # the common case: called on every training step
         surrogate, lam_zs = KIND_DEFAULTS.get(kind, FALLBACK_DEFAULT)
         return replace(self, lam_zs=lam_zs if self.lam_zs is None else self.lam_zs,
                        surrogate=self.surrogate or surrogate)

@@ -138,3 +138,16 @@ def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, bac
     assert set(scores) == {"zero-shot", "fine-tuned", "l2 1", "l2 5"}
     assert all(len(rows) == 1 and rows[0][0] is not None for rows in scores.values())
     assert (tmp_path / "data" / "flowers5-blur" / "val50-test100-shifted50" / "val-base").is_dir()
+
+
+@pytest.mark.parametrize("module, args", [("run", ["--quick"]), ("proxy", ["--out", "unused"]),
+                                          ("lam_sweep", ["coop", "cifar10", "--grid", "l2=1"])])
+def test_scripts_refuse_a_data_root_without_the_datasets_in_one_line(module, args, tmp_path, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").main([*args, "--data-root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("folder (see benchmarks/README.md, --data-root)") and "cifar10" in error
+    assert not (tmp_path / "unused").exists()
