@@ -16,10 +16,10 @@ from benchmarks.proxy import ProxyConfig, ensure_proxy
 from benchmarks.run import DEFAULT_DATA_ROOT, PROTOCOL, fit_and_repair
 from benchmarks.splits import missing_datasets
 from benchmarks.tasks import Sizes, base_to_novel_task, robustness_task
-from repair.api import evaluate
-from repair.backbone import BackboneSpec, load_backbone
-from repair.data import default_cache_dir
-from repair.objective import Objective
+from repair import evaluate
+from repair.model.backbone import BackboneSpec, load_backbone
+from repair.data.features import default_cache_dir
+from repair.train.objective import Objective
 
 
 def parse_grid(items: list[str]) -> dict[str, list[float]]:

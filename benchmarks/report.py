@@ -11,7 +11,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 MARKDOWN = RESULTS.parent / "RESULTS.md"
 CHART = RESULTS / "hm.png"
-KIND_NAMES = {"coop": "CoOp", "clipfit": "CLIPFit", "linear": "linear probe"}
+
+
+def kind_title(name: str) -> str:
+    """How a kind is labelled: its own declaration (``Kind.title``)."""
+    from repair.kinds import KINDS
+
+    return KINDS[name].title if name in KINDS else name
 
 
 def ordered(summary: dict[str, dict]) -> list[tuple[str, dict]]:
@@ -67,7 +73,7 @@ def summary_markdown(bench: dict[str, object]) -> list[str]:
             cells = [("**{:.1f}**" if m == best else "{:.1f}").format(hms[m]) if m in hms else "n/a"
                      for m in METHODS]
             change = f"{_signed(check['base_gain'])} / {_signed(-check[f'{metric}_drop'])}"
-            lines.append(f"| {label} | {dataset} | {KIND_NAMES.get(kind, kind)} | {change} | " + " | ".join(cells)
+            lines.append(f"| {label} | {dataset} | {kind_title(kind)} | {change} | " + " | ".join(cells)
                          + " |")
     return lines
 
@@ -78,7 +84,7 @@ def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
              "was chosen on the validation split.", ""]
     for dataset, kind, block in blocks(bench, "base_to_novel"):
         summary, check = block["summary"], block["checks"]
-        lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved base "
+        lines += [f"**{dataset}, {kind_title(kind)}**: fine-tuning moved base "
                   f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
                   f"zero-shot (phenomenon {'shown' if check['phenomenon'] else 'NOT shown'}: needs base ≥ +5, "
                   f"novel ≤ -3).", "",
@@ -108,7 +114,7 @@ def robustness_markdown(bench: dict[str, object]) -> list[str]:
         summary, check = block["summary"], block["checks"]
         corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
                               for row in summary.values() for key in row if key.startswith("novel_sets:")})
-        lines += [f"**{dataset}, {KIND_NAMES.get(kind, kind)}**: fine-tuning moved ID "
+        lines += [f"**{dataset}, {kind_title(kind)}**: fine-tuning moved ID "
                   f"{_signed(check['base_gain'])} and shifted {_signed(-check['shifted_drop'])} points "
                   f"against zero-shot.", "",
                   "| method | ID | shifted | HM | " + " | ".join(corruptions) + " |",
@@ -168,9 +174,9 @@ def hm_chart(bench: dict[str, object], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f"{dataset} {KIND_NAMES.get(kind, kind)}", block["summary"])
+    panels = [(f"{dataset} {kind_title(kind)}", block["summary"])
               for dataset, kind, block in blocks(bench, "base_to_novel")]
-    panels += [(f"{dataset} {KIND_NAMES.get(kind, kind)}\n(ID x shifted)", block["summary"])
+    panels += [(f"{dataset} {kind_title(kind)}\n(ID x shifted)", block["summary"])
                for dataset, kind, block in blocks(bench, "robustness")]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)

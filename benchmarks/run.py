@@ -32,13 +32,14 @@ import torch
 from benchmarks.proxy import ProxyConfig, ensure_proxy
 from benchmarks.splits import missing_datasets
 from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, robustness_task
-from repair.api import DataOptions, best_wise_alpha, evaluate, finetune, repair, versions
-from repair.backbone import BackboneSpec, load_backbone
-from repair.data import default_cache_dir
+from repair import DataOptions, best_wise_alpha, evaluate, finetune, repair
+from repair.record import versions
+from repair.model.backbone import BackboneSpec, load_backbone
+from repair.data.features import default_cache_dir
 from repair.errors import IncompatibleCheckpointError
-from repair.objective import Objective
-from repair.surrogates import SURROGATES
-from repair.train import TrainConfig
+from repair.train.objective import Objective
+from repair.train.surrogates import SURROGATES
+from repair.train.loop import TrainConfig
 
 SCHEMA = "mergetune.bench/1"
 REPO = Path(__file__).resolve().parents[1]

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.report import write_results
-from repair.backbone import BackboneSpec, load_backbone
+from repair.model.backbone import BackboneSpec, load_backbone
 from repair.kinds import CLIPFit, CoOpPrompts, LinearHead
 from repair.kinds.coop import init_context
-from repair.objective import Objective, mergetune_loss
+from repair.train.objective import Objective, mergetune_loss
 
 CLASSNAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
               "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle"]
@@ -161,7 +161,8 @@ def measure_extraction(model: str, image_dir: Path | None, count: int, batch: in
     """
     from PIL import Image
 
-    from repair.data import extract_features, scan_image_folder
+    from repair.data.folders import scan_image_folder
+    from repair.data.features import extract_features
     from repair.synthetic import make_image_folder
 
     if image_dir is None or not image_dir.is_dir():

@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from repair.data import IMAGE_EXTENSIONS
+from repair.data.folders import IMAGE_EXTENSIONS
 
 SPLIT_SEED = 0
 FLOWERS_FRACTIONS = {"pretrain": 0.4, "pool": 0.2, "val": 0.1, "test": 0.3}

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import repair
-from repair.gate import Thresholds, check
+from repair.eval.gate import Thresholds, check
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
     outcome = repair.repair(finetuned, data / "train", workdir / "repaired.safetensors", backbone=model,
                             objective=repair.Objective(),  # the kind's default surrogate and lam_zs
                             config=repair.TrainConfig(epochs=10, seed=0))
-    print(f"repaired: {outcome.path} ({outcome.record['trainable_numbers']} numbers, "
+    print(f"repaired: {outcome.path} ({outcome.record.trainable_numbers} numbers, "
           f"{outcome.train_result.steps} steps)")
 
     report = repair.evaluate([finetuned, outcome.path], data / "test-base", novel_dir=data / "test-novel",
@@ -51,7 +51,7 @@ def main() -> int:
         return 11
     (workdir / "eval.json").write_text(json.dumps(report))
     if args.repo and not args.demo:
-        from repair.hub import push
+        from repair.workflows.hub import push
 
         result = push(outcome.path, args.repo, eval_report=workdir / "eval.json")
         print(f"pushed to {result.repo_id}: {result.commit_url}")

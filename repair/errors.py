@@ -19,6 +19,13 @@ class MergetuneError(Exception):
     summary = "any other refusal by mergetune"
 
 
+class UsageError(MergetuneError):
+    """A value or option the command cannot take (found after parsing, e.g. once the kind is known)."""
+
+    exit_code = EXIT_USAGE
+    summary = "bad command-line usage (unknown option, bad value, an option that does not apply)"
+
+
 class InputFileError(MergetuneError):
     """An input file is missing, unreadable, corrupt or of an unknown format."""
 
@@ -92,6 +99,7 @@ class HubError(MergetuneError):
 EXIT_INTERRUPTED = 130
 
 ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
+    UsageError,
     InputFileError,
     UnsafeFileError,
     IncompatibleCheckpointError,
@@ -107,7 +115,6 @@ ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "internal error (a bug: please report it; --debug shows the traceback)",
-    EXIT_USAGE: "bad command-line usage (unknown option, missing argument)",
     **{cls.exit_code: cls.summary for cls in ERROR_CLASSES},
     MergetuneError.exit_code: MergetuneError.summary,
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); no partial output is left behind",

@@ -30,14 +30,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_model_dir):
-    from repair.backbone import BackboneSpec
+    from repair.model.backbone import BackboneSpec
 
     return BackboneSpec(model=tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def backbone(tiny_spec):
-    from repair.backbone import load_backbone
+    from repair.model.backbone import load_backbone
 
     return load_backbone(tiny_spec)
 

@@ -81,7 +81,7 @@ def test_caption_positives_follow_class_superclass_and_generic_captions():
 
 
 def test_small_proxy_is_a_loadable_local_dir_and_is_rebuilt_only_when_inputs_change(shared_data, tmp_path):
-    from repair.backbone import BackboneSpec, load_backbone
+    from repair.model.backbone import BackboneSpec, load_backbone
 
     config = proxy.ProxyConfig(epochs=1, batch_size=32, warmup_steps=1, per_class_limit=8,
                                sources=("hymenoptera", "flowers5"))

@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repair.checkpoints import ALLOWED_DTYPES, TensorFile, read_tensors
+from repair.io import ALLOWED_DTYPES, TensorFile, read_tensors
 from repair.errors import InputFileError, MergetuneError
 
 FUZZ = settings(

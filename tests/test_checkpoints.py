@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from repair.checkpoints import (
+from repair.io import (
     TensorFile,
     atomic_output,
     read_safetensors_metadata,
@@ -461,7 +461,7 @@ def test_cyclic_containers_do_not_recurse_forever(tmp_path: Path) -> None:
 
 
 def test_restricted_unpickler_refuses_calls_but_builds_inert_objects() -> None:
-    from repair.checkpoints import _Refused, _restricted_pickle_module
+    from repair.io.unpickle import _Refused, _restricted_pickle_module
 
     module = _restricted_pickle_module(byte_budget=0)
     inert = module.load(io.BytesIO(pickle.dumps(argparse.Namespace(a=1), protocol=1)))

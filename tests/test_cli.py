@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from repair.cli import app
+from repair.cli.app import app
 from repair.errors import EXIT_CODES
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ def assert_one_line_error(result, code):
 
 
 def test_help_does_not_import_torch():
-    probe = "import sys, repair.cli; sys.exit(1 if 'torch' in sys.modules or 'open_clip' in sys.modules else 0)"
+    probe = "import sys, repair.cli.app; sys.exit(1 if 'torch' in sys.modules or 'open_clip' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
@@ -48,7 +48,7 @@ def test_finetune_repair_eval_end_to_end(tmp_path, tiny_spec, image_dirs):
                     "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["objective"]["surrogate"] == "l2" and record["kind_details"]["path_space"] == "weight"
+    assert record["objective"]["surrogate"] == "l2" and record["kind_options"]["path_space"] == "weight"
     result = invoke("eval", ft, fixed, "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
                     *model_args(tiny_spec), "--json")
     assert result.exit_code == 0, result.output
@@ -191,7 +191,7 @@ def test_every_kind_through_the_cli(tmp_path, tiny_spec, image_dirs, kind):
     rows = json.loads(result.stdout)["models"]
     assert all(row["base"] is not None for row in rows)
     if kind == "linear":  # a head cannot score novel classes: reported, not crashed
-        assert rows[1]["novel"] is None and "linear head" in rows[1]["notes"][0]
+        assert rows[1]["novel"] is None and "scores only its own 4 classes" in rows[1]["notes"][0]
     else:
         assert all(row["hm"] is not None for row in rows)
 
@@ -209,6 +209,6 @@ def test_public_api_names_are_the_functions_not_submodules():
     for name in ("repair", "finetune", "evaluate", "load_repaired", "verify", "inspect_checkpoint", "path_report",
                  "push"):
         assert callable(getattr(repair, name)), name
-    import repair.evaluation  # importing every submodule must not shadow them
+    import repair.eval.metrics  # importing every submodule must not shadow them
 
     assert callable(repair.evaluate)

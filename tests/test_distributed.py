@@ -26,7 +26,7 @@ BATCH = 8  # several batches per shard, with batch boundaries that differ from t
 
 @pytest.mark.parametrize("count,world", [(0, 1), (0, 3), (1, 2), (5, 8), (7, 7), (10, 3), (41, 2), (100, 7)])
 def test_shards_cover_every_index_once_and_are_balanced(count, world):
-    from repair.distributed import shard
+    from repair.data.group import shard
 
     parts = [shard(count, rank, world) for rank in range(world)]
     assert [index for part in parts for index in part] == list(range(count))
@@ -39,15 +39,16 @@ def test_shards_cover_every_index_once_and_are_balanced(count, world):
 
 @pytest.mark.parametrize("rank,world", [(-1, 2), (2, 2), (0, 0)])
 def test_shard_refuses_impossible_ranks(rank, world):
-    from repair.distributed import shard
+    from repair.data.group import shard
 
     with pytest.raises(ValueError):
         shard(10, rank, world)
 
 
 def test_single_process_reads_the_environment_and_stays_local(monkeypatch, backbone, image_dirs):
-    from repair.data import extract_features, scan_image_folder
-    from repair.distributed import extract_features_sharded, init_from_env, rank_and_world
+    from repair.data.folders import scan_image_folder
+    from repair.data.features import extract_features
+    from repair.data.group import init_from_env, rank_and_world
 
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
@@ -59,13 +60,13 @@ def test_single_process_reads_the_environment_and_stays_local(monkeypatch, backb
     assert init_from_env() is False  # no MASTER_ADDR: not launched by torchrun, nothing to join
 
     dataset = scan_image_folder(image_dirs["test"])
-    local = extract_features_sharded(backbone, dataset)  # no process group: exactly extract_features
+    local = extract_features(backbone, dataset, shard=True)  # no process group: exactly the plain path
     expected = extract_features(backbone, dataset)
     assert torch.equal(local.features, expected.features) and torch.equal(local.labels, expected.labels)
 
 
 def test_rank_device_gives_each_rank_its_own_gpu(monkeypatch):
-    from repair.distributed import rank_device
+    from repair.data.group import rank_device
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert rank_device("cuda") == "cuda"
@@ -78,8 +79,9 @@ def test_rank_device_gives_each_rank_its_own_gpu(monkeypatch):
 
 
 def test_two_gloo_ranks_match_one_process_and_share_the_cache(tmp_path, monkeypatch, tiny_model_dir, backbone):
-    import repair.data
-    from repair.data import extract_features, scan_image_folder
+    import repair.data.features
+    from repair.data.folders import scan_image_folder
+    from repair.data.features import extract_features
     from repair.synthetic import make_image_folder
     from safetensors.torch import load_file
 
@@ -110,13 +112,13 @@ def test_two_gloo_ranks_match_one_process_and_share_the_cache(tmp_path, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("encoded again instead of reading the cache rank 0 wrote")
 
-    monkeypatch.setattr(repair.data, "_encode_files", refuse)
+    monkeypatch.setattr(repair.data.features, "_encode_files", refuse)
     cached = extract_features(backbone, dataset, cache_dir=cache, batch_size=BATCH)
     assert torch.equal(cached.features, ranks[0]["first"]) and torch.equal(cached.labels, single.labels)
 
 
 def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
-    from repair.distributed import launch
+    from repair.cli.launch import launch
 
     assert launch(2, ["inspect", str(tmp_path / "missing.safetensors")]) == 3  # InputFileError, not torchrun's 1
     captured = capfd.readouterr()
@@ -125,7 +127,7 @@ def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
 
 
 def test_launch_reports_rank_zero_else_the_failing_rank(tmp_path, capsys):
-    from repair.distributed import _exit_code
+    from repair.cli.launch import _exit_code
 
     (tmp_path / "rank0.exit").write_text("0")
     (tmp_path / "rank1.exit").write_text("6")
@@ -140,7 +142,7 @@ def test_launch_reports_rank_zero_else_the_failing_rank(tmp_path, capsys):
 
 def _torchrun(args: list[str]) -> None:
     """``torchrun --nproc_per_node 2`` on 127.0.0.1, killed with its whole process group if it overruns."""
-    from repair.distributed import _free_port
+    from repair.cli.launch import _free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -158,30 +160,31 @@ def _torchrun(args: list[str]) -> None:
 
 def _rank_main(model: str, data: str, cache: str, out: str) -> None:
     """One rank of the two-rank test: three extractions and one that must fail on every rank."""
-    import repair.data
-    import repair.distributed as distributed
-    from repair.backbone import BackboneSpec, load_backbone
-    from repair.data import scan_image_folder
+    import repair.data.features as features
+    from repair.data import group
+    from repair.model.backbone import BackboneSpec, load_backbone
+    from repair.data.folders import scan_image_folder
     from repair.errors import DataError
     from safetensors.torch import save_file
 
-    assert distributed.init_from_env(timeout_s=GROUP_TIMEOUT_S)
-    rank, world = distributed.rank_and_world()
+    assert group.init_from_env(timeout_s=GROUP_TIMEOUT_S)
+    rank, world = group.rank_and_world()
     assert world == 2
     backbone = load_backbone(BackboneSpec(model=model))
     dataset = scan_image_folder(data)
 
     def extract(cache_dir: Path | None, folder=dataset):
-        return distributed.extract_features_sharded(backbone, folder, cache_dir=cache_dir, batch_size=BATCH)
+        return features.extract_features(backbone, folder, cache_dir=cache_dir, batch_size=BATCH, shard=True)
 
     first = extract(Path(cache))
 
     def refuse(*args, **kwargs):
         raise AssertionError("encoded although the cache holds these features")
 
-    distributed._encode_files = refuse
+    encode = features._encode_files
+    features._encode_files = refuse
     cached = extract(Path(cache))
-    distributed._encode_files = repair.data._encode_files
+    features._encode_files = encode
     partial_cache = extract(Path(cache) if rank == 0 else Path(out) / f"empty-cache-{rank}")
 
     corrupt = replace(dataset, files=dataset.files[:-1] + (Path(out).parent / "corrupt.png",))  # in rank 1's shard
@@ -208,7 +211,7 @@ def test_eval_on_two_processes_reports_what_one_process_does(tmp_path, tiny_spec
 
     from safetensors.torch import save_file
 
-    from repair.api import DataOptions, evaluate
+    from repair import DataOptions, evaluate
     from repair.kinds.coop import init_context
 
     ft = tmp_path / "ft.safetensors"

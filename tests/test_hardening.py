@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from repair.api import DataOptions, repair as run_repair
-from repair.checkpoints import read_tensors
-from repair.cli import app
+from repair import DataOptions, repair as run_repair
+from repair.io import read_tensors
+from repair.cli.app import app
 from repair.errors import InputFileError
 from repair.kinds.coop import init_context
-from repair.train import TrainConfig
+from repair.train.loop import TrainConfig
 
 runner = CliRunner()
 CONFIG = TrainConfig(epochs=4, batch_size=8, lr=0.02, seed=11)
@@ -51,7 +51,7 @@ def test_interrupted_run_leaves_no_output_and_resumes_bit_for_bit(tmp_path, back
     resumed = run_repair(ft, image_dirs["train"], out, backbone=backbone, config=CONFIG, data_options=DATA,
                          resume=True)
     assert torch.equal(read_tensors(resumed.path).tensors["ctx"], read_tensors(reference.path).tensors["ctx"])
-    assert resumed.record["result"] == reference.record["result"]
+    assert resumed.record.result == reference.record.result
     assert not (tmp_path / ".fixed.safetensors.progress").exists()  # cleaned up after success
 
 

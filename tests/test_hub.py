@@ -6,6 +6,7 @@ import base64
 import json
 import socket
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -13,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from repair.api import DataOptions, read_record, repair as run_repair
-from repair.checkpoints import read_tensors
+from repair import DataOptions, repair as run_repair
+from repair.record import BackboneIdentity
+from repair.workflows.inputs import read_record
+from repair.io import read_tensors
 from repair.errors import InputFileError, MergetuneError, OutputExistsError
-from repair.hub import HubError, PushResult, model_card, prepare_upload, push
+from repair.workflows.hub import HubError, PushResult, model_card, prepare_upload, push
 from repair.kinds.coop import init_context
-from repair.objective import KIND_DEFAULTS
-from repair.train import TrainConfig
+from repair.kinds import CoOpPrompts
+from repair.train.loop import TrainConfig
 
 TOKEN = "hf_MergetuneTestToken0123456789abcdef"
 REPO = "test-org/repaired-coop"
@@ -91,15 +94,15 @@ def test_card_names_backbone_method_kind_and_hyperparameters(repaired, tiny_mode
     assert "MergeTune continued fine-tuning" in card
     assert "a local open_clip folder" in card and str(tiny_model_dir) not in card  # no local paths leak
     assert str(image_dirs["train"]) not in card
-    surrogate, lam_zs = KIND_DEFAULTS["coop"]
+    surrogate, lam_zs = CoOpPrompts.default_surrogate, CoOpPrompts.default_lam_zs
     for expected in (f"| lam_zs (zero-shot surrogate weight) | `{lam_zs:g}` |", "| lam_lmc (path term weight) | `1` |",
                      "| path points K | `5` |", f"| surrogate | `{surrogate}` |", "| lr | `0.002` |",
                      "| weight decay | `0.0005` |", "| shots | `4` |", "| seed | `0` |", "| n ctx | `4` |"):
         assert expected in card
     assert "blue, green, red, yellow" in card
-    assert record["inputs"]["checkpoint"]["sha256"] in card
-    assert record["inputs"]["data"]["manifest_sha256"] in card
-    assert record["versions"]["torch"] in card
+    assert record.inputs.checkpoint.sha256 in card
+    assert record.inputs.data.manifest_sha256 in card
+    assert record.versions["torch"] in card
     assert "## Evaluation" not in card
     assert "mergetune eval fixed.safetensors --data" in card
     assert 'clf = repair.load_repaired("fixed.safetensors"' in card
@@ -107,12 +110,11 @@ def test_card_names_backbone_method_kind_and_hyperparameters(repaired, tiny_mode
 
 def test_card_base_model_only_for_hub_weights(repaired):
     record = read_record(read_tensors(repaired))
-    hub = model_card({**record, "backbone": {"model": "hf-hub:some-org/clip-b16", "pretrained": None}},
-                     filename="f.safetensors")
+    hub = model_card(replace(record, backbone=BackboneIdentity("hf-hub:some-org/clip-b16")), filename="f.safetensors")
     assert front_matter(hub)["base_model"] == "some-org/clip-b16"
     assert "`hf-hub:some-org/clip-b16`" in hub
 
-    pair = {**record, "backbone": {"model": "ViT-B-16", "pretrained": "openai", "model_config": None}}
+    pair = replace(record, backbone=BackboneIdentity("ViT-B-16", "openai"))
     card = model_card(pair, filename="f.safetensors")
     assert "open_clip `ViT-B-16` with pretrained weights `openai`" in card
     assert "--model ViT-B-16 --pretrained openai" in card
@@ -123,7 +125,7 @@ def test_card_base_model_only_for_hub_weights(repaired):
 
         assert base == open_clip.get_pretrained_cfg("ViT-B-16", "openai")["hf_hub"].strip("/")
 
-    custom = {**pair, "backbone": {**pair["backbone"], "model_config": "/home/me/arch.json"}}
+    custom = replace(pair, backbone=replace(pair.backbone, model_config="/home/me/arch.json"))
     card = model_card(custom, filename="f.safetensors")
     assert "base_model" not in front_matter(card) and "/home/me" not in card
 
@@ -142,15 +144,15 @@ def test_card_with_eval_report_has_the_table(repaired, eval_file):
 
 
 def test_eval_schema_matches_the_evaluator():
-    import repair.evaluation
-    import repair.hub
+    import repair.eval.metrics
+    import repair.render.card
 
-    assert repair.hub.EVAL_SCHEMA == repair.evaluation.EVAL_SCHEMA
+    assert repair.render.card.EVAL_SCHEMA == repair.eval.metrics.EVAL_SCHEMA
 
 
 def test_file_without_a_record_is_refused(tmp_path):
     with pytest.raises(InputFileError, match="no mergetune record") as caught:
-        model_card({}, filename="plain.safetensors")
+        model_card(None, filename="plain.safetensors")
     assert "\n" not in str(caught.value)
     save_file({"w": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
     with pytest.raises(InputFileError, match="no mergetune record"):
@@ -350,7 +352,7 @@ def test_push_uploads_card_and_checkpoint(hub, monkeypatch, capfd, repaired, eva
     if revision is None:
         assert files["eval.json"] == eval_file.read_bytes() and "## Evaluation" in card
     summary = hub.commits[0]["header"]["summary"]
-    input_sha = read_record(read_tensors(repaired))["inputs"]["checkpoint"]["sha256"]
+    input_sha = read_record(read_tensors(repaired)).inputs.checkpoint.sha256
     assert "coop" in summary and input_sha[:12] in summary
 
     assert result.repo_id == REPO and result.revision == revision and not result.dry_run

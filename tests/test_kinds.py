@@ -10,23 +10,25 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from repair.api import DataOptions, KindOptions, finetune, inspect_checkpoint, repair as run_repair
-from repair.checkpoints import read_tensors
-from repair.data import extract_features, load_pixels, scan_image_folder
+from repair import DataOptions, finetune, inspect_checkpoint, repair as run_repair
+from repair.io import read_tensors
+from repair.data.folders import scan_image_folder
+from repair.data.features import extract_features, load_pixels
 from repair.errors import IncompatibleCheckpointError
 from repair.kinds import CLIPFit, CoOpPrompts, LinearHead, detect_kind
-from repair.kinds.clipfit import clipfit_names
-from repair.objective import Objective, mergetune_loss
-from repair.surrogates import FisherSurrogate, L2Surrogate, build_surrogate, fisher_diagonal
-from repair.train import TrainConfig
+from repair.kinds.clipfit import CLIPFitOptions, clipfit_names
+from repair.kinds.linear import LinearOptions
+from repair.train.objective import Objective, mergetune_loss
+from repair.train.surrogates import FisherSurrogate, L2Surrogate, build_surrogate, fisher_diagonal
+from repair.train.loop import TrainConfig
 
 TEMPLATES = ["a photo of a {}."]
 
 
-def zero_steps(backbone, path, data_dir, **kind_options):
+def zero_steps(backbone, path, data_dir, kind=None, **kind_options):
     out = path.with_name(path.stem + "-out.safetensors")
     run_repair(path, data_dir, out, backbone=backbone, config=TrainConfig(max_steps=0),
-               data_options=DataOptions(shots=4), kind_options=KindOptions(**kind_options))
+               data_options=DataOptions(shots=4), kind=kind, kind_options=kind_options)
     return read_tensors(out).tensors
 
 
@@ -120,7 +122,7 @@ def test_linear_path_term_is_the_ce_of_the_interpolated_head(backbone, image_dir
     dataset = scan_image_folder(image_dirs["train"])
     data = extract_features(backbone, dataset)
     weight, bias = random_head(backbone)
-    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, logit_scale=10.0)
+    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, LinearOptions(logit_scale=10.0))
     with torch.no_grad():
         kind.weight.add_(torch.randn_like(kind.weight))
         kind.bias.add_(1.0)
@@ -145,7 +147,7 @@ def test_clipfit_paths_start_at_the_finetuned_model(backbone, image_dirs):
     dataset = scan_image_folder(image_dirs["train"]).few_shot(2, seed=0)
     pixels = load_pixels(backbone, dataset)
     for space in ("feature", "weight"):
-        kind = CLIPFit(backbone, clipfit_values(backbone), dataset.classnames, TEMPLATES, path_space=space)
+        kind = CLIPFit(backbone, clipfit_values(backbone), dataset.classnames, TEMPLATES, CLIPFitOptions(path_space=space))
         before = kind(pixels.features).logits.detach()
         with torch.no_grad():
             for parameter in kind.params:
@@ -162,7 +164,7 @@ def test_fisher_matches_a_direct_per_sample_computation(backbone, image_dirs):
     dataset = scan_image_folder(image_dirs["train"]).few_shot(3, seed=0)
     data = extract_features(backbone, dataset)
     weight, bias = random_head(backbone)
-    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, logit_scale=5.0)
+    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, LinearOptions(logit_scale=5.0))
     fisher = fisher_diagonal(kind, data, seed=7, chunk=5)
     assert torch.equal(kind.weight.detach(), weight)  # restored after evaluating at w_zs
 
@@ -191,7 +193,7 @@ def test_penalties_vanish_at_w_zs_and_pull_back_to_it(backbone, image_dirs, name
     dataset = scan_image_folder(image_dirs["train"]).few_shot(3, seed=0)
     data = extract_features(backbone, dataset)
     weight, bias = random_head(backbone)
-    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, logit_scale=5.0)
+    kind = LinearHead(backbone, weight, bias, dataset.classnames, TEMPLATES, LinearOptions(logit_scale=5.0))
     surrogate = build_surrogate(name, kind, data)
     assert isinstance(surrogate, FisherSurrogate if name == "fisher" else L2Surrogate)
     kind.load_values(kind.zero_shot_values())
@@ -221,9 +223,9 @@ def test_finetune_moves_from_zero_shot_and_records_it(tmp_path, backbone, image_
     outcome = finetune(kind_name, image_dirs["train"], tmp_path / f"{kind_name}.safetensors", backbone=backbone,
                        config=TrainConfig(epochs=2, batch_size=16, lr=0.05), data_options=DataOptions(shots=4))
     record = outcome.record
-    assert record["stage"] == "finetune" and record["objective"]["lam_zs"] == 0.0
+    assert record.stage == "finetune" and record.objective["lam_zs"] == 0.0
     report = inspect_checkpoint(outcome.path)
-    assert report["kind"] == kind_name and report["trainable_numbers"] == record["trainable_numbers"]
+    assert report["kind"] == kind_name and report["trainable_numbers"] == record.trainable_numbers
 
 
 def test_inspect_reports_every_tensor_and_refuses_foreign_files(tmp_path, backbone):

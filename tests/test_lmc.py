@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import repair.data
-import repair.lmc
-from repair.api import DataOptions, evaluate, finetune, repair as run_repair
-from repair.backbone import BackboneSpec
-from repair.checkpoints import read_tensors
-from repair.data import extract_features, scan_image_folder
+import repair.data.features
+import repair.eval.path
+from repair import DataOptions, evaluate, finetune, repair as run_repair
+from repair.model.backbone import BackboneSpec
+from repair.io import read_tensors
+from repair.data.folders import scan_image_folder
+from repair.data.features import extract_features
 from repair.errors import IncompatibleCheckpointError, MergetuneError, OutputExistsError
 from repair.kinds.coop import CoOpPrompts
-from repair.lmc import loss_barrier, path_report, plot_path, write_path_json
-from repair.train import TrainConfig
+from repair.eval.path import loss_barrier
+from repair.workflows.path import path_report, plot_path, write_path_json
+from repair.train.loop import TrainConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TS = [index / 10 for index in range(11)]
@@ -147,9 +149,9 @@ def test_endpoint_losses_equal_a_direct_computation(coop_report, coop_pair, back
 
 def test_frozen_tower_encodes_once_and_each_point_is_scored_once(coop_pair, backbone, image_dirs, monkeypatch):
     encoded, scored = [], []
-    encode, score = repair.data._encode_files, repair.lmc._score
-    monkeypatch.setattr(repair.data, "_encode_files", lambda *a, **k: encoded.append(1) or encode(*a, **k))
-    monkeypatch.setattr(repair.lmc, "_score", lambda *a, **k: scored.append(1) or score(*a, **k))
+    encode, score = repair.data.features._encode_files, repair.eval.path._score
+    monkeypatch.setattr(repair.data.features, "_encode_files", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    monkeypatch.setattr(repair.eval.path, "_score", lambda *a, **k: scored.append(1) or score(*a, **k))
     ft, rep = coop_pair
     report = path_report(ft, rep, image_dirs["test"], backbone=backbone, points=5,
                          data_options=DataOptions(shots=None, cache_dir=None))
@@ -210,8 +212,8 @@ def test_clipfit_re_encodes_each_distinct_point_once(tmp_path_factory, backbone,
     ft, rep = _pair("clipfit", tmp_path_factory.mktemp("lmc-clipfit"), backbone, image_dirs, cache)
     evaluated = evaluate([ft], image_dirs["test"], backbone=backbone, data_options=_options(cache))
     encoded = []
-    encode = repair.data._encode_files
-    monkeypatch.setattr(repair.data, "_encode_files", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    encode = repair.data.features._encode_files
+    monkeypatch.setattr(repair.data.features, "_encode_files", lambda *a, **k: encoded.append(1) or encode(*a, **k))
     cached_before = sorted(cache.rglob("features/*"))
     report = path_report(ft, rep, image_dirs["test"], backbone=backbone, points=3, data_options=_options(cache))
     assert len(encoded) == 3 + 3 * 1  # the tower moves with the weights: one encoding per distinct point

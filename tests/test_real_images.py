@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from repair.api import DataOptions, evaluate, repair as run_repair
-from repair.data import extract_features, scan_image_folder
+from repair import DataOptions, evaluate, repair as run_repair
+from repair.data.folders import scan_image_folder
+from repair.data.features import extract_features
 from repair.kinds.coop import init_context
-from repair.train import TrainConfig
+from repair.train.loop import TrainConfig
 
 
 def test_caltech_class_records_and_jpeg_decoding(shared_data, backbone):
@@ -29,8 +30,8 @@ def test_repair_and_eval_on_flowers(tmp_path, shared_data, backbone):
     save_file({"ctx": init_context(backbone, "a photo of a")}, ft)
     outcome = run_repair(ft, flowers, tmp_path / "fixed.safetensors", backbone=backbone,
                          config=TrainConfig(epochs=1, batch_size=16), data_options=DataOptions(shots=4))
-    assert outcome.record["classnames"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
-    assert outcome.record["inputs"]["data"]["images"] == 20
+    assert outcome.record.classnames == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert outcome.record.inputs.data.images == 20
     report = evaluate([outcome.path], flowers, backbone=backbone, data_options=DataOptions(shots=None))
     assert report["data"]["base"]["images"] == 4317
     assert all(0 <= row["base"] <= 100 for row in report["models"])

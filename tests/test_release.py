@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from repair.api import DataOptions, evaluate, finetune, repair as run_repair
-from repair.cli import app
-from repair.evaluation import Predictions, expected_calibration_error
-from repair.gate import Thresholds, check, load_thresholds
-from repair.errors import InputFileError
-from repair.train import TrainConfig
+from repair import DataOptions, evaluate, finetune, repair as run_repair
+from repair.cli.app import app
+from repair.errors import InputFileError, UsageError
+from repair.eval.gate import Thresholds, check, load_thresholds
+from repair.eval.metrics import Predictions, expected_calibration_error
+from repair.train.loop import TrainConfig
 
 runner = CliRunner()
 SCHEMA = json.loads(resources.files("repair").joinpath("schemas/eval.schema.json").read_text())
@@ -64,7 +64,7 @@ def test_wise_ft_endpoints_are_zero_shot_and_finetuned(report):
 
 
 def test_a_given_wise_alpha_is_used_as_is_and_best_wise_alpha_reads_it(report, backbone, image_dirs, checkpoints):
-    from repair.api import best_wise_alpha
+    from repair import best_wise_alpha
 
     alpha = best_wise_alpha(report)
     curve = {point["alpha"]: point for point in report["baselines"]["wise_ft"]["curve"]}
@@ -75,7 +75,7 @@ def test_a_given_wise_alpha_is_used_as_is_and_best_wise_alpha_reads_it(report, b
     assert row["base"] == pytest.approx(curve[0.3]["base"]) and row["novel"] == pytest.approx(curve[0.3]["novel"])
     assert given["baselines"]["wise_ft"]["selection"].startswith("the caller")
     assert 0.0 <= alpha <= 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="wise_alpha must lie in"):
         evaluate([checkpoints["ft"]], image_dirs["test"], backbone=backbone, baselines=True, wise_alpha=1.5)
     result = cli("eval", checkpoints["ft"], "--data", image_dirs["test"], "--baselines", "--wise-alpha", "2")
     assert result.exit_code == 2
@@ -178,8 +178,9 @@ def test_path_command_writes_json_and_png(tmp_path, tiny_spec, image_dirs, check
 
 
 def test_precision_and_device_options(tmp_path, tiny_spec, image_dirs, checkpoints, backbone):
-    from repair.backbone import load_backbone
-    from repair.data import extract_features, scan_image_folder
+    from repair.model.backbone import load_backbone
+    from repair.data.folders import scan_image_folder
+    from repair.data.features import extract_features
 
     bf16 = load_backbone(tiny_spec, precision="bf16")
     assert bf16.visual_fingerprint != backbone.visual_fingerprint  # separate cache entries

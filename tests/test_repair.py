@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import repair.data
-from repair.api import DataOptions, evaluate, finetune, load_repaired, repair as run_repair
-from repair.checkpoints import read_tensors
-from repair.data import extract_features, scan_image_folder
+import repair.data.features
+from repair import DataOptions, evaluate, finetune, load_repaired, repair as run_repair
+from repair.io import read_tensors
+from repair.data.folders import scan_image_folder
+from repair.data.features import extract_features
 from repair.kinds.coop import CoOpPrompts, init_context
-from repair.objective import KIND_DEFAULTS, Objective
-from repair.train import TrainConfig, train
+from repair.kinds import CoOpPrompts
+from repair.record import Record
+from repair.train.objective import Objective
+from repair.train.loop import TrainConfig, train
 
 
 def _finetuned_file(backbone, path, dtype=torch.float32, seed=0):
@@ -43,7 +46,7 @@ def _reference_coop_steps(backbone, ctx_init, features, labels, classnames, conf
     tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
     embeddings = backbone.model.token_embedding(tokens).detach()
     optimizer = torch.optim.SGD([ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    from repair.train import cosine_with_warmup
+    from repair.train.loop import cosine_with_warmup
 
     total = config.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, steps_per_epoch))
@@ -80,7 +83,7 @@ def test_without_constraints_the_loop_is_plain_coop(backbone, image_dirs):
 
 
 def test_loss_terms_follow_the_objective(backbone, image_dirs):
-    from repair.objective import mergetune_loss
+    from repair.train.objective import mergetune_loss
 
     dataset = scan_image_folder(image_dirs["train"])
     data = extract_features(backbone, dataset)
@@ -111,18 +114,18 @@ def test_repair_metadata_round_trips_and_loads(tmp_path, tiny_spec, backbone, im
                          config=TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=5),
                          data_options=DataOptions(shots=6, val_fraction=0.34))
     stored = read_tensors(outcome.path)
-    record = json.loads(stored.metadata["mergetune"])
-    assert stored.metadata["kind"] == "coop" and record["kind"] == "coop"
-    assert record == json.loads(json.dumps(outcome.record))
-    assert record["backbone"]["model"] == tiny_spec.model
-    assert record["classnames"] == ["blue", "green", "red", "yellow"]
-    assert record["inputs"]["checkpoint"]["sha256"] == read_tensors(ft).sha256
-    surrogate, lam_zs = KIND_DEFAULTS["coop"]  # the objective left unset takes the kind's defaults
-    assert record["objective"] == {"lam_zs": lam_zs, "lam_lmc": 1.0, "path_points": 5, "surrogate": surrogate}
-    assert record["train"]["seed"] == 5 and record["seed"] == 5
-    assert record["inputs"]["data"]["images"] == 16 and record["inputs"]["data"]["val_images"] == 8
-    assert record["result"]["selected_epoch"] in (1, 2)
-    assert {"mergetune", "torch", "open_clip"} <= record["versions"].keys()
+    record = Record.from_metadata(stored.metadata, outcome.path)
+    assert stored.metadata["kind"] == "coop" and record.kind == "coop"
+    assert record == outcome.record
+    assert record.backbone.model == tiny_spec.model
+    assert record.classnames == ["blue", "green", "red", "yellow"]
+    assert record.inputs.checkpoint.sha256 == read_tensors(ft).sha256
+    surrogate, lam_zs = CoOpPrompts.default_surrogate, CoOpPrompts.default_lam_zs  # unset: the kind's defaults
+    assert record.objective == {"lam_zs": lam_zs, "lam_lmc": 1.0, "path_points": 5, "surrogate": surrogate}
+    assert record.train["seed"] == 5 and record.seed == 5
+    assert record.inputs.data.images == 16 and record.inputs.data.val_images == 8
+    assert record.result["selected_epoch"] in (1, 2)
+    assert {"mergetune", "torch", "open_clip"} <= record.versions.keys()
     assert stored.tensors["ctx"].shape == (4, backbone.text_width)
 
     classifier = load_repaired(outcome.path)  # backbone rebuilt from the metadata alone
@@ -130,7 +133,7 @@ def test_repair_metadata_round_trips_and_loads(tmp_path, tiny_spec, backbone, im
     from PIL import Image
 
     predictions = classifier.predict([Image.open(path) for path in images])
-    assert len(predictions) == 3 and set(predictions) <= set(record["classnames"])
+    assert len(predictions) == 3 and set(predictions) <= set(record.classnames)
     assert torch.equal(classifier.kind.ctx.detach(), stored.tensors["ctx"])
 
 
@@ -147,8 +150,8 @@ def test_same_seed_gives_bit_identical_tensors_and_equal_metadata(tmp_path, back
 
 def test_second_run_reuses_cached_features(tmp_path, backbone, image_dirs, monkeypatch):
     calls = []
-    original = repair.data._encode_files
-    monkeypatch.setattr(repair.data, "_encode_files", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = repair.data.features._encode_files
+    monkeypatch.setattr(repair.data.features, "_encode_files", lambda *a, **k: calls.append(1) or original(*a, **k))
     dataset = scan_image_folder(image_dirs["test"])
     first = extract_features(backbone, dataset, cache_dir=tmp_path)
     second = extract_features(backbone, dataset, cache_dir=tmp_path)
@@ -191,7 +194,7 @@ def test_eval_numbers_equal_a_direct_computation(tmp_path, tiny_spec, backbone, 
 
 
 def test_cached_features_are_memory_mapped(tmp_path, backbone, image_dirs):
-    from repair.data import features_cache_file, map_cached_features
+    from repair.data.features import features_cache_file, map_cached_features
 
     dataset = scan_image_folder(image_dirs["test"])
     first = extract_features(backbone, dataset, cache_dir=tmp_path, normalize=False)

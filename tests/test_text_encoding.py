@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from repair.backbone import encode_token_embeddings, encode_tokens
-from repair.kinds.coop import CoOpPrompts, init_context
+from repair.model.backbone import encode_token_embeddings, encode_tokens
+from repair.kinds.coop import CoOpOptions, CoOpPrompts, init_context
 
 CAPTIONS = ["a photo of a cat.", "a photo of a very large and hairy dog on a sofa.", "x", ""]
 ATOL = 1e-5  # shorter sequences change the matmul blocking, not the maths
@@ -58,7 +58,7 @@ def test_class_specific_context_and_novel_classes(backbone):
 def test_weight_space_path_encodes_interpolated_prompts(backbone):
     torch.manual_seed(0)
     ctx_ft = init_context(backbone, "a photo of a") + 0.1 * torch.randn(4, backbone.text_width)
-    prompts = CoOpPrompts(backbone, ctx_ft, ["red", "green"], ["a photo of a {}."], path_space="weight")
+    prompts = CoOpPrompts(backbone, ctx_ft, ["red", "green"], ["a photo of a {}."], CoOpOptions(path_space="weight"))
     with torch.no_grad():
         prompts.ctx.add_(0.2 * torch.randn_like(prompts.ctx))
         features = torch.nn.functional.normalize(torch.randn(5, backbone.embed_dim), dim=-1)

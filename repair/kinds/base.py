@@ -1,23 +1,123 @@
-"""What every checkpoint kind provides to the objective, the loop and evaluation.
+"""The whole protocol of a checkpoint kind, declared on one class.
 
 A kind wraps the trainable tensors ``w`` of one fine-tuning method around the frozen
 backbone. It starts at the fine-tuned values ``w_ft``, knows its zero-shot endpoint
 ``w_zs``, scores inputs at ``w`` and along the straight path ``w_ft -> w``, and exports
 tensors with the names, shapes and dtypes the input file had.
+
+Everything the rest of the tool needs to know about a kind is declared here, on the class:
+its name and title, its own :class:`KindOptions` (each field becomes a CLI flag), its
+default surrogate and ``lam_zs``, and whether it can score classes it was not trained on.
+The CLI, the model card, the defaults table and the benchmark labels read these
+declarations; nothing else in the tree lists kinds. A new kind is one module under
+``repair/kinds`` plus one registry line in ``repair/kinds/__init__.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from repair.backbone import ImageEncoder
-from repair.checkpoints import TensorFile
+from repair.errors import IncompatibleCheckpointError, UsageError
+from repair.io import TensorFile
+from repair.model.backbone import Backbone, ImageEncoder
+
+STAGES = ("finetune", "repair", "eval", "path", "load")  # the workflows that build a kind
+WRAPPER_PREFIXES = ("module.", "model.", "state_dict.", "clip_model.", "clip.")
+
+
+def model_key(file_key: str) -> str:
+    """A file's tensor name as the open_clip model names it (wrapper prefixes removed)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if file_key.startswith(prefix):
+                file_key, changed = file_key[len(prefix):], True
+    return file_key
+
+
+class PathSpace(str, enum.Enum):
+    """Where the path term interpolates: class/image features (cheap) or the tensors themselves (exact)."""
+
+    feature = "feature"
+    weight = "weight"
+
+
+class HeadFeatures(str, enum.Enum):
+    """What a linear head was trained on."""
+
+    normalized = "normalized"
+    raw = "raw"
+
+
+def option(default: Any, help: str, *, stages: Sequence[str] = STAGES, flag: str | None = None) -> Any:
+    """A kind option: a dataclass field whose metadata the CLI turns into one flag.
+
+    ``stages`` names the workflows where the option means something (``n_ctx`` only when
+    fine-tuning from scratch); ``flag`` overrides the flag name derived from the field name.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "stages": tuple(stages), "flag": flag})
+
+
+def logit_scale_option() -> Any:
+    """The one option every kind shares: the temperature on cosine similarities."""
+    return option(None, "Override CLIP's temperature, or a linear head's own scale (default: the model's, "
+                        "at most 100; a head's is inferred).")
+
+
+O = TypeVar("O", bound="KindOptions")
+
+
+@dataclass(frozen=True)
+class KindOptions:
+    """Base of every kind's ``Options``: typed, recorded in outputs, refused where they do not apply."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # "weight" from a record or a caller becomes PathSpace.weight
+            enum_type = type(field.default) if isinstance(field.default, enum.Enum) else None
+            current = getattr(self, field.name)
+            if enum_type is not None and not isinstance(current, enum_type):
+                try:
+                    object.__setattr__(self, field.name, enum_type(current))
+                except ValueError:
+                    choices = ", ".join(member.value for member in enum_type)
+                    raise ValueError(f"{field.name} must be one of {choices}, not {current!r}") from None
+        scale = getattr(self, "logit_scale", None)
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+            raise ValueError(f"logit_scale must be a positive number, got {scale}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def resolve(cls: type[O], kind_name: str, recorded: Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> O:
+        """Defaults, then what the file recorded, then the caller's choices (which must apply to this kind)."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(cls.names()))
+        if unknown:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+            raise UsageError(f"{flags} does not apply to {kind_name} checkpoints"
+                             f" (their options: {', '.join(cls.names()) or 'none'})")
+        known = {key: value for key, value in (recorded or {}).items() if key in cls.names() and value is not None}
+        try:
+            return cls(**{**known, **overrides})
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{kind_name} options: {exc}") from None
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-ready values (enums as their strings), as written into an output's record."""
+        return {key: value.value if isinstance(value, enum.Enum) else value
+                for key, value in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -30,9 +130,21 @@ class KindOutput:
 
 
 class Kind(nn.Module, ABC):
-    """Base class; a new kind is one module under ``repair/kinds`` plus one registry line."""
+    """Base class: the declarations below, then the tensors' behaviour."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # registry key, --kind value, recorded in outputs
+    title: ClassVar[str]  # what people call it: model cards, tables, benchmark labels
+    description: ClassVar[str]  # one line for the model card ("a CoOp soft prompt")
+    Options: ClassVar[type[KindOptions]] = KindOptions
+    default_surrogate: ClassVar[str]  # chosen on the benchmark; README "Defaults"
+    default_lam_zs: ClassVar[float]
+    scores_unseen_classes: ClassVar[bool] = False  # can logits_for take a class list it was not trained on?
+    trained_tensors: ClassVar[str]  # for the README/inspect: which tensors this kind trains
+
+    options: KindOptions
+    scale: float  # the logit scale applied to cosine similarities (or a head's own scale)
+
+    # ------------------------------------------------------------------ building
 
     @classmethod
     @abstractmethod
@@ -41,12 +153,26 @@ class Kind(nn.Module, ABC):
 
     @classmethod
     @abstractmethod
-    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
+    def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         """Names of the file's tensors this kind trains (what ``inspect`` reports)."""
+
+    @classmethod
+    @abstractmethod
+    def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
+                  templates: Sequence[str], options: KindOptions) -> Kind:
+        """The checkpoint at ``w_ft``, scoring ``classnames``."""
+
+    @classmethod
+    @abstractmethod
+    def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                  options: KindOptions) -> Kind:
+        """A fresh checkpoint at ``w_zs``: where plain fine-tuning starts."""
+
+    # ------------------------------------------------------------------ scoring
 
     @abstractmethod
     def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
-        """Score image features (or pixels when ``needs_pixels``) over the training classes."""
+        """Score image features (or pixels when ``input_kind == 'pixels'``) over the training classes."""
 
     @abstractmethod
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
@@ -68,9 +194,17 @@ class Kind(nn.Module, ABC):
     def export(self) -> dict[str, torch.Tensor]:
         """The tensors to write: the input's names, shapes and dtypes, current values."""
 
-    @abstractmethod
+    def recorded_options(self) -> dict[str, Any]:
+        """The options as an output records them: with the scale this checkpoint actually used, so a
+        later read scores exactly as this run did (a head's inferred scale may not be re-inferable)."""
+        values = self.options.as_record()
+        if "logit_scale" in values:
+            values["logit_scale"] = self.scale
+        return values
+
     def describe(self) -> dict[str, object]:
-        """Kind-specific facts recorded in metadata (n_ctx, class-specific, ...)."""
+        """Facts about this checkpoint recorded in metadata beside the options (n_ctx, dtypes, ...)."""
+        return {}
 
     @property
     def input_kind(self) -> str:
@@ -81,6 +215,19 @@ class Kind(nn.Module, ABC):
         """The image tower this checkpoint scores with, when it is not the backbone's frozen one."""
         return None
 
+    def can_score(self, classnames: Sequence[str]) -> bool:
+        """Whether :meth:`logits_for` is honest on this class list."""
+        return self.scores_unseen_classes or list(classnames) == list(self.classnames)
+
+    def check_can_score(self, classnames: Sequence[str]) -> None:
+        if not self.can_score(classnames):
+            raise IncompatibleCheckpointError(
+                f"this {self.title} scores only its own {len(self.classnames)} classes; it cannot score other classes")
+
+    # ------------------------------------------------------------------ values
+
+    classnames: list[str]
+
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
 
@@ -88,7 +235,7 @@ class Kind(nn.Module, ABC):
         return sum(parameter.numel() for parameter in self.trainable().values())
 
     @torch.no_grad()
-    def load_values(self, values: dict[str, torch.Tensor]) -> None:
+    def load_values(self, values: Mapping[str, torch.Tensor]) -> None:
         """Set ``w`` (used to start from ``w_zs`` and to restore the selected epoch)."""
         for name, parameter in self.trainable().items():
             parameter.copy_(values[name].to(parameter))

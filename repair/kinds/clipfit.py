@@ -11,69 +11,65 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair.backbone import Backbone, ImageEncoder, cut_at_end_of_text, encode_token_embeddings
-from repair.checkpoints import TensorFile
 from repair.errors import IncompatibleCheckpointError
-from repair.kinds.base import Kind, KindOutput
+from repair.io import TensorFile
+from repair.kinds.base import Kind, KindOptions, KindOutput, PathSpace, logit_scale_option, model_key, option
+from repair.model.backbone import Backbone, ImageEncoder, cut_at_end_of_text, encode_token_embeddings
 
 TEXT_BIAS = re.compile(r"^transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
 IMAGE_NORM = re.compile(r"^visual\.(ln_pre|ln_post|transformer\.resblocks\.\d+\.ln_[12])\.(weight|bias)$")
-WRAPPER_PREFIXES = ("module.", "model.", "state_dict.", "clip_model.", "clip.")
 
 
 def is_clipfit_name(name: str) -> bool:
     return bool(TEXT_BIAS.match(name) or IMAGE_NORM.match(name))
 
 
-def model_key(file_key: str) -> str:
-    """A file's tensor name as the open_clip model names it (wrapper prefixes removed)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if file_key.startswith(prefix):
-                file_key, changed = file_key[len(prefix):], True
-    return file_key
-
-
 def clipfit_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if is_clipfit_name(name)]
 
 
-class CLIPFit(Kind):
-    name: ClassVar[str] = "clipfit"
+@dataclass(frozen=True)
+class CLIPFitOptions(KindOptions):
+    path_space: PathSpace = option(PathSpace.feature, "Interpolate the path in 'feature' space (cheap) or "
+                                   "'weight' space (exact, K more passes of both towers).", stages=("repair",))
+    logit_scale: float | None = logit_scale_option()
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        values: dict[str, torch.Tensor],
-        classnames: Sequence[str],
-        templates: Sequence[str],
-        *,
-        file_keys: dict[str, str] | None = None,
-        passthrough: dict[str, torch.Tensor] | None = None,
-        logit_scale: float | None = None,
-        path_space: str = "feature",
-        **_: object,
-    ) -> None:
+
+class CLIPFit(Kind):
+    """CLIPFit: a few native CLIP tensors (text MLP biases, image LayerNorms) were fine-tuned."""
+
+    name: ClassVar[str] = "clipfit"
+    title: ClassVar[str] = "CLIPFit"
+    description: ClassVar[str] = "CLIPFit (a few native CLIP parameters)"
+    Options: ClassVar[type[KindOptions]] = CLIPFitOptions
+    default_surrogate: ClassVar[str] = "feature"  # benchmarks/README.md "Choosing lam_zs"
+    default_lam_zs: ClassVar[float] = 10.0
+    scores_unseen_classes: ClassVar[bool] = True  # its text tower encodes any class name
+    trained_tensors: ClassVar[str] = ("`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm "
+                                      "(any wrapper prefix)")
+
+    def __init__(self, backbone: Backbone, values: dict[str, torch.Tensor], classnames: Sequence[str],
+                 templates: Sequence[str], options: CLIPFitOptions | None = None, *, file_keys: dict[str, str] | None = None,
+                 passthrough: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
+        options = options or CLIPFitOptions()
         model = backbone.model
         pretrained = dict(model.named_parameters())
         names = clipfit_names(model)
         self._check(values, names, pretrained)
         self.backbone = backbone
+        self.options = options
         self.classnames = list(classnames)
         self.templates = list(templates)
-        self.scale = float(logit_scale if logit_scale is not None else backbone.logit_scale)
-        if path_space not in ("feature", "weight"):
-            raise ValueError(f"path_space must be 'feature' or 'weight', not {path_space!r}")
-        self.path_space = path_space
+        self.scale = float(options.logit_scale if options.logit_scale is not None else backbone.logit_scale)
+        self.path_space = options.path_space
         self.names = names
         self.file_keys = file_keys or {name: name for name in names}
         self.passthrough = passthrough or {}
@@ -108,27 +104,25 @@ class CLIPFit(Kind):
         return any(is_clipfit_name(model_key(key)) for key in tensor_file.tensors)
 
     @classmethod
-    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
+    def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         return [key for key in tensor_file.tensors if is_clipfit_name(model_key(key))]
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
-                  templates: Sequence[str], **options: object) -> CLIPFit:
+                  templates: Sequence[str], options: CLIPFitOptions | None = None) -> CLIPFit:
         by_model_key = {model_key(key): key for key in tensor_file.tensors}
         values = {name: tensor_file.tensors[key] for name, key in by_model_key.items() if is_clipfit_name(name)}
         file_keys = {name: by_model_key[name] for name in values}
         passthrough = {key: tensor for key, tensor in tensor_file.tensors.items()
                        if not is_clipfit_name(model_key(key))}
-        return cls(backbone, values, classnames, templates, file_keys=file_keys, passthrough=passthrough,
-                   **options)
+        return cls(backbone, values, classnames, templates, options, file_keys=file_keys, passthrough=passthrough)
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
-                  **options: object) -> CLIPFit:
+                  options: CLIPFitOptions | None = None) -> CLIPFit:
         values = {name: tensor.detach() for name, tensor in backbone.model.named_parameters()
                   if is_clipfit_name(name)}
-        options = {key: value for key, value in options.items() if key in ("logit_scale", "path_space")}
-        return cls(backbone, values, classnames, templates, **options)
+        return cls(backbone, values, classnames, templates, options)
 
     # ------------------------------------------------------------------ encoding
 
@@ -187,7 +181,7 @@ class CLIPFit(Kind):
         logits = self.scale * images @ text.t()
         path_logits = None
         if path_ts is not None:
-            path_logits = (self._feature_path(inputs, images, text, path_ts) if self.path_space == "feature"
+            path_logits = (self._feature_path(inputs, images, text, path_ts) if self.path_space is PathSpace.feature
                            else self._weight_path(inputs, values, path_ts))
         return KindOutput(logits=logits, path_logits=path_logits, class_features=text)
 
@@ -229,5 +223,5 @@ class CLIPFit(Kind):
         return tensors
 
     def describe(self) -> dict[str, object]:
-        return {"tensors": len(self.names), "tuned_in_input": len(self.tuned), "path_space": self.path_space,
+        return {"tensors": len(self.names), "tuned_in_input": len(self.tuned),
                 "full_state_dict": bool(self.passthrough)}

@@ -10,16 +10,17 @@ end-of-text position of its class set.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair.backbone import Backbone, cut_at_end_of_text, encode_token_embeddings
-from repair.checkpoints import TensorFile
 from repair.errors import IncompatibleCheckpointError
-from repair.kinds.base import Kind, KindOutput
+from repair.io import TensorFile
+from repair.kinds.base import Kind, KindOptions, KindOutput, PathSpace, logit_scale_option, option
+from repair.model.backbone import Backbone, cut_at_end_of_text, encode_token_embeddings
 
 DEFAULT_CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -58,38 +59,49 @@ class PromptBank(nn.Module):
         return torch.cat([prefix, ctx, suffix], dim=-2)
 
 
+@dataclass(frozen=True)
+class CoOpOptions(KindOptions):
+    ctx_init: str = option(DEFAULT_CTX_INIT, "Prompts: the zero-shot words the context starts from (w_zs).")
+    path_space: PathSpace = option(PathSpace.feature, "Interpolate the path in 'feature' space (cheap) or "
+                                   "'weight' space (exact, K more text passes).", stages=("repair",))
+    logit_scale: float | None = logit_scale_option()
+    n_ctx: int | None = option(None, "Context tokens (default: the words of --ctx-init).", stages=("finetune",))
+    class_specific: bool = option(False, "One context per class (CoOp CSC).", stages=("finetune",))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}")
+
+
 class CoOpPrompts(Kind):
     """Soft prompts: ``ctx [n_ctx, D]`` (shared) or ``[n_cls, n_ctx, D]`` (class-specific)."""
 
     name: ClassVar[str] = "coop"
+    title: ClassVar[str] = "CoOp"
+    description: ClassVar[str] = "CoOp soft prompt"
+    Options: ClassVar[type[KindOptions]] = CoOpOptions
+    default_surrogate: ClassVar[str] = "fisher"  # benchmarks/README.md "Choosing lam_zs"
+    default_lam_zs: ClassVar[float] = 10.0
+    scores_unseen_classes: ClassVar[bool] = True  # a shared context prompts any class name
+    trained_tensors: ClassVar[str] = "`ctx` [n_ctx, width] or [n_cls, n_ctx, width]"
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        ctx: torch.Tensor,
-        classnames: Sequence[str],
-        templates: Sequence[str],
-        *,
-        ctx_key: str = "ctx",
-        ctx_init: str = DEFAULT_CTX_INIT,
-        logit_scale: float | None = None,
-        path_space: str = "feature",
-        **_: object,
-    ) -> None:
+    def __init__(self, backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str],
+                 templates: Sequence[str], options: CoOpOptions | None = None, *, ctx_key: str = "ctx") -> None:
         super().__init__()
+        options = options or CoOpOptions()
         self._check_shape(backbone, ctx, classnames)
         self.backbone = backbone
+        self.options = options
         self.classnames = list(classnames)
         self.templates = list(templates)
         self.ctx_key = ctx_key
-        self.ctx_init = ctx_init
+        self.ctx_init = options.ctx_init
         self.input_dtype = ctx.dtype
         self.class_specific = ctx.dim() == 3
         self.n_ctx = int(ctx.shape[-2])
-        self.scale = float(logit_scale if logit_scale is not None else backbone.logit_scale)
-        if path_space not in ("feature", "weight"):
-            raise ValueError(f"path_space must be 'feature' or 'weight', not {path_space!r}")
-        self.path_space = path_space
+        self.scale = float(options.logit_scale if options.logit_scale is not None else backbone.logit_scale)
+        self.path_space = options.path_space
         self.ctx = nn.Parameter(ctx.detach().to(backbone.device, torch.float32).clone())
         self.register_buffer("ctx_ft", self.ctx.detach().clone(), persistent=False)
         self._banks: dict[tuple[str, ...], PromptBank] = {}
@@ -107,32 +119,32 @@ class CoOpPrompts(Kind):
         return find_ctx(tensor_file) is not None
 
     @classmethod
-    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
+    def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         found = find_ctx(tensor_file)
         return [found[0]] if found else []
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
-                  templates: Sequence[str], **options: object) -> CoOpPrompts:
+                  templates: Sequence[str], options: CoOpOptions | None = None) -> CoOpPrompts:
         found = find_ctx(tensor_file)
         if found is None:
             keys = ", ".join(sorted(tensor_file.tensors)[:6]) or "none"
             raise IncompatibleCheckpointError(f"{tensor_file.path}: no prompt context 'ctx' (tensors: {keys})")
         key, ctx = found
-        return cls(backbone, ctx, classnames, templates, ctx_key="ctx", **options)
+        return cls(backbone, ctx, classnames, templates, options, ctx_key="ctx")
 
     @classmethod
-    def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], *,
-                  n_ctx: int | None = None, ctx_init: str = DEFAULT_CTX_INIT, class_specific: bool = False,
-                  **options: object) -> CoOpPrompts:
+    def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                  options: CoOpOptions | None = None) -> CoOpPrompts:
         """A fresh prompt at ``w_zs``: the embeddings of ``ctx_init`` (what plain CoOp starts from)."""
-        ctx = init_context(backbone, ctx_init)
-        if n_ctx is not None and n_ctx != ctx.shape[0]:
+        options = options or CoOpOptions()
+        ctx = init_context(backbone, options.ctx_init)
+        if options.n_ctx is not None and options.n_ctx != ctx.shape[0]:
             raise IncompatibleCheckpointError(
-                f"--ctx-init {ctx_init!r} is {ctx.shape[0]} tokens but n_ctx is {n_ctx}")
-        if class_specific:
+                f"--ctx-init {options.ctx_init!r} is {ctx.shape[0]} tokens but n_ctx is {options.n_ctx}")
+        if options.class_specific:
             ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
-        return cls(backbone, ctx, classnames, templates, ctx_init=ctx_init, **options)
+        return cls(backbone, ctx, classnames, templates, options)
 
     @staticmethod
     def _check_shape(backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str]) -> None:
@@ -173,6 +185,9 @@ class CoOpPrompts(Kind):
                 "a class-specific prompt can only score the classes it was trained on")
         return self._text_features(self.ctx, self._bank(classnames))
 
+    def can_score(self, classnames: Sequence[str]) -> bool:
+        return list(classnames) == self.classnames or not self.class_specific
+
     # ------------------------------------------------------------------ Kind protocol
 
     def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
@@ -187,7 +202,7 @@ class CoOpPrompts(Kind):
     def _path_features(self, text: torch.Tensor, path_ts: torch.Tensor) -> torch.Tensor:
         """[K, C, E] class features at w_ft + t (w - w_ft), in feature or weight space."""
         ts = path_ts.to(text)
-        if self.path_space == "feature":
+        if self.path_space is PathSpace.feature:
             ft = self.ft_features
             return F.normalize(ft + ts.view(-1, 1, 1) * (text - ft), dim=-1)
         shape = (-1,) + (1,) * self.ctx.dim()
@@ -218,8 +233,8 @@ class CoOpPrompts(Kind):
         return {self.ctx_key: self.ctx.detach().cpu().to(self.input_dtype)}
 
     def describe(self) -> dict[str, object]:
-        return {"n_ctx": self.n_ctx, "class_specific": self.class_specific, "ctx_init": self.ctx_init,
-                "path_space": self.path_space, "input_dtype": str(self.input_dtype).removeprefix("torch.")}
+        return {"n_ctx": self.n_ctx, "class_specific": self.class_specific,
+                "input_dtype": str(self.input_dtype).removeprefix("torch.")}
 
 
 def init_context(backbone: Backbone, words: str) -> torch.Tensor:

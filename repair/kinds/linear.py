@@ -8,17 +8,17 @@ features, in the same units as the head (see ``head_scale``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repair.backbone import Backbone
-from repair.checkpoints import TensorFile
 from repair.errors import IncompatibleCheckpointError
-from repair.kinds.base import Kind, KindOutput
-from repair.kinds.clipfit import model_key
+from repair.io import TensorFile
+from repair.kinds.base import HeadFeatures, Kind, KindOptions, KindOutput, logit_scale_option, model_key, option
+from repair.model.backbone import Backbone
 
 HEAD_NAMES = ("weight", "head.weight", "fc.weight", "classifier.weight", "linear.weight", "coef_")
 
@@ -48,32 +48,40 @@ def _bias_key(tensors: dict[str, torch.Tensor], weight_key: str) -> str | None:
     return stem if stem in tensors and tensors[stem].dim() == 1 else None
 
 
+@dataclass(frozen=True)
+class LinearOptions(KindOptions):
+    key_prefix: str | None = option(None, "Linear heads: the head's prefix in a state dict, e.g. 'head.' for "
+                                    "head.weight.", stages=("repair", "eval", "path", "load"))
+    head_features: HeadFeatures = option(HeadFeatures.normalized, "Linear heads: trained on 'normalized' or "
+                                         "'raw' image features.")
+    logit_scale: float | None = logit_scale_option()
+
+
 class LinearHead(Kind):
     """A linear classifier on frozen CLIP image features."""
 
     name: ClassVar[str] = "linear"
+    title: ClassVar[str] = "linear probe"
+    description: ClassVar[str] = "linear-probe head"
+    Options: ClassVar[type[KindOptions]] = LinearOptions
+    default_surrogate: ClassVar[str] = "l2"  # benchmarks/README.md "Choosing lam_zs"
+    default_lam_zs: ClassVar[float] = 5.0
+    scores_unseen_classes: ClassVar[bool] = False  # one row per trained class
+    trained_tensors: ClassVar[str] = "`weight` [n_cls, dim] (+ `bias`), any prefix; sklearn `coef_`/`intercept_`"
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        classnames: Sequence[str],
-        templates: Sequence[str],
-        *,
-        weight_key: str = "weight",
-        bias_key: str | None = "bias",
-        normalize_features: bool = True,
-        logit_scale: float | None = None,
-        **_: object,
-    ) -> None:
+    def __init__(self, backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor | None,
+                 classnames: Sequence[str], templates: Sequence[str], options: LinearOptions | None = None, *,
+                 weight_key: str = "weight", bias_key: str | None = "bias") -> None:
         super().__init__()
+        options = options or LinearOptions()
         self._check_shapes(backbone, weight, bias, classnames)
         self.backbone = backbone
+        self.options = options
         self.classnames = list(classnames)
         self.weight_key, self.bias_key = weight_key, bias_key
         self.input_dtype = weight.dtype
-        self.normalize_features = normalize_features
+        self.normalize_features = options.head_features is HeadFeatures.normalized
+        logit_scale = options.logit_scale
         self.scale = float(logit_scale) if logit_scale is not None else self._implied_scale(weight, backbone)
         device = backbone.device
         self.weight = nn.Parameter(weight.detach().to(device, torch.float32).clone())
@@ -114,13 +122,14 @@ class LinearHead(Kind):
         return find_head(tensor_file) is not None
 
     @classmethod
-    def trainable_keys(cls, tensor_file: TensorFile) -> list[str]:
-        found = find_head(tensor_file)
+    def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
+        found = find_head(tensor_file, getattr(options, "key_prefix", None))
         return [key for key in found if key] if found else []
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
-                  templates: Sequence[str], *, key_prefix: str | None = None, **options: object) -> LinearHead:
+                  templates: Sequence[str], options: LinearOptions | None = None) -> LinearHead:
+        key_prefix = (options or LinearOptions()).key_prefix
         found = find_head(tensor_file, key_prefix)
         if found is None:
             keys = ", ".join(sorted(tensor_file.tensors)[:6]) or "none"
@@ -128,16 +137,15 @@ class LinearHead(Kind):
             raise IncompatibleCheckpointError(f"{tensor_file.path}: no linear head weight{where} (tensors: {keys})")
         weight_key, bias_key = found
         bias = tensor_file.tensors[bias_key] if bias_key else None
-        return cls(backbone, tensor_file.tensors[weight_key], bias, classnames, templates,
-                   weight_key=weight_key, bias_key=bias_key, **options)
+        return cls(backbone, tensor_file.tensors[weight_key], bias, classnames, templates, options,
+                   weight_key=weight_key, bias_key=bias_key)
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
-                  **options: object) -> LinearHead:
+                  options: LinearOptions | None = None) -> LinearHead:
         """The zero-shot classifier as a head (unit rows, CLIP's temperature applied outside)."""
         head = backbone.zero_shot_classifier(list(classnames), templates)
-        options = {key: value for key, value in options.items() if key in ("normalize_features", "logit_scale")}
-        return cls(backbone, head, torch.zeros(len(classnames)), classnames, templates, **options)
+        return cls(backbone, head, torch.zeros(len(classnames)), classnames, templates, options)
 
     @property
     def input_kind(self) -> str:
@@ -154,9 +162,7 @@ class LinearHead(Kind):
         return KindOutput(logits=logits, path_logits=path_logits, class_features=F.normalize(self.weight, dim=-1))
 
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
-        if list(classnames) != self.classnames:
-            raise IncompatibleCheckpointError(
-                f"a linear head scores only its own {len(self.classnames)} classes; it cannot score other classes")
+        self.check_can_score(classnames)
         return self(features).logits
 
     def zero_shot_class_features(self) -> torch.Tensor:
@@ -177,6 +183,5 @@ class LinearHead(Kind):
         return tensors
 
     def describe(self) -> dict[str, object]:
-        return {"normalize_features": self.normalize_features, "head_scale": self.scale,
-                "has_bias": self.has_bias, "weight_key": self.weight_key, "bias_key": self.bias_key,
+        return {"head_scale": self.scale, "has_bias": self.has_bias, "weight_key": self.weight_key, "bias_key": self.bias_key,
                 "input_dtype": str(self.input_dtype).removeprefix("torch.")}

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from repair.errors import DataError, InputFileError
+from repair.errors import DataError, GateFailedError, InputFileError
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,23 @@ def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
                 failures.append(f"{row['name']}: forgot {lost:.2f} novel points since zero-shot "
                                 f"> {thresholds.max_forgetting:g}")
     return failures
+
+
+def assemble(flags: Thresholds, gate_file: str | Path | None = None) -> Thresholds:
+    """The thresholds a command enforces: the gate file's, overridden by the flags given."""
+    return load_thresholds(gate_file).merged(flags) if gate_file else flags
+
+
+def apply(report: dict[str, object], thresholds: Thresholds) -> list[str] | None:
+    """Check the report and record the verdict in it (``report["gate"]``); None when nothing is gated."""
+    if not thresholds.any():
+        return None
+    failures = check(report, thresholds)
+    report["gate"] = {"thresholds": asdict(thresholds), "failures": failures, "passed": not failures}
+    return failures
+
+
+def require_passed(failures: list[str] | None) -> None:
+    """The one-line refusal (exit 11) for a failed gate."""
+    if failures:
+        raise GateFailedError("gate failed: " + "; ".join(failures))

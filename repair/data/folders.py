@@ -1,34 +1,24 @@
-"""Image folders, class names, templates, few-shot sampling and the image-feature cache.
+"""Image folders, class names, templates and few-shot sampling: the labelled inputs.
 
 An ImageFolder directory (one sub-folder per class) is the dataset. Classes are sorted by
-folder name, which fixes the label order and therefore the base/novel split. The feature
-cache is keyed by the image tower's fingerprint and the *content* hashes of the images, so a
-moved or renamed folder still hits, and a changed byte never does.
+folder name, which fixes the label order and therefore the base/novel split. Nothing here
+decodes an image or touches a model: that is :mod:`repair.data.features`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import random
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-
-from repair.backbone import Backbone, ImageEncoder
-from repair.checkpoints import write_cache_entry
 from repair.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-CACHE_FORMAT = "mergetune-features/2"  # raw (unnormalised) float32 features
 
 
 @dataclass(frozen=True)
@@ -97,16 +87,18 @@ class ImageFolder:
         return digest.hexdigest()
 
 
-_HASHES: dict[tuple[Path, int, int], str] = {}
+HASH_MEMORY = 200_000  # file hashes remembered per process (about 40 MB at most)
 
 
 def _sha256_cached(path: Path) -> str:
     """Content hash, remembered per (path, size, mtime) within one process."""
     stat = path.stat()
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _HASHES[key]
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=HASH_MEMORY)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def scan_image_folder(root: str | Path, classnames_file: str | Path | None = None) -> ImageFolder:
@@ -215,135 +207,3 @@ def load_templates(path: str | Path | None) -> list[str]:
         raise DataError(f"{path}: every template needs exactly one '{{}}' for the class name"
                         + (f" (bad: {bad[0]!r})" if bad else " (file is empty)"))
     return templates
-
-
-# --------------------------------------------------------------------------- features
-
-
-@dataclass(frozen=True)
-class Features:
-    """Image features (or pixels, for kinds that train the image tower), row-aligned with ``labels``."""
-
-    features: torch.Tensor  # [N, embed_dim] float32, normalised unless asked otherwise
-    labels: torch.Tensor  # [N] int64
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[Path], transform) -> None:
-        self.files = list(files)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(open_image(self.files[index]))
-
-
-def open_image(path: Path) -> Image.Image:
-    """Decode one image as RGB; a corrupt file is a DataError naming it (we never guess labels)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}); remove or replace it") from None
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MERGETUNE_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergetune"
-
-
-def features_cache_key(encoder: ImageEncoder, file_hashes: Sequence[str]) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{encoder.fingerprint}\n".encode())
-    digest.update("\n".join(file_hashes).encode())
-    return digest.hexdigest()
-
-
-def features_cache_file(cache_dir: Path, encoder: ImageEncoder, dataset: ImageFolder) -> Path:
-    """Where the features of exactly these images under this tower are cached."""
-    return Path(cache_dir) / "features" / f"{features_cache_key(encoder, dataset.file_hashes())}.safetensors"
-
-
-def extract_features(
-    backbone: Backbone,
-    dataset: ImageFolder,
-    *,
-    cache_dir: Path | None = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    normalize: bool = True,
-    encoder: ImageEncoder | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> Features:
-    """Encode every image once (the backbone's frozen tower unless ``encoder`` is given); reuse the cache."""
-    encoder = encoder or backbone.image_encoder
-    labels = torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device)
-    cache_file = features_cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
-    features = _read_cache(cache_file, len(dataset)) if cache_file is not None else None
-    if features is None:
-        features = _encode_files(backbone, encoder, dataset.files, batch_size=batch_size, workers=workers,
-                                 on_progress=on_progress)
-        if cache_file is not None:
-            _write_cache(cache_file, features)
-    features = features.to(backbone.device)
-    return Features(F.normalize(features, dim=-1) if normalize else features, labels)
-
-
-def load_pixels(backbone: Backbone, dataset: ImageFolder, *, batch_size: int = 64, workers: int = 0) -> Features:
-    """Decoded, preprocessed images in memory: the few-shot inputs of kinds whose image tower trains."""
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(dataset.files, backbone.preprocess), batch_size=batch_size, num_workers=workers)
-    pixels = torch.cat(list(loader)).to(backbone.device)
-    return Features(pixels, torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device))
-
-
-def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Path], *, batch_size: int,
-                  workers: int, on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Stream the images through the tower in batches; only the features are kept."""
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(files, backbone.preprocess), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
-    chunks = []
-    with torch.inference_mode():
-        for pixels in loader:
-            chunks.append(encoder.encode(pixels.to(backbone.device)).float().cpu())
-            if on_progress is not None:
-                on_progress(sum(len(chunk) for chunk in chunks), len(files))
-    return torch.cat(chunks).clone()
-
-
-def _read_cache(path: Path, expected_rows: int) -> torch.Tensor | None:
-    """The cached features, memory-mapped (pages load on demand, and stay file-backed)."""
-    features = map_cached_features(path)
-    if features is None or features.shape[0] != expected_rows or not torch.isfinite(features).all():
-        return None
-    return features
-
-
-def map_cached_features(path: Path) -> torch.Tensor | None:
-    """Map the ``features`` tensor of a cache entry without reading it; None if absent or malformed."""
-    try:
-        with open(path, "rb") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            if header_length > 1 << 20:
-                return None
-            header = json.loads(handle.read(header_length))
-        entry = header["features"]
-        rows, columns = entry["shape"]
-        start, end = entry["data_offsets"]
-        if entry["dtype"] != "F32" or end - start != rows * columns * 4:
-            return None
-        mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_length + start, shape=(rows, columns))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-    return torch.from_numpy(mapped)  # copy-on-write mapping: writable for torch, never written back
-
-
-def _write_cache(path: Path, features: torch.Tensor) -> None:
-    write_cache_entry(path, {"features": features})

@@ -1,11 +1,8 @@
-"""Linear mode connectivity: MergeTune's own diagnostic of a repair.
+"""``mergetune path``: MergeTune's own diagnostic of a repair, as a workflow.
 
-MergeTune pulls the repaired weights ``w_rep`` towards a point linearly connected at low
-loss to both the fine-tuned ``w_ft`` and the zero-shot ``w_zs``. This module measures
-exactly that: accuracy and loss along the three straight segments zero-shot -> fine-tuned,
-zero-shot -> repaired and fine-tuned -> repaired on a labelled image folder, with each
-segment's loss barrier (the standard LMC barrier: the largest rise above the chord). After a
-good repair both segments that end at the repaired model are flat.
+Accuracy and loss along the three straight segments zero-shot -> fine-tuned, zero-shot ->
+repaired and fine-tuned -> repaired on a labelled image folder (the measurement itself is
+:mod:`repair.eval.path`), written as JSON and optionally plotted.
 """
 
 from __future__ import annotations
@@ -13,90 +10,41 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from repair.api import (
+from repair.data.features import Features, extract_features
+from repair.data.folders import ImageFolder, load_templates, scan_image_folder
+from repair.errors import IncompatibleCheckpointError, MergetuneError
+from repair.eval.path import FINETUNED, REPAIRED, ZERO_SHOT, Values, path_ts, walk_segments
+from repair.io import TensorFile, atomic_output, read_tensors
+from repair.kinds import Kind, detect_kind, load_kind
+from repair.model.backbone import Backbone, BackboneSpec
+from repair.record import Record, versions
+from repair.workflows.inputs import (
     DataOptions,
-    KindOptions,
-    _resolve_backbone,
-    backbone_warnings,
-    build_kind,
-    check_same_backbone,
+    check_output,
+    check_record_backbone,
     encode_for,
     read_record,
-    versions,
+    resolve_backbone,
 )
-from repair.backbone import Backbone, BackboneSpec
-from repair.checkpoints import TensorFile, atomic_output, read_tensors
-from repair.data import Features, ImageFolder, extract_features, load_templates, scan_image_folder
-from repair.errors import IncompatibleCheckpointError, MergetuneError
-from repair.kinds import Kind, detect_kind
+from repair.workflows.run import KindChoices
 
 PATH_SCHEMA = "mergetune.path/1"
-ZERO_SHOT, FINETUNED, REPAIRED = "zero-shot", "fine-tuned", "repaired"
-SEGMENTS: tuple[tuple[str, str], ...] = ((ZERO_SHOT, FINETUNED), (ZERO_SHOT, REPAIRED), (FINETUNED, REPAIRED))
-EVAL_BATCH = 4096  # the batch `evaluate` scores with, so the fine-tuned endpoint matches it exactly
 SHOTS_SEED = 0  # only used when data_options.shots subsamples the folder
-
-Values = dict[str, torch.Tensor]
-
-
-@dataclass
-class SegmentPoint:
-    t: float
-    accuracy: float  # percent
-    loss: float  # mean cross-entropy
-
-
-@dataclass
-class Segment:
-    name: str
-    start: str
-    end: str
-    points: list[SegmentPoint]
-    loss_barrier: float
-    accuracy_drop: float  # best endpoint accuracy minus the lowest accuracy along the segment
-
-
-# --------------------------------------------------------------------------- barrier
-
-
-def loss_barrier(losses: Sequence[float], ts: Sequence[float]) -> float:
-    """max_t [L(t) - chord(t)], clipped at 0; the chord joins the first and last points.
-
-    With ``ts`` from 0 to 1 the chord is ``(1 - t) L(0) + t L(1)``: the usual LMC barrier.
-    """
-    if len(losses) != len(ts):
-        raise ValueError(f"{len(losses)} losses for {len(ts)} values of t")
-    if len(ts) < 2 or ts[-1] == ts[0]:
-        raise ValueError("a barrier needs at least two distinct values of t")
-    t0, t1, l0, l1 = ts[0], ts[-1], losses[0], losses[-1]
-    rises = [loss - (l0 + (t - t0) / (t1 - t0) * (l1 - l0)) for loss, t in zip(losses, ts)]
-    return max(0.0, float(max(rises)))
-
-
-def accuracy_drop(accuracies: Sequence[float]) -> float:
-    """How far accuracy falls inside the segment below its better endpoint."""
-    return float(max(accuracies[0], accuracies[-1]) - min(accuracies))
-
-
-def path_ts(points: int) -> list[float]:
-    """``points`` evenly spaced values from 0 to 1; ``i / (n - 1)`` keeps 0.3 as 0.3, not 0.30000000000000004."""
-    if points < 2:
-        raise MergetuneError(f"a path needs at least 2 points, got {points}")
-    return [index / (points - 1) for index in range(points)]
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _same_kind_class(ft_file: TensorFile, rep_file: TensorFile, override: str | None) -> None:
+def _same_kind_class(ft_file: TensorFile, rep_file: TensorFile, override: str | None,
+                     records: Sequence[Record | None]) -> None:
     """Cheap check (no model needed) that both files are one kind of checkpoint."""
-    ft_kind, rep_kind = detect_kind(ft_file, override), detect_kind(rep_file, override)
+    ft_kind, rep_kind = (detect_kind(tensor_file, override, record.kind if record else None)
+                         for tensor_file, record in zip((ft_file, rep_file), records))
     if ft_kind is not rep_kind:
         raise IncompatibleCheckpointError(
             f"{rep_file.path} is a {rep_kind.name} checkpoint but {ft_file.path} is {ft_kind.name}; "
@@ -140,24 +88,6 @@ def _zero_shot_point(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: P
 # --------------------------------------------------------------------------- scoring
 
 
-def _interpolate(start: Values, end: Values, t: float) -> Values:
-    return {name: (1.0 - t) * start[name] + t * end[name] for name in start}
-
-
-@torch.no_grad()
-def _score(kind: Kind, data: Features, classnames: Sequence[str]) -> tuple[float, float]:
-    """Accuracy (%) and mean CE of the kind's current values, batched like ``evaluate``."""
-    correct, total_loss = 0, 0.0
-    for start in range(0, len(data), EVAL_BATCH):
-        features = data.features[start:start + EVAL_BATCH]
-        labels = data.labels[start:start + EVAL_BATCH]
-        logits = kind.logits_for(features, classnames)
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-        total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-    count = max(len(data), 1)
-    return 100.0 * correct / count, total_loss / count
-
-
 def _feature_source(kind: Kind, backbone: Backbone, dataset: ImageFolder,
                     options: DataOptions) -> Callable[[], Features]:
     """Features for the kind's current values: encoded once when the image tower is frozen,
@@ -168,36 +98,6 @@ def _feature_source(kind: Kind, backbone: Backbone, dataset: ImageFolder,
     return lambda: extract_features(backbone, dataset, cache_dir=None, batch_size=options.batch_size,
                                     workers=options.workers, normalize=kind.input_kind != "raw-features",
                                     encoder=kind.image_encoder())
-
-
-def _point_key(start: str, end: str, t: float) -> object:
-    """Segments share endpoints: t=0 and t=1 are named by the endpoint, so each is scored once."""
-    if t == 0.0:
-        return start
-    if t == 1.0:
-        return end
-    return (start, end, t)
-
-
-def _walk_segments(kind: Kind, anchors: dict[str, Values], ts: Sequence[float], classnames: Sequence[str],
-                   features: Callable[[], Features]) -> list[Segment]:
-    memo: dict[object, tuple[float, float]] = {}
-    segments = []
-    for start, end in SEGMENTS:
-        points = []
-        for t in ts:
-            key = _point_key(start, end, t)
-            if key not in memo:
-                values = anchors[key] if isinstance(key, str) else _interpolate(anchors[start], anchors[end], t)
-                kind.load_values(values)
-                memo[key] = _score(kind, features(), classnames)
-            accuracy, loss = memo[key]
-            points.append(SegmentPoint(t=t, accuracy=accuracy, loss=loss))
-        segments.append(Segment(
-            name=f"{start} -> {end}", start=start, end=end, points=points,
-            loss_barrier=loss_barrier([p.loss for p in points], [p.t for p in points]),
-            accuracy_drop=accuracy_drop([p.accuracy for p in points])))
-    return segments
 
 
 # --------------------------------------------------------------------------- report
@@ -211,7 +111,8 @@ def path_report(
     backbone: Backbone | BackboneSpec | None = None,
     points: int = 11,
     data_options: DataOptions | None = None,
-    kind_options: KindOptions = KindOptions(),
+    kind: str | None = None,
+    kind_options: KindChoices = None,
     device: str = "cpu",
 ) -> dict[str, object]:
     """Accuracy and loss along zs -> ft, zs -> rep and ft -> rep, as a JSON-ready dict.
@@ -224,24 +125,30 @@ def path_report(
     ts = path_ts(points)
     # everything cheap first: files, kinds, data, templates; then the model
     ft_file, rep_file = read_tensors(finetuned), read_tensors(repaired)
-    _same_kind_class(ft_file, rep_file, kind_options.kind)
+    records = [read_record(ft_file), read_record(rep_file)]
+    _same_kind_class(ft_file, rep_file, kind, records)
     dataset = scan_image_folder(data_dir, data_options.classnames_file)
     if data_options.shots is not None:
         dataset = dataset.few_shot(data_options.shots, SHOTS_SEED)
     templates = load_templates(data_options.templates_file)
-    backbone = _resolve_backbone(backbone, device)
+    backbone = resolve_backbone(backbone, device)
     warnings: list[str] = []
-    for tensor_file in (ft_file, rep_file):
-        check_same_backbone(read_record(tensor_file), backbone, tensor_file.path)
-        warnings += backbone_warnings(read_record(tensor_file), backbone, tensor_file.path)
-    ft_kind = build_kind(backbone, ft_file, dataset.classnames, templates, kind_options)
-    rep_kind = build_kind(backbone, rep_file, dataset.classnames, templates, kind_options)
+    for tensor_file, record in zip((ft_file, rep_file), records):
+        check_record_backbone(record, backbone, tensor_file.path)
+        if record is not None:
+            warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
+                                                   tensor_file.path)
+    ft_kind, rep_kind = (
+        load_kind(backbone, tensor_file, dataset.classnames, templates, kind=kind,
+                  recorded_kind=record.kind if record else None,
+                  recorded_options=record.kind_options if record else None, overrides=kind_options)
+        for tensor_file, record in zip((ft_file, rep_file), records))
     _check_compatible(ft_kind, rep_kind, finetuned, repaired)
     anchors = {ZERO_SHOT: _zero_shot_point(ft_kind, rep_kind, finetuned, repaired),
                FINETUNED: ft_kind.snapshot(), REPAIRED: rep_kind.snapshot()}
     del rep_kind  # scoring uses one kind: the fine-tuned file's, with its values swapped per point
     features = _feature_source(ft_kind, backbone, dataset, data_options)
-    segments = _walk_segments(ft_kind, anchors, ts, dataset.classnames, features)
+    segments = walk_segments(ft_kind, anchors, ts, dataset.classnames, features)
     return {
         "schema": PATH_SCHEMA,
         "backbone": backbone.spec.as_dict(),
@@ -256,6 +163,19 @@ def path_report(
         "warnings": warnings,
         "versions": versions(),
     }
+
+
+def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Path, out: str | Path, *,
+                 png: str | Path | None = None, force: bool = False, **options: object) -> dict[str, object]:
+    """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""
+    for target in (out, png):
+        if target is not None:
+            check_output(Path(target), [Path(finetuned), Path(repaired)], force)
+    report = path_report(finetuned, repaired, data_dir, **options)
+    write_path_json(report, out, force=force)
+    if png is not None:
+        plot_path(report, png, force=force)
+    return report
 
 
 def write_path_json(report: dict[str, object], path: str | Path, *, force: bool = False) -> Path:
@@ -309,4 +229,4 @@ def plot_path(report: dict[str, object], png: str | Path, *, force: bool = False
     return target
 
 
-__all__ = ["PATH_SCHEMA", "SegmentPoint", "Segment", "loss_barrier", "path_report", "plot_path", "write_path_json"]
+__all__ = ["PATH_SCHEMA", "path_outputs", "path_report", "plot_path", "write_path_json"]

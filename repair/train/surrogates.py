@@ -8,7 +8,8 @@ Around the zero-shot solution the pretraining loss along ``w_zs -> w`` grows lik
 - ``l2``: ``c * I``, ``0.5 ||w - w_zs||^2`` (L2-SP).
 
 A surrogate is built once per run (:func:`build_surrogate`), so its constants (anchors, the
-Fisher) are computed once; adding one is one class and one line in :data:`SURROGATES`.
+Fisher) are computed once; adding one is one class with a ``build`` classmethod and one line
+in :data:`SURROGATES` (the CLI's ``--surrogate`` choices come from there).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from repair.checkpoints import read_cache_entry, write_cache_entry
-from repair.data import Features
+from repair.io import read_cache_entry, write_cache_entry
+from repair.data.features import Features
+from repair.errors import UsageError
 from repair.kinds.base import Kind, KindOutput
 
 FISHER_CACHE_FORMAT = "mergetune-fisher/1"
@@ -31,7 +33,12 @@ FISHER_CACHE_FORMAT = "mergetune-fisher/1"
 class FeatureSurrogate:
     """Gauss-Newton on the class text features (KgCoOp's term; what the reference runs)."""
 
+    name = "feature"
     needs_data = False
+
+    @classmethod
+    def build(cls, kind: Kind, data: Features | None, **_: object) -> FeatureSurrogate:
+        return cls(kind)
 
     def __init__(self, kind: Kind) -> None:
         self.anchor = kind.zero_shot_class_features().detach()
@@ -43,7 +50,12 @@ class FeatureSurrogate:
 class L2Surrogate:
     """Isotropic H: ``0.5 ||w - w_zs||^2`` over the trainable tensors (L2-SP)."""
 
+    name = "l2"
     needs_data = False
+
+    @classmethod
+    def build(cls, kind: Kind, data: Features | None, **_: object) -> L2Surrogate:
+        return cls(kind)
 
     def __init__(self, kind: Kind) -> None:
         self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
@@ -55,7 +67,15 @@ class L2Surrogate:
 class FisherSurrogate:
     """Diagonal Fisher at ``w_zs``: ``0.5 sum_i F_i (w_i - w_zs_i)^2``; F needs images, not labels."""
 
+    name = "fisher"
     needs_data = True
+
+    @classmethod
+    def build(cls, kind: Kind, data: Features | None, *, seed: int = 0, cache_key: str | None = None,
+              cache_dir: Path | None = None) -> FisherSurrogate:
+        if data is None:
+            raise ValueError("the fisher surrogate needs the repair images")
+        return cls(kind, _cached_fisher(kind, data, seed, cache_key, cache_dir))
 
     def __init__(self, kind: Kind, fisher: dict[str, torch.Tensor]) -> None:
         self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
@@ -67,22 +87,15 @@ class FisherSurrogate:
 
 
 Surrogate = Callable[[Kind, KindOutput], torch.Tensor]
-SURROGATES = ("feature", "fisher", "l2")
+SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, FisherSurrogate, L2Surrogate)}
 
 
 def build_surrogate(name: str, kind: Kind, data: Features | None = None, *, seed: int = 0,
                     cache_key: str | None = None, cache_dir: Path | None = None) -> Surrogate:
-    """The named surrogate for this kind; the Fisher is estimated on ``data`` (cached on disk)."""
-    if name == "feature":
-        return FeatureSurrogate(kind)
-    if name == "l2":
-        return L2Surrogate(kind)
-    if name == "fisher":
-        if data is None:
-            raise ValueError("the fisher surrogate needs the repair images")
-        fisher = _cached_fisher(kind, data, seed, cache_key, cache_dir)
-        return FisherSurrogate(kind, fisher)
-    raise ValueError(f"unknown surrogate {name!r}; choose one of {', '.join(SURROGATES)}")
+    """The named surrogate for this kind, its constants computed once (the Fisher cached on disk)."""
+    if name not in SURROGATES:
+        raise UsageError(f"unknown surrogate {name!r}; choose one of {', '.join(SURROGATES)}")
+    return SURROGATES[name].build(kind, data, seed=seed, cache_key=cache_key, cache_dir=cache_dir)
 
 
 def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError, InputFileError, MergetuneError, WeightsUnavailableError
+from repair.record import BackboneIdentity
 
 RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
 RANDOM_INIT_SEED = 0
@@ -48,6 +49,10 @@ class BackboneSpec:
             "pretrained": None if self.uses_schema else self.pretrained,
             "model_config": str(self.model_config) if self.model_config else None,
         }
+
+    def describe(self) -> str:
+        """How messages name it: ``ViT-B-16 / openai``."""
+        return self.model if self.uses_schema else f"{self.model} / {self.pretrained}"
 
 
 @dataclass
@@ -100,10 +105,10 @@ class Backbone:
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def identity(self) -> dict[str, str | None]:
+    def identity(self) -> BackboneIdentity:
         """What an output records so a later run can tell whether it has the same backbone."""
-        return {**self.spec.as_dict(), "visual_sha256": self.visual_fingerprint,
-                "text_sha256": self.text_fingerprint}
+        return BackboneIdentity(**self.spec.as_dict(), visual_sha256=self.visual_fingerprint,
+                                text_sha256=self.text_fingerprint)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)

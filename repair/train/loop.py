@@ -12,18 +12,20 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from repair.data import Features
+from repair.data.features import Features
 from repair.errors import InputFileError, NumericalError
+from repair.io import write_state_file
 from repair.kinds.base import Kind
-from repair.objective import Objective, mergetune_loss
-from repair.surrogates import Surrogate, build_surrogate
+from repair.train.objective import Objective, mergetune_loss
+from repair.train.surrogates import Surrogate, build_surrogate
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,7 @@ class ProgressFile:
         record = {"fingerprint": self.fingerprint, "epoch": state.epoch, "steps": state.steps,
                   "best_accuracy": state.best_accuracy, "selected_epoch": state.selected_epoch,
                   "history": [asdict(report) for report in state.history]}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, temporary, metadata={"state": json.dumps(record)})
-        os.replace(temporary, self.path)
+        write_state_file(self.path, tensors, {"state": json.dumps(record)})
 
     def load(self, device: torch.device) -> LoopState:
         if not self.path.is_file():
@@ -180,7 +180,7 @@ def train(
     result = TrainResult(steps=0, selected_epoch=None)
     if total_steps == 0:
         return result
-    objective = objective.for_kind(kind.name)
+    objective = objective.for_kind(kind)
     if surrogate is None and objective.lam_zs != 0.0:
         surrogate = build_surrogate(objective.surrogate, kind, train_set, seed=config.seed)
     parameters = list(kind.trainable().values())
@@ -249,13 +249,28 @@ def _loop_state(kind: Kind, optimizer: torch.optim.Optimizer, generator: torch.G
                      selected_epoch=result.selected_epoch)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Bit-identical reruns: deterministic kernels only (CUDA needs a fixed cuBLAS workspace too)."""
-    if not enabled:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
+@contextmanager
+def seeded_run(seed: int, deterministic: bool = False) -> Iterator[None]:
+    """The run's seed and kernel choice, scoped: a library caller's RNG and flags are restored after.
+
+    ``deterministic`` asks for bit-identical reruns: deterministic kernels only (CUDA needs a fixed
+    cuBLAS workspace too).
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(saved[0])
+            torch.backends.cudnn.benchmark = saved[1]
+            if saved[2] is None:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _check_finite(loss: torch.Tensor, step: int, epoch: int) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from repair.api import DataOptions, evaluate, finetune, repair
-from repair.backbone import BackboneSpec
 from repair.errors import OutputExistsError
-from repair.objective import Objective
+from repair.model.backbone import BackboneSpec
 from repair.synthetic import make_image_folder, save_tiny_backbone
-from repair.train import StepReport, TrainConfig
+from repair.train.loop import StepReport, TrainConfig
+from repair.train.objective import Objective
+from repair.workflows.evaluate import evaluate
+from repair.workflows.inputs import DataOptions
+from repair.workflows.run import finetune, repair
 
 BASE_CLASSES = ("blue", "green", "red", "yellow")
 NOVEL_CLASSES = ("cyan", "orange", "pink", "purple")

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from repair.backbone import Backbone
-from repair.data import Features
+from repair.model.backbone import Backbone
+from repair.data.features import Features
 from repair.errors import IncompatibleCheckpointError
 
 EVAL_SCHEMA = "mergetune.eval/1"

@@ -12,42 +12,34 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from repair.errors import IncompatibleCheckpointError
+from repair.errors import UsageError
 from repair.kinds.base import Kind
-from repair.surrogates import SURROGATES, Surrogate, build_surrogate
-
-
-# Per kind: (surrogate, lam_zs) used when the caller names none. Chosen from the repair
-# benchmark (benchmarks/RESULTS.md); see the README's "Defaults" section for the evidence.
-KIND_DEFAULTS: dict[str, tuple[str, float]] = {
-    "coop": ("fisher", 10.0),
-    "linear": ("l2", 5.0),
-    "clipfit": ("feature", 10.0),
-}
-FALLBACK_DEFAULT = ("feature", 10.0)  # the reference code's choice
+from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
 
 
 @dataclass(frozen=True)
 class Objective:
-    lam_zs: float | None = None  # None: the kind's default (KIND_DEFAULTS)
+    lam_zs: float | None = None  # None: the kind's default (Kind.default_lam_zs)
     lam_lmc: float = 1.0
     path_points: int = 5
-    surrogate: str | None = None  # None: the kind's default
+    surrogate: str | None = None  # None: the kind's default (Kind.default_surrogate)
 
     def __post_init__(self) -> None:
         if self.surrogate is not None and self.surrogate not in SURROGATES:
-            raise IncompatibleCheckpointError(
-                f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+            raise UsageError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+        for name in ("lam_zs", "lam_lmc"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < float("inf"):
+                raise UsageError(f"{name} must be a finite number >= 0, got {value}")
         if self.path_points < 1:
-            raise ValueError("path_points must be at least 1")
+            raise UsageError(f"path_points must be at least 1, got {self.path_points}")
 
-    def for_kind(self, kind: str) -> Objective:
-        """The same objective with every unset choice filled in from the kind's defaults."""
+    def for_kind(self, kind: type[Kind] | Kind) -> Objective:
+        """The same objective with every unset choice filled in from the kind's declared defaults."""
         if self.lam_zs is not None and self.surrogate is not None:
             return self  # the common case: called on every training step
-        surrogate, lam_zs = KIND_DEFAULTS.get(kind, FALLBACK_DEFAULT)
-        return replace(self, lam_zs=lam_zs if self.lam_zs is None else self.lam_zs,
-                       surrogate=self.surrogate or surrogate)
+        return replace(self, lam_zs=kind.default_lam_zs if self.lam_zs is None else self.lam_zs,
+                       surrogate=self.surrogate or kind.default_surrogate)
 
     def path_ts(self) -> torch.Tensor:
         """Midpoints of K equal steps on (0, 1): K=5 gives 0.1, 0.3, 0.5, 0.7, 0.9."""
@@ -77,7 +69,7 @@ def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, label
     ``surrogate`` is the prepared zero-shot term (:func:`repair.surrogates.build_surrogate`);
     data-free ones are built on the fly when it is not given.
     """
-    objective = objective.for_kind(kind.name)
+    objective = objective.for_kind(kind)
     wants_path = objective.lam_lmc != 0.0
     output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
     ce = F.cross_entropy(output.logits, labels)

@@ -1,0 +1,5 @@
+"""``python -m repair.cli ARGS`` is ``mergetune ARGS``."""
+
+from repair.cli.app import main
+
+main()

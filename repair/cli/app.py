@@ -1,0 +1,180 @@
+"""The `mergetune` command line: the app, its one error boundary and its one output sink.
+
+Commands live one group per module (``repair.cli.train``, ``.evaluate``, ``.hub``, ``.demo``)
+and are imported only when run: ``mergetune --help`` and ``--version`` never load torch or
+open_clip. Errors become one line on stderr and a documented exit code in one place,
+:func:`run`; ``--debug`` (or ``MERGETUNE_DEBUG=1``) shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from importlib import import_module
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, MergetuneError
+
+# command -> (module holding it, one-line help shown by `mergetune --help` without importing it)
+COMMANDS = {
+    "repair": ("repair.cli.train", "Repair a fine-tuned checkpoint with MergeTune; write a same-shape file."),
+    "finetune": ("repair.cli.train", "Plain fine-tuning from zero-shot: makes the baseline to repair."),
+    "eval": ("repair.cli.evaluate", "The forgetting report: zero-shot and each checkpoint, optionally gated."),
+    "path": ("repair.cli.evaluate", "Accuracy and loss along the straight paths between the three models."),
+    "verify": ("repair.cli.evaluate", "Recompute the recorded input hashes; say which input differs."),
+    "inspect": ("repair.cli.evaluate", "A checkpoint's kind, tensors, trainable numbers and record."),
+    "push": ("repair.cli.hub", "Upload a checkpoint with a generated model card to the Hugging Face Hub."),
+    "demo": ("repair.cli.demo", "Run the whole workflow offline on a built-in tiny CLIP."),
+}
+
+stdout = Console()
+stderr = Console(stderr=True)
+T = TypeVar("T")
+_state = {"debug": os.environ.get("MERGETUNE_DEBUG", "") not in ("", "0")}
+
+
+class LazyCommands(TyperGroup):
+    """Import a command's module only when that command runs (or shows its own help)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in COMMANDS:
+            return None
+        group = typer.main.get_command(import_module(COMMANDS[name][0]).app)
+        return group.get_command(ctx, name) if isinstance(group, TyperGroup) else group
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short_help) for name, (_, short_help) in COMMANDS.items()])
+
+
+app = typer.Typer(
+    name="mergetune",
+    help="Repair fine-tuned CLIP checkpoints that forgot what zero-shot CLIP knew (MergeTune).",
+    cls=LazyCommands,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def command_group() -> typer.Typer:
+    """A command module's own Typer app, set up like the main one."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def run(action: Callable[[], T]) -> T:
+    """Run a command body: MergetuneError -> one line + its exit code; bugs -> exit 1."""
+    try:
+        return action()
+    except MergetuneError as exc:
+        if _state["debug"]:
+            raise
+        stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted; no output was written", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+        if _state["debug"]:
+            raise
+        stderr.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                     markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """One plain line for people (never Rich markup: paths and class names may hold brackets)."""
+    (stderr if err else stdout).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def emit(document: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """The one output decision: strict JSON on stdout (no NaN, no Infinity), or the human form."""
+    if as_json:
+        stdout.out(json.dumps(_strict(document), allow_nan=False), highlight=False)
+    else:
+        human()
+
+
+def _strict(value: Any) -> Any:
+    """Non-finite floats have no JSON spelling: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
+class Progress:
+    """Rich progress on stderr; silent when stderr is not a terminal or --quiet is given."""
+
+    def __init__(self, description: str, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[terms]}"), console=stderr, disable=quiet or not stderr.is_terminal,
+            transient=True,
+        )
+        self.description = description
+        self.task = self.progress.add_task(description, total=None, terms="")
+        self.images_task: Any = None
+        self.images_done = 0
+
+    def __enter__(self) -> Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.__exit__(*exc_info)
+
+    def on_images(self, done: int, total: int) -> None:
+        """Encoding progress: images per second and time left (a new bar for each folder)."""
+        if self.images_task is None or done <= self.images_done:
+            self.images_task = self.progress.add_task("encoding images", total=total, terms="")
+        self.images_done = done
+        self.progress.update(self.images_task, total=total, completed=done)
+        task = next(task for task in self.progress.tasks if task.id == self.images_task)
+        if task.speed:
+            self.progress.update(self.images_task, terms=f"{task.speed:.1f} img/s")
+
+    def on_step(self, report: Any) -> None:
+        terms = " ".join(f"{key} {value:.3f}" for key, value in report.terms.items())
+        self.progress.update(self.task, total=report.total_steps, completed=report.step,
+                             terms=f"epoch {report.epoch}  {terms}")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from repair import __version__
+
+        say(f"mergetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Repair fine-tuned CLIP checkpoints that forgot what zero-shot CLIP knew (MergeTune)."""
+    if debug:
+        _state["debug"] = True
+
+
+def main() -> None:
+    app()

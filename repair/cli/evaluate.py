@@ -1,0 +1,252 @@
+"""``mergetune eval``, ``path``, ``verify`` and ``inspect``: thin calls into :mod:`repair.workflows`."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from repair.cli.app import Progress, command_group, emit, run, say, stdout
+from repair.cli.options import (
+    CacheDirOpt,
+    ClassnamesOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    KindOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    NoCacheOpt,
+    Precision,
+    PrecisionOpt,
+    PretrainedOpt,
+    QuietOpt,
+    TemplatesOpt,
+    WorkersOpt,
+    data_options,
+    value,
+    with_kind_options,
+)
+from repair.model.backbone import BackboneSpec
+
+app = command_group()
+
+
+def _finite_threshold(threshold: Optional[float]) -> Optional[float]:
+    if threshold is not None and not math.isfinite(threshold):
+        raise typer.BadParameter(f"{threshold} is not a finite number")
+    return threshold
+
+
+def threshold_option(flag: str, help: str) -> Any:
+    """A gate threshold: a finite percentage (``nan`` would pass every check)."""
+    return Annotated[Optional[float], typer.Option(flag, callback=_finite_threshold, help=help)]
+
+
+MinBaseOpt = threshold_option("--min-base", "Gate: minimum base accuracy (%).")
+MinNovelOpt = threshold_option("--min-novel", "Gate: minimum novel accuracy (%).")
+MinHmOpt = threshold_option("--min-hm", "Gate: minimum harmonic mean (%).")
+MaxForgettingOpt = threshold_option("--max-forgetting",
+                                    "Gate: most novel accuracy points a checkpoint may lose against zero-shot.")
+
+
+@app.command("eval")
+@with_kind_options("eval")
+def eval_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to score next to the zero-shot model.")],
+    data: Annotated[Path, typer.Option("--data", help="Test images of the base (repair) classes.")],
+    novel_data: Annotated[Optional[list[Path]], typer.Option(
+        "--novel-data", help="Test images of held-out classes or datasets; repeat for several (novel = their mean)."
+    )] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME [default: the one the first "
+                        "checkpoint records, else ViT-B-16].")] = None,
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    kind: KindOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
+    baselines: Annotated[bool, typer.Option(
+        "--baselines", help="Add WiSE-FT (best alpha) and the output ensemble of zero-shot and the FIRST checkpoint."
+    )] = False,
+    wise_alpha: Annotated[Optional[float], typer.Option(
+        "--wise-alpha", min=0.0, max=1.0,
+        help="With --baselines: use this WiSE-FT alpha (e.g. one chosen on a validation split) instead of the "
+             "best on the test data.")] = None,
+    min_base: MinBaseOpt = None,
+    min_novel: MinNovelOpt = None,
+    min_hm: MinHmOpt = None,
+    max_forgetting: MaxForgettingOpt = None,
+    gate: Annotated[Optional[Path], typer.Option(
+        "--gate", help="Gate thresholds from a TOML/JSON file ([gate] min_base, min_novel, min_hm, max_forgetting).")
+    ] = None,
+    markdown: Annotated[Optional[Path], typer.Option(
+        "--markdown", help="Append a markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")] = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Encode test images on N local processes (torch.distributed, gloo); rank 0 reports."
+    )] = 1,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    kind_options: dict[str, Any] | None = None,
+) -> None:
+    """The forgetting report: zero-shot CLIP and each checkpoint on base / novel classes, optionally gated."""
+
+    def action() -> None:
+        from repair.cli.launch import launch, without_option
+        from repair.data.group import init_from_env, rank_and_world, rank_device
+        from repair.eval import gate as gating
+        from repair.render.report import eval_markdown
+        from repair.workflows.evaluate import evaluate
+
+        if nproc > 1 and rank_and_world()[1] == 1:
+            raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
+        init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
+        thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
+        with Progress("evaluating", quiet) as progress:
+            report = evaluate(
+                checkpoints, data, novel_dir=novel_data,
+                backbone=BackboneSpec(model, pretrained, model_config) if model else None,
+                data_options=data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers, progress),
+                kind=value(kind), kind_options=kind_options, baselines=baselines, wise_alpha=wise_alpha,
+                device=rank_device(device), precision=value(precision),
+            )
+        failures = gating.apply(report, thresholds)
+        if markdown is not None and rank_and_world()[0] == 0:
+            with open(markdown, "a", encoding="utf-8") as handle:
+                handle.write(eval_markdown(report, failures))
+        emit(report, as_json, lambda: print_eval_table(report))
+        for warning in report["warnings"]:
+            say(f"warning: {warning}", err=True)
+        gating.require_passed(failures)
+
+    run(action)
+
+
+def print_eval_table(report: dict[str, Any]) -> None:
+    from repair.render.report import rich_table
+
+    table, lines = rich_table(report)
+    stdout.print(table)
+    for line in lines:
+        say(line)
+
+
+@app.command("path")
+@with_kind_options("path")
+def path_command(
+    finetuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.")],
+    repaired: Annotated[Path, typer.Argument(help="Its repaired version.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled test images (an ImageFolder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report.")],
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also plot accuracy and loss along the paths.")] = None,
+    points: Annotated[int, typer.Option("--points", min=2, help="Points per segment, t = 0 .. 1.")] = 11,
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    kind: KindOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    workers: WorkersOpt = 0,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    kind_options: dict[str, Any] | None = None,
+) -> None:
+    """Accuracy and loss along zero-shot -> fine-tuned, zero-shot -> repaired and fine-tuned -> repaired."""
+
+    def action() -> None:
+        from repair.workflows.path import path_outputs
+
+        report = path_outputs(
+            finetuned, repaired, data, out, png=png, force=force,
+            backbone=BackboneSpec(model, pretrained, model_config), points=points,
+            data_options=data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
+            kind=value(kind), kind_options=kind_options, device=device,
+        )
+
+        def human() -> None:
+            for segment in report["segments"]:
+                say(f"{segment['name']}: loss barrier {segment['loss_barrier']:.4f}, accuracy drop "
+                    f"{segment['accuracy_drop']:.2f} points")
+            say(f"wrote {out}" + (f" and {png}" if png else ""))
+
+        emit(report, as_json, human)
+
+    run(action)
+
+
+@app.command("verify")
+def verify_command(
+    output: Annotated[Path, typer.Argument(help="A file written by mergetune repair or finetune.")],
+    ft: Annotated[Optional[Path], typer.Option("--ft", help="The fine-tuned checkpoint it was repaired from.")
+                  ] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="The data folder it was trained on.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Also check the backbone weights (open_clip name, local-dir:PATH, hf-hub:ORG/NAME).")] = None,
+    pretrained: PretrainedOpt = "openai",
+    model_config: ModelConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the input hashes recorded in OUTPUT and say which input differs (exit 13)."""
+
+    def action() -> None:
+        from repair.workflows.verify import require_verified, verify
+
+        backbone = BackboneSpec(model, pretrained, model_config) if model else None
+        report = verify(output, finetuned=ft, data_dir=data, backbone=backbone)
+
+        def human() -> None:
+            for check in report["checks"]:
+                say(f"{check['input']}: {'matches' if check['ok'] else 'DIFFERS'}")
+
+        emit(report, as_json, human)
+        require_verified(report)
+
+    run(action)
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (safetensors, torch, npz).")],
+    kind: KindOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name a checkpoint's kind, its tensors, shapes, dtypes, trainable numbers and metadata."""
+
+    def action() -> None:
+        from repair.workflows.inspect import inspect_checkpoint
+
+        report = inspect_checkpoint(checkpoint, value(kind))
+        emit(report, as_json, lambda: _print_inspection(report))
+
+    run(action)
+
+
+def _print_inspection(report: dict[str, Any]) -> None:
+    import json
+
+    from rich.table import Table
+
+    say(f"{report['path']}: {report['kind']} checkpoint ({report['kind_title']}), {report['trainable_numbers']:,} "
+        f"trainable numbers ({report['format']}, sha256 {report['sha256'][:12]})")
+    table = Table("tensor", "shape", "dtype", "trained")
+    for tensor in report["tensors"][:50]:
+        table.add_row(tensor["name"], str(tensor["shape"]), tensor["dtype"], "yes" if tensor["trainable"] else "")
+    stdout.print(table)
+    if len(report["tensors"]) > 50:
+        say(f"... and {len(report['tensors']) - 50} more tensors (--json lists all)")
+    metadata = report["metadata"]
+    if metadata:
+        summary = {key: metadata[key] for key in ("stage", "backbone", "objective", "seed") if key in metadata}
+        stdout.print_json(json.dumps(summary or metadata))
+

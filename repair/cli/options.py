@@ -1,0 +1,174 @@
+"""Options shared by several commands, declared once; closed value sets as Enums.
+
+An Enum-typed option makes a bad value a usage error (exit 2) from Typer before any work.
+The kinds' own options are not listed here: :func:`with_kind_options` reads each kind's
+``Options`` declaration (field, type, help, stages) and adds one flag per field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import math
+import re
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from repair.kinds import KINDS
+from repair.train.surrogates import SURROGATES
+from repair.data.features import default_cache_dir
+from repair.workflows.inputs import DataOptions
+from repair.workflows.run import OUTPUT_DTYPES
+
+KindName = enum.Enum("KindName", {name: name for name in KINDS}, type=str)
+SurrogateName = enum.Enum("SurrogateName", {name: name for name in SURROGATES}, type=str)
+OutputDtype = enum.Enum("OutputDtype", {name: name for name in OUTPUT_DTYPES}, type=str)
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+ModelOpt = Annotated[str, typer.Option("--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME.")]
+PretrainedOpt = Annotated[str, typer.Option(
+    "--pretrained", help="Pretrained tag (e.g. openai), a weights file, or 'none' for random init.")]
+ModelConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--model-config", help="Register a custom open_clip architecture (JSON) before loading --model.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=_device, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    "--precision", help="Forward passes in fp32, bf16 or fp16 (autocast); trainable tensors stay fp32.")]
+DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder directory: one sub-folder per class.")]
+ClassnamesOpt = Annotated[Optional[Path], typer.Option(
+    "--classnames", help="Class display names: JSON {folder: name} / list, or text lines 'folder: name'.")]
+TemplatesOpt = Annotated[Optional[Path], typer.Option(
+    "--templates", help="Prompt templates with one '{}', one per line or a JSON list [default: 'a photo of a {}.'].")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="Where image features are cached [default: $MERGETUNE_CACHE or ~/.cache/mergetune].")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="The one seed: shots, split, batches, initialisation.")]
+ShotsOpt = Annotated[Optional[int], typer.Option("--shots", min=1, help="Images per class to train on (all if unset).")]
+ValOpt = Annotated[float, typer.Option(
+    "--val-fraction", min=0.0, max=0.9, help="Hold out this fraction of the shots; keep the best epoch on it.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Passes over the training images.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=0, help="Stop after this many steps.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, callback=_finite, help="SGD learning rate (cosine schedule).")]
+MomentumOpt = Annotated[float, typer.Option("--momentum", min=0.0, max=0.999999, help="SGD momentum, in [0, 1).")]
+WdOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, callback=_finite, help="SGD weight decay.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear warm-up epochs.")]
+KindOpt = Annotated[Optional[KindName], typer.Option(
+    "--kind", help="Checkpoint kind; detected from the file if unset.")]
+DtypeOpt = Annotated[OutputDtype, typer.Option(
+    "--dtype", help="Output dtype: input (same as the input), fp32, fp16, bf16.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run from the progress saved next to --out after each epoch.")]
+DeterministicOpt = Annotated[bool, typer.Option(
+    "--deterministic", help="Deterministic kernels only: bit-identical reruns (slower on GPU).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
+
+
+def data_options(classnames: Optional[Path], templates: Optional[Path], shots: Optional[int], val_fraction: float,
+                 cache_dir: Optional[Path], no_cache: bool, workers: int, progress: Any = None
+                 ) -> DataOptions:
+    """The data flags shared by every command, as the library's one value."""
+    return DataOptions(classnames_file=classnames, templates_file=templates, shots=shots,
+                       val_fraction=val_fraction, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                       workers=workers, on_progress=progress.on_images if progress else None)
+
+
+# ----------------------------------------------------------------------------- the kinds' own options
+
+
+@dataclasses.dataclass
+class _KindFlag:
+    name: str
+    annotation: Any
+    help: str
+    kinds: list[str]
+
+
+def kind_flags(stage: str) -> list[_KindFlag]:
+    """One flag per option name over every registered kind whose option applies at ``stage``."""
+    flags: dict[str, _KindFlag] = {}
+    for kind in KINDS.values():
+        hints = typing.get_type_hints(kind.Options)
+        for field in dataclasses.fields(kind.Options):
+            if stage not in field.metadata.get("stages", ()):
+                continue
+            if field.name in flags:
+                flags[field.name].kinds.append(kind.name)
+                continue
+            flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+            value_type = _optional_inner(hints[field.name])
+            option = typer.Option(flag, help=field.metadata.get("help", ""))
+            flags[field.name] = _KindFlag(field.name, Annotated[Optional[value_type], option],
+                                          field.metadata.get("help", ""), [kind.name])
+    for flag in flags.values():
+        if len(flag.kinds) < len(KINDS):
+            flag.annotation.__metadata__[0].help += f" [{', '.join(flag.kinds)}]"
+    return list(flags.values())
+
+
+def _optional_inner(annotation: Any) -> Any:
+    """``int | None`` -> ``int``: every kind flag is optional on the command line (unset = not given)."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else annotation
+
+
+def with_kind_options(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one flag per kind option (at ``stage``); the body gets the given ones as
+    ``kind_options={name: value}``. The library refuses those that do not apply to the file's kind."""
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        flags = kind_flags(stage)
+        base = inspect.signature(command, eval_str=True)
+        kept = [parameter for name, parameter in base.parameters.items() if name != "kind_options"]
+        extra = [inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=flag.annotation) for flag in flags]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            chosen = {flag.name: values.pop(flag.name) for flag in flags}
+            given = {name: value.value if isinstance(value, enum.Enum) else value
+                     for name, value in chosen.items() if value is not None}
+            return command(**values, kind_options=given)
+
+        wrapper.__signature__ = base.replace(parameters=[*kept, *extra])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in [*kept, *extra]}
+        del wrapper.__wrapped__  # Typer must read the new signature, not the body's
+        return wrapper
+
+    return decorate
+
+
+def value(choice: enum.Enum | str | None) -> str | None:
+    """An Enum option's plain string for the library."""
+    return choice.value if isinstance(choice, enum.Enum) else choice

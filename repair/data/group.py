@@ -1,0 +1,117 @@
+"""The torch.distributed process group, as the data layer uses it: who am I, split, gather.
+
+Without an initialised group everything here answers for one process, so callers need no
+special case. gloo by default: every collective here moves CPU tensors, whatever device
+encodes the images.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from datetime import timedelta
+
+import torch
+
+from repair.errors import MergetuneError
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: from the process group, else torchrun's env."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def init_from_env(backend: str = "gloo", *, timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes in the environment, once; returns whether distributed.
+
+    gloo by default: every collective here moves CPU tensors, whatever device encodes the images.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    _, world = rank_and_world()
+    if world <= 1 or not os.environ.get("MASTER_ADDR"):
+        return False
+    options = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group(backend, **options)  # env:// reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    atexit.register(_leave_group)
+    return True
+
+
+def _leave_group() -> None:
+    """Tear the group down before interpreter exit: gloo's threads left running abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: str) -> str:
+    """Under a launcher, ``cuda`` (or ``auto`` finding CUDA) means this rank's own GPU, not all on GPU 0."""
+    if rank_and_world()[1] > 1 and (device == "cuda" or (device == "auto" and torch.cuda.is_available())):
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def shard(count: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous slice of ``range(count)``; the first ``count % world`` ranks get one more."""
+    if world < 1 or not 0 <= rank < world or count < 0:
+        raise ValueError(f"no shard {rank} of {count} items over {world} ranks")
+    size, extra = divmod(count, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (1 if rank < extra else 0))
+
+
+def active() -> bool:
+    """Whether a process group of more than one rank is running."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks(flag: bool) -> bool:
+    """True only where every rank says so: ranks must take the same branch around collectives."""
+    import torch.distributed as dist
+
+    agreed = torch.tensor([int(flag)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def gather_or_raise(local: torch.Tensor | None, failure: Exception | None) -> list[torch.Tensor]:
+    """Every rank's rows in rank order; a rank that failed still joins, carrying its error, so every
+    rank raises that error (rank 0 reports it with its own exit code) rather than losing a connection."""
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    gathered: list[tuple[torch.Tensor | None, Exception | None]] = [(None, None)] * world
+    dist.all_gather_object(gathered, (local, _portable(failure, rank)))
+    if failure is not None:
+        raise failure
+    for _, error in gathered:
+        if error is not None:
+            raise error
+    return [rows for rows, _ in gathered if rows is not None]
+
+
+def _portable(error: Exception | None, rank: int) -> Exception | None:
+    """Our own errors travel as they are (same message and exit code everywhere); others as a summary."""
+    if error is None or isinstance(error, MergetuneError):
+        return error
+    return RuntimeError(f"rank {rank} failed: {type(error).__name__}: {error}")

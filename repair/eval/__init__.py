@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, gates and the path measurement."""

@@ -1,0 +1,1 @@
+"""The frozen backbone: loading it and prompt-aware text encoding."""

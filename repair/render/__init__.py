@@ -1,0 +1,1 @@
+"""Reports as text: the eval table in every rendering, and the model card."""

@@ -1,0 +1,1 @@
+"""Training: the objective, the zero-shot surrogates and the loop."""

@@ -1,0 +1,147 @@
+"""The forgetting report: zero-shot CLIP and each checkpoint on base (and novel) test folders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from repair.data.features import Features
+from repair.data.folders import ImageFolder, load_templates, scan_image_folder
+from repair.errors import UsageError
+from repair.eval.baselines import baselines as baseline_rows
+from repair.eval.metrics import EVAL_SCHEMA, EvalSet, Evaluation, ModelResult, Scorer, ZeroShot, forgetting
+from repair.io import TensorFile, read_tensors
+from repair.kinds import Kind, load_kind
+from repair.model.backbone import Backbone, BackboneSpec
+from repair.record import versions
+from repair.workflows.inputs import (
+    DataOptions,
+    check_record_backbone,
+    encode_for,
+    read_record,
+    recorded_backbone,
+    resolve_backbone,
+)
+from repair.workflows.run import KindChoices
+
+
+def load_evalset(backbone: Backbone, dataset: ImageFolder, name: str, options: DataOptions) -> EvalSet:
+    """Features are encoded on first use per image tower and normalisation, then reused."""
+    memo: dict[tuple[str, str], Features] = {}
+
+    def features_for(scorer: Scorer) -> Features:
+        encoder = scorer.image_encoder()
+        key = (encoder.fingerprint if encoder else "backbone", scorer.input_kind)
+        if key not in memo:
+            memo[key] = encode_for(scorer, backbone, dataset, options, shard=True)
+        return memo[key]
+
+    return EvalSet(name, dataset.classnames, features_for)
+
+
+def evaluate(
+    checkpoints: Sequence[str | Path],
+    data_dir: str | Path,
+    *,
+    novel_dir: str | Path | Sequence[str | Path] | None = None,
+    backbone: Backbone | BackboneSpec | None = None,
+    data_options: DataOptions | None = None,
+    kind: str | None = None,
+    kind_options: KindChoices = None,
+    baselines: bool = False,
+    wise_alpha: float | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
+
+    ``novel_dir`` may be several held-out folders: each is reported, and "novel" is their mean.
+    Without ``backbone``, the one the first checkpoint records is loaded.
+
+    With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
+    (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
+    WiSE-FT's alpha is the one with the best HM on this data (optimistic) unless ``wise_alpha``
+    fixes it, e.g. to the alpha a report on a validation split chose (:func:`best_wise_alpha`).
+    """
+    if wise_alpha is not None and not 0.0 <= wise_alpha <= 1.0:
+        raise UsageError(f"wise_alpha must lie in [0, 1], got {wise_alpha}")
+    data_options = data_options or DataOptions(shots=None)
+    files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+    if baselines and not files:
+        raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
+    records = [read_record(tensor_file) for tensor_file in files]
+    if backbone is None and records and records[0] is not None:
+        backbone = recorded_backbone(records[0])
+    backbone = resolve_backbone(backbone, device, precision)
+    templates = load_templates(data_options.templates_file)
+    base_folder = scan_image_folder(data_dir, data_options.classnames_file)
+    novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
+    base = load_evalset(backbone, base_folder, "base", data_options)
+    novel = [load_evalset(backbone, folder, name, data_options)
+             for folder, name in zip(novel_folders, _novel_names(novel_folders))]
+    warnings: list[str] = []
+    kinds: dict[str, tuple[Kind, TensorFile]] = {}
+    for tensor_file, record in zip(files, records):
+        check_record_backbone(record, backbone, tensor_file.path)
+        if record is not None:
+            warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
+                                                   tensor_file.path)
+        name = tensor_file.path.name if tensor_file.path.name not in kinds else str(tensor_file.path)
+        model = load_kind(backbone, tensor_file, base.classnames, templates, kind=kind,
+                          recorded_kind=record.kind if record else None,
+                          recorded_options=record.kind_options if record else None, overrides=kind_options)
+        kinds[name] = (model, tensor_file)
+    evaluation = Evaluation(base, novel)
+    zero_shot_scale = kind_options.get("logit_scale") if isinstance(kind_options, dict) else None
+    results = [evaluation.score("zero-shot", ZeroShot(backbone, templates, zero_shot_scale), "zero-shot")]
+    results += [evaluation.score(name, model) for name, (model, _) in kinds.items()]
+    baseline_report = None
+    if baselines:
+        finetuned_name = next(iter(kinds))
+        rows, baseline_report = baseline_rows(evaluation, finetuned_name, kinds[finetuned_name][0], wise_alpha)
+        results += rows
+    sources = {name: {"path": str(f.path), "sha256": f.sha256} for name, (_, f) in kinds.items()}
+    return {
+        "schema": EVAL_SCHEMA,
+        "backbone": backbone.spec.as_dict(),
+        "data": {"base": describe_folder(base_folder),
+                 "novel": [describe_folder(folder) for folder in novel_folders] or None},
+        "models": [_model_row(result, sources.get(result.name)) for result in results],
+        "per_class": {result.name: result.per_class for result in results},
+        "forgetting": forgetting(results),
+        "baselines": baseline_report,
+        "warnings": warnings,
+        "versions": versions(),
+    }
+
+
+def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if paths is None:
+        return []
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
+
+
+def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:
+    """'novel' for one held-out set; 'novel:NAME' for several (unique)."""
+    if len(folders) == 1:
+        return ["novel"]
+    names = []
+    for index, folder in enumerate(folders):
+        name = f"novel:{folder.root.name}"
+        names.append(name if name not in names else f"{name}#{index}")
+    return names
+
+
+def _model_row(result: ModelResult, source: dict[str, str] | None) -> dict[str, Any]:
+    row = {key: value for key, value in asdict(result).items() if key not in ("per_class", "_novel_eces")}
+    return {**row, "source": source}
+
+
+def describe_folder(folder: ImageFolder) -> dict[str, Any]:
+    return {"path": str(folder.root), "classes": list(folder.classnames), "images": len(folder),
+            "manifest_sha256": folder.manifest_sha256()}
+
+
+__all__ = ["evaluate", "load_evalset", "describe_folder"]

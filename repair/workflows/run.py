@@ -1,0 +1,215 @@
+"""One training workflow, :func:`fit`; ``repair`` and ``finetune`` are thin wrappers over it.
+
+Each wrapper reads and validates its inputs before any expensive work and describes the run
+as one :class:`RunInputs` value; the progress file's fingerprint and the output's
+:class:`~repair.record.Record` both come from that value, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repair.data.folders import ImageFolder, load_templates
+from repair.errors import UsageError
+from repair.io import TensorFile, read_tensors, write_safetensors
+from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
+from repair.model.backbone import Backbone, BackboneSpec
+from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
+from repair.train.loop import ProgressFile, StepReport, TrainConfig, TrainResult, seeded_run, train
+from repair.train.objective import Objective
+from repair.train.surrogates import Surrogate, build_surrogate
+from repair.workflows.inputs import (
+    DataOptions,
+    check_output,
+    check_record_backbone,
+    encode_for,
+    read_record,
+    resolve_backbone,
+    select_training_images,
+)
+
+OUTPUT_DTYPES = {"input": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+KindChoices = Mapping[str, Any] | KindOptions | None  # flag-name -> value overrides, or one kind's Options
+
+
+@dataclass
+class RunOutcome:
+    """What a repair or finetune wrote, with the record stored in its metadata."""
+
+    path: Path
+    record: Record
+    train_result: TrainResult
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Everything one training run depends on; its fingerprint ties a progress file to it."""
+
+    stage: str  # "repair" or "finetune"
+    kind: Kind
+    backbone: Backbone
+    dataset: ImageFolder
+    held_out: ImageFolder | None
+    templates: tuple[str, ...]
+    objective: Objective  # resolved for the kind: no unset choices
+    config: TrainConfig
+    data_options: DataOptions
+    output_dtype: str = "input"
+    source: TensorFile | None = None  # the fine-tuned checkpoint a repair starts from
+
+    def fingerprint(self) -> str:
+        identity = [self.stage, self.kind.name, self.kind.recorded_options(), self.kind.describe(),
+                    self.source.sha256 if self.source else None, self.dataset.manifest_sha256(),
+                    self.held_out.manifest_sha256() if self.held_out else None, list(self.templates),
+                    self.objective.as_dict(), self.config.as_dict(), self.backbone.visual_fingerprint,
+                    self.backbone.text_fingerprint]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    def progress_file(self, out: Path) -> ProgressFile:
+        """The per-epoch state file of a run writing ``out``, tied to exactly these inputs and settings."""
+        return ProgressFile(out.with_name(f".{out.name}.progress"), self.fingerprint())
+
+    def record(self, result: TrainResult) -> Record:
+        dataset, held_out = self.dataset, self.held_out
+        checkpoint = None if self.source is None else CheckpointInput(self.source.path.name, self.source.sha256)
+        data = DataInput(path=str(dataset.root), images=len(dataset), manifest_sha256=dataset.manifest_sha256(),
+                         val_images=len(held_out) if held_out is not None else 0,
+                         val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None)
+        return Record(
+            stage=self.stage, kind=self.kind.name, kind_options=self.kind.recorded_options(),
+            kind_details=self.kind.describe(), trainable_numbers=self.kind.num_trainable(),
+            backbone=self.backbone.identity(), logit_scale=self.kind.scale,
+            class_folders=list(dataset.folders), classnames=list(dataset.classnames), templates=list(self.templates),
+            objective=self.objective.as_dict(), train=self.config.as_dict(), seed=self.config.seed,
+            data=DataSettings(self.data_options.shots, self.data_options.val_fraction, self.output_dtype),
+            inputs=Inputs(checkpoint, data), result=result.as_dict(),
+        )
+
+
+def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
+        on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
+    """Encode once, build the zero-shot term once, train, write ``out`` atomically with its record."""
+    kind, options = inputs.kind, inputs.data_options
+    train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
+    val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
+               if inputs.held_out is not None else None)
+    surrogate = _prepare_surrogate(inputs, train_set)
+    progress = inputs.progress_file(out)
+    with seeded_run(inputs.config.seed, deterministic):
+        result = train(kind, inputs.objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
+                       on_step=on_step, progress=progress, resume=resume)
+    record = inputs.record(result)
+    sources = [inputs.source.path] if inputs.source is not None else []
+    path = write_safetensors(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force,
+                             inputs=sources)
+    progress.remove()
+    return RunOutcome(path, record, result)
+
+
+def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
+    objective, kind, dataset = inputs.objective, inputs.kind, inputs.dataset
+    if objective.lam_zs == 0.0:
+        return None
+    cache_key = json.dumps([kind.name, kind.describe(), inputs.backbone.visual_fingerprint,
+                            inputs.backbone.text_fingerprint, list(dataset.classnames), list(inputs.templates),
+                            dataset.file_hashes()], default=str)
+    return build_surrogate(objective.surrogate, kind, train_set, seed=inputs.config.seed, cache_key=cache_key,
+                           cache_dir=inputs.data_options.cache_dir)
+
+
+def export(kind: Kind, output_dtype: str) -> dict[str, torch.Tensor]:
+    """The kind's tensors in the input's dtypes, or all floating tensors in ``output_dtype``."""
+    dtype = OUTPUT_DTYPES[output_dtype]
+    return {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            for name, tensor in kind.export().items()}
+
+
+def _check_output_dtype(output_dtype: str) -> None:
+    if output_dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"unknown output dtype {output_dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
+
+
+def repair(
+    finetuned: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    backbone: Backbone | BackboneSpec | None = None,
+    objective: Objective = Objective(),
+    config: TrainConfig = TrainConfig(),
+    data_options: DataOptions | None = None,
+    kind: str | None = None,
+    kind_options: KindChoices = None,
+    output_dtype: str = "input",
+    device: str = "cpu",
+    precision: str = "fp32",
+    force: bool = False,
+    resume: bool = False,
+    deterministic: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> RunOutcome:
+    """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file.
+
+    ``kind_options`` overrides the kind's options (``{"ctx_init": "a photo of a"}``); an option the
+    detected kind does not have is refused. Progress is saved next to ``out`` after every epoch;
+    ``resume=True`` continues an interrupted run.
+    """
+    finetuned, out = Path(finetuned), Path(out)
+    data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
+    _check_output_dtype(output_dtype)
+    check_output(out, [finetuned], force)
+    source = read_tensors(finetuned)
+    record = read_record(source)
+    cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
+                             recorded_options=record.kind_options if record else None, overrides=kind_options)
+    templates = load_templates(data_options.templates_file)
+    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+    backbone = resolve_backbone(backbone, device, precision)
+    check_record_backbone(record, backbone, finetuned)
+    model = cls.from_file(backbone, source, dataset.classnames, templates, options)
+    inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), objective.for_kind(model),
+                       config, data_options, output_dtype, source)
+    return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+
+
+def finetune(
+    kind: str,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    backbone: Backbone | BackboneSpec | None = None,
+    config: TrainConfig = TrainConfig(),
+    data_options: DataOptions | None = None,
+    kind_options: KindChoices = None,
+    output_dtype: str = "input",
+    device: str = "cpu",
+    precision: str = "fp32",
+    force: bool = False,
+    resume: bool = False,
+    deterministic: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> RunOutcome:
+    """Plain fine-tuning from the zero-shot point (both constraint terms off): the baseline to repair."""
+    out = Path(out)
+    data_options = data_options or DataOptions()
+    cls = kind_class(kind)
+    options = resolve_options(cls, None, kind_options)
+    _check_output_dtype(output_dtype)
+    check_output(out, [], force)
+    templates = load_templates(data_options.templates_file)
+    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+    backbone = resolve_backbone(backbone, device, precision)
+    model = cls.zero_shot(backbone, dataset.classnames, templates, options)
+    inputs = RunInputs("finetune", model, backbone, dataset, held_out, tuple(templates),
+                       Objective(lam_zs=0.0, lam_lmc=0.0).for_kind(model), config, data_options, output_dtype)
+    return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+
+
+__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "OUTPUT_DTYPES"]
