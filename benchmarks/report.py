@@ -14,10 +14,10 @@ CHART = RESULTS / "hm.png"
 
 
 def kind_title(name: str) -> str:
-    """How a kind is labelled: its own declaration (``Kind.title``)."""
+    """How a kind is labelled: its own declaration (``Kind.about.title``)."""
     from repair.kinds import KINDS
 
-    return KINDS[name].title if name in KINDS else name
+    return KINDS[name].about.title if name in KINDS else name
 
 
 def ordered(summary: dict[str, dict]) -> list[tuple[str, dict]]:

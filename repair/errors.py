@@ -62,10 +62,10 @@ class WeightsUnavailableError(MergetuneError):
 
 
 class OutputExistsError(MergetuneError):
-    """The output exists (and --force was not given) or would overwrite an input."""
+    """The output exists (and --force was not given), would overwrite an input, or cannot be written."""
 
     exit_code = 8
-    summary = "output exists or would overwrite an input"
+    summary = "output exists, would overwrite an input, or cannot be written"
 
 
 class NumericalError(MergetuneError):
@@ -97,6 +97,11 @@ class HubError(MergetuneError):
 
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that died of it
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned by the CLI into an exception so every cleanup runs, as for Ctrl-C."""
 
 ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
     UsageError,
@@ -117,5 +122,6 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERNAL: "internal error (a bug: please report it; --debug shows the traceback)",
     **{cls.exit_code: cls.summary for cls in ERROR_CLASSES},
     MergetuneError.exit_code: MergetuneError.summary,
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); no partial output is left behind",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); no partial output is left behind, progress is kept for --resume",
+    EXIT_TERMINATED: "terminated (SIGTERM); no partial output is left behind, progress is kept for --resume",
 }

@@ -112,7 +112,7 @@ def test_coop_from_dassl_checkpoint(tmp_path, backbone, image_dirs):
     torch.save({"state_dict": {"ctx": ctx, "token_prefix": prefix, "token_suffix": prefix[:, :, :]},
                 "epoch": 50, "optimizer": optimizer.state_dict(), "scheduler": scheduler}, path)
     out = zero_steps(backbone, path, image_dirs["train"], ctx_init="a photo")
-    assert list(out) == ["ctx"] and torch.equal(out["ctx"], ctx)
+    assert list(out) == ["state_dict.ctx"] and torch.equal(out["state_dict.ctx"], ctx)  # the input's own name
 
 
 # ----------------------------------------------------------------------------- path terms

@@ -19,7 +19,7 @@ from torch import nn
 
 import repair
 from repair.kinds import KINDS, Kind, KindOptions, KindOutput, register
-from repair.kinds.base import option
+from repair.kinds.base import About, RepairDefaults, option
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,13 @@ class ResidualOptions(KindOptions):
 
 class TextResidual(Kind):
     name: ClassVar[str] = "residual"
-    title: ClassVar[str] = "text residual"
-    description: ClassVar[str] = "shared text-feature residual"
     Options: ClassVar[type[KindOptions]] = ResidualOptions
-    default_surrogate: ClassVar[str] = "l2"
-    default_lam_zs: ClassVar[float] = 1.0
-    scores_unseen_classes: ClassVar[bool] = True
-    trained_tensors: ClassVar[str] = "`residual` [embed_dim]"
+    about: ClassVar[About] = About(title="text residual", description="shared text-feature residual",
+                                   trained_tensors="`residual` [embed_dim]", scores_unseen_classes=True)
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="l2", lam_zs=1.0)
 
     def __init__(self, backbone, residual, classnames, templates, options=None):
-        super().__init__()
-        self.backbone, self.options = backbone, options or ResidualOptions()
-        self.classnames, self.templates = list(classnames), list(templates)
+        super().__init__(backbone, classnames, templates, options)
         self.scale = backbone.logit_scale
         self.residual = nn.Parameter(residual.detach().float().clone())
         self.register_buffer("residual_ft", self.residual.detach().clone(), persistent=False)

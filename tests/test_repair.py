@@ -120,7 +120,7 @@ def test_repair_metadata_round_trips_and_loads(tmp_path, tiny_spec, backbone, im
     assert record.backbone.model == tiny_spec.model
     assert record.classnames == ["blue", "green", "red", "yellow"]
     assert record.inputs.checkpoint.sha256 == read_tensors(ft).sha256
-    surrogate, lam_zs = CoOpPrompts.default_surrogate, CoOpPrompts.default_lam_zs  # unset: the kind's defaults
+    surrogate, lam_zs = CoOpPrompts.defaults.surrogate, CoOpPrompts.defaults.lam_zs  # unset: the kind's defaults
     assert record.objective == {"lam_zs": lam_zs, "lam_lmc": 1.0, "path_points": 5, "surrogate": surrogate}
     assert record.train["seed"] == 5 and record.seed == 5
     assert record.inputs.data.images == 16 and record.inputs.data.val_images == 8

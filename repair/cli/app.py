@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 from importlib import import_module
 from typing import Annotated, Any, TypeVar
@@ -19,7 +21,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, MergetuneError
+from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, MergetuneError, Terminated
 
 # command -> (module holding it, one-line help shown by `mergetune --help` without importing it)
 COMMANDS = {
@@ -73,16 +75,24 @@ def command_group() -> typer.Typer:
 
 
 def run(action: Callable[[], T]) -> T:
-    """Run a command body: MergetuneError -> one line + its exit code; bugs -> exit 1."""
+    """Run a command body: MergetuneError -> one line + its exit code; bugs -> exit 1.
+
+    SIGTERM is handled like Ctrl-C while the body runs: cleanups run, progress is kept, one line.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return action()
+    except Terminated:
+        stderr.print("terminated; no output was written (progress is kept for --resume)", markup=False)
+        raise typer.Exit(EXIT_TERMINATED) from None
     except MergetuneError as exc:
         if _state["debug"]:
             raise
         stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("interrupted; no output was written", markup=False)
+        stderr.print("interrupted; no output was written (progress is kept for --resume)", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
@@ -92,6 +102,13 @@ def run(action: Callable[[], T]) -> T:
         stderr.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                      markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERNAL) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def say(text: str, *, err: bool = False) -> None:
@@ -177,4 +194,10 @@ def main_options(
 
 
 def main() -> None:
-    app()
+    """The entry point: SIGTERM is handled from the first moment (imports, model loading), not only in commands."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except Terminated:
+        stderr.print("terminated; no output was written (progress is kept for --resume)", markup=False)
+        raise SystemExit(EXIT_TERMINATED) from None

@@ -24,10 +24,11 @@ def demo_command(
     """Run the whole workflow offline on a built-in tiny CLIP and generated images."""
 
     def action() -> None:
-        from repair.workflows.demo import run_demo
+        from repair.workflows.demo import READING_THE_DEMO, run_demo
 
         with Progress("demo", quiet) as progress:
             report = run_demo(workdir, force=force, on_step=progress.on_step, say=lambda text: say(text, err=True))
         print_eval_table(report)
+        say(READING_THE_DEMO)
 
     run(action)

@@ -11,23 +11,20 @@ import typer
 
 from repair.cli.app import Progress, command_group, emit, run, say, stdout
 from repair.cli.options import (
-    CacheDirOpt,
-    ClassnamesOpt,
+    BackboneFlags,
+    DataFlags,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
     KindOpt,
     ModelConfigOpt,
-    ModelOpt,
-    NoCacheOpt,
+    OtherClassesOpt,
     Precision,
     PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
-    TemplatesOpt,
-    WorkersOpt,
-    data_options,
     value,
+    with_flags,
     with_kind_options,
 )
 from repair.model.backbone import BackboneSpec
@@ -55,6 +52,7 @@ MaxForgettingOpt = threshold_option("--max-forgetting",
 
 @app.command("eval")
 @with_kind_options("eval")
+@with_flags("data_flags", DataFlags)
 def eval_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to score next to the zero-shot model.")],
     data: Annotated[Path, typer.Option("--data", help="Test images of the base (repair) classes.")],
@@ -67,11 +65,7 @@ def eval_command(
     pretrained: PretrainedOpt = "openai",
     model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    workers: WorkersOpt = 0,
+    other_classes: OtherClassesOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     baselines: Annotated[bool, typer.Option(
@@ -95,7 +89,8 @@ def eval_command(
     )] = 1,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
-    kind_options: dict[str, Any] | None = None,
+    data_flags: Any = None,
+    kind_options: Any = None,
 ) -> None:
     """The forgetting report: zero-shot CLIP and each checkpoint on base / novel classes, optionally gated."""
 
@@ -103,6 +98,7 @@ def eval_command(
         from repair.cli.launch import launch, without_option
         from repair.data.group import init_from_env, rank_and_world, rank_device
         from repair.eval import gate as gating
+        from repair.io import append_text, check_appendable
         from repair.render.report import eval_markdown
         from repair.workflows.evaluate import evaluate
 
@@ -110,18 +106,20 @@ def eval_command(
             raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
         thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
+        if markdown is not None:
+            check_appendable(markdown)
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,
                 backbone=BackboneSpec(model, pretrained, model_config) if model else None,
-                data_options=data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers, progress),
-                kind=value(kind), kind_options=kind_options, baselines=baselines, wise_alpha=wise_alpha,
+                data_options=data_flags.options(progress=progress),
+                kind=value(kind), kind_options=kind_options, other_classes=other_classes, baselines=baselines,
+                wise_alpha=wise_alpha,
                 device=rank_device(device), precision=value(precision),
             )
         failures = gating.apply(report, thresholds)
         if markdown is not None and rank_and_world()[0] == 0:
-            with open(markdown, "a", encoding="utf-8") as handle:
-                handle.write(eval_markdown(report, failures))
+            append_text(markdown, eval_markdown(report, failures))
         emit(report, as_json, lambda: print_eval_table(report))
         for warning in report["warnings"]:
             say(f"warning: {warning}", err=True)
@@ -141,6 +139,8 @@ def print_eval_table(report: dict[str, Any]) -> None:
 
 @app.command("path")
 @with_kind_options("path")
+@with_flags("data_flags", DataFlags)
+@with_flags("backbone", BackboneFlags)
 def path_command(
     finetuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.")],
     repaired: Annotated[Path, typer.Argument(help="Its repaired version.")],
@@ -148,19 +148,11 @@ def path_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also plot accuracy and loss along the paths.")] = None,
     points: Annotated[int, typer.Option("--points", min=2, help="Points per segment, t = 0 .. 1.")] = 11,
-    model: ModelOpt = "ViT-B-16",
-    pretrained: PretrainedOpt = "openai",
-    model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    workers: WorkersOpt = 0,
-    device: DeviceOpt = "auto",
+    other_classes: OtherClassesOpt = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
-    kind_options: dict[str, Any] | None = None,
+    backbone: Any = None, data_flags: Any = None, kind_options: Any = None,
 ) -> None:
     """Accuracy and loss along zero-shot -> fine-tuned, zero-shot -> repaired and fine-tuned -> repaired."""
 
@@ -169,9 +161,8 @@ def path_command(
 
         report = path_outputs(
             finetuned, repaired, data, out, png=png, force=force,
-            backbone=BackboneSpec(model, pretrained, model_config), points=points,
-            data_options=data_options(classnames, templates, None, 0.0, cache_dir, no_cache, workers),
-            kind=value(kind), kind_options=kind_options, device=device,
+            backbone=backbone.spec(), points=points, data_options=data_flags.options(),
+            kind=value(kind), kind_options=kind_options, other_classes=other_classes, device=backbone.device,
         )
 
         def human() -> None:

@@ -11,7 +11,6 @@ import dataclasses
 import enum
 import functools
 import inspect
-import math
 import re
 import types
 import typing
@@ -24,6 +23,8 @@ import typer
 from repair.kinds import KINDS
 from repair.train.surrogates import SURROGATES
 from repair.data.features import default_cache_dir
+from repair.errors import UsageError
+from repair.model.backbone import BackboneSpec
 from repair.workflows.inputs import DataOptions
 from repair.workflows.run import OUTPUT_DTYPES
 
@@ -47,12 +48,6 @@ def _device(value: str) -> str:
     return value
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number")
-    return value
-
-
 ModelOpt = Annotated[str, typer.Option("--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/NAME.")]
 PretrainedOpt = Annotated[str, typer.Option(
     "--pretrained", help="Pretrained tag (e.g. openai), a weights file, or 'none' for random init.")]
@@ -71,17 +66,12 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
     "--cache-dir", help="Where image features are cached [default: $MERGETUNE_CACHE or ~/.cache/mergetune].")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="The one seed: shots, split, batches, initialisation.")]
 ShotsOpt = Annotated[Optional[int], typer.Option("--shots", min=1, help="Images per class to train on (all if unset).")]
 ValOpt = Annotated[float, typer.Option(
     "--val-fraction", min=0.0, max=0.9, help="Hold out this fraction of the shots; keep the best epoch on it.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Passes over the training images.")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=0, help="Stop after this many steps.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")]
-LrOpt = Annotated[float, typer.Option("--lr", min=0.0, callback=_finite, help="SGD learning rate (cosine schedule).")]
-MomentumOpt = Annotated[float, typer.Option("--momentum", min=0.0, max=0.999999, help="SGD momentum, in [0, 1).")]
-WdOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, callback=_finite, help="SGD weight decay.")]
-WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", min=0, help="Linear warm-up epochs.")]
+OtherClassesOpt = Annotated[bool, typer.Option(
+    "--other-classes", help="Use a checkpoint on classes other than those it records (kinds that can score "
+                            "unseen classes only, e.g. a shared CoOp prompt).")]
 KindOpt = Annotated[Optional[KindName], typer.Option(
     "--kind", help="Checkpoint kind; detected from the file if unset.")]
 DtypeOpt = Annotated[OutputDtype, typer.Option(
@@ -93,15 +83,6 @@ ResumeOpt = Annotated[bool, typer.Option(
 DeterministicOpt = Annotated[bool, typer.Option(
     "--deterministic", help="Deterministic kernels only: bit-identical reruns (slower on GPU).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
-
-
-def data_options(classnames: Optional[Path], templates: Optional[Path], shots: Optional[int], val_fraction: float,
-                 cache_dir: Optional[Path], no_cache: bool, workers: int, progress: Any = None
-                 ) -> DataOptions:
-    """The data flags shared by every command, as the library's one value."""
-    return DataOptions(classnames_file=classnames, templates_file=templates, shots=shots,
-                       val_fraction=val_fraction, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                       workers=workers, on_progress=progress.on_images if progress else None)
 
 
 # ----------------------------------------------------------------------------- the kinds' own options
@@ -147,19 +128,52 @@ def _optional_inner(annotation: Any) -> Any:
 def with_kind_options(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command one flag per kind option (at ``stage``); the body gets the given ones as
     ``kind_options={name: value}``. The library refuses those that do not apply to the file's kind."""
+    flags = kind_flags(stage)
+
+    def collect(values: dict[str, Any]) -> dict[str, Any]:
+        return {name: choice.value if isinstance(choice, enum.Enum) else choice
+                for name, choice in values.items() if choice is not None}
+
+    return _extended("kind_options", [(flag.name, flag.annotation, None) for flag in flags], collect)
+
+
+def with_flags(name: str, group: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the fields of a dataclass as flags; the body gets the instance as ``name``.
+
+    A field annotated with a Typer option is used as it is; a plain field (``TrainConfig``'s) becomes
+    ``--field-name`` with the help and bounds of its metadata.
+    """
+    hints = typing.get_type_hints(group, include_extras=True)
+    fields = [(field.name, _flag_annotation(field, hints[field.name]), field.default)
+              for field in dataclasses.fields(group)]
+    return _extended(name, fields, lambda values: group(**values))
+
+
+def _flag_annotation(field: dataclasses.Field, hint: Any) -> Any:
+    if typing.get_origin(hint) is Annotated:
+        return hint
+    bounds = {key: field.metadata[key] for key in ("min", "max") if key in field.metadata}
+    option = typer.Option("--" + field.name.replace("_", "-"), help=field.metadata.get("help", ""), **bounds)
+    return Annotated[hint, option]
+
+
+def _extended(name: str, fields: list[tuple[str, Any, Any]], collect: Callable[[dict[str, Any]], Any]
+              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace the body's parameter ``name`` by ``fields`` (flags for Typer); pass ``collect(their values)``."""
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        flags = kind_flags(stage)
         base = inspect.signature(command, eval_str=True)
-        kept = [parameter for name, parameter in base.parameters.items() if name != "kind_options"]
-        extra = [inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                   annotation=flag.annotation) for flag in flags]
+        kept = [parameter for key, parameter in base.parameters.items() if key != name]
+        extra = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for key, annotation, default in fields]
 
         @functools.wraps(command)
         def wrapper(**values: Any) -> Any:
-            chosen = {flag.name: values.pop(flag.name) for flag in flags}
-            given = {name: value.value if isinstance(value, enum.Enum) else value
-                     for name, value in chosen.items() if value is not None}
-            return command(**values, kind_options=given)
+            grouped = {key: values.pop(key) for key, _, _ in fields}
+            try:
+                collected = collect(grouped)
+            except UsageError as exc:  # a value the flags' own checks could not see (e.g. --lr nan)
+                raise typer.BadParameter(str(exc)) from None
+            return command(**values, **{name: collected})
 
         wrapper.__signature__ = base.replace(parameters=[*kept, *extra])  # type: ignore[attr-defined]
         wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in [*kept, *extra]}
@@ -167,6 +181,54 @@ def with_kind_options(stage: str) -> Callable[[Callable[..., Any]], Callable[...
         return wrapper
 
     return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """How a training run writes, computes and reports."""
+
+    dtype: DtypeOpt = OutputDtype.input
+    precision: PrecisionOpt = Precision.fp32
+    force: ForceOpt = False
+    resume: ResumeOpt = False
+    deterministic: DeterministicOpt = False
+    quiet: QuietOpt = False
+    as_json: JsonOpt = False
+
+    def settings(self) -> dict[str, Any]:
+        """The library's keyword arguments for these flags."""
+        return {"output_dtype": self.dtype.value, "precision": self.precision.value, "force": self.force,
+                "resume": self.resume, "deterministic": self.deterministic}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags:
+    """How every command reads an image folder and where features are cached."""
+
+    classnames: ClassnamesOpt = None
+    templates: TemplatesOpt = None
+    cache_dir: CacheDirOpt = None
+    no_cache: NoCacheOpt = False
+    workers: WorkersOpt = 0
+
+    def options(self, shots: Optional[int] = None, val_fraction: float = 0.0, progress: Any = None) -> DataOptions:
+        return DataOptions(classnames_file=self.classnames, templates_file=self.templates, shots=shots,
+                           val_fraction=val_fraction,
+                           cache_dir=None if self.no_cache else (self.cache_dir or default_cache_dir()),
+                           workers=self.workers, on_progress=progress.on_images if progress else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneFlags:
+    """Which frozen CLIP to load, and where."""
+
+    model: ModelOpt = "ViT-B-16"
+    pretrained: PretrainedOpt = "openai"
+    model_config: ModelConfigOpt = None
+    device: DeviceOpt = "auto"
+
+    def spec(self) -> BackboneSpec:
+        return BackboneSpec(self.model, self.pretrained, self.model_config)
 
 
 def value(choice: enum.Enum | str | None) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -9,43 +11,19 @@ import typer
 
 from repair.cli.app import Progress, command_group, emit, run, say
 from repair.cli.options import (
-    BatchOpt,
-    CacheDirOpt,
-    ClassnamesOpt,
-    DataOpt,
-    DeterministicOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EpochsOpt,
-    ForceOpt,
-    JsonOpt,
+    BackboneFlags,
+    DataFlags,
     KindName,
     KindOpt,
-    LrOpt,
-    MaxStepsOpt,
-    ModelConfigOpt,
-    ModelOpt,
-    MomentumOpt,
-    NoCacheOpt,
-    OutputDtype,
-    Precision,
-    PrecisionOpt,
-    PretrainedOpt,
-    QuietOpt,
-    ResumeOpt,
-    SeedOpt,
+    OtherClassesOpt,
+    RunFlags,
     ShotsOpt,
     SurrogateName,
-    TemplatesOpt,
     ValOpt,
-    WarmupOpt,
-    WdOpt,
-    WorkersOpt,
-    data_options,
     value,
+    with_flags,
     with_kind_options,
 )
-from repair.model.backbone import BackboneSpec
 from repair.train.loop import TrainConfig
 from repair.train.objective import Objective
 from repair.workflows.run import RunOutcome, finetune, repair
@@ -54,25 +32,39 @@ app = command_group()
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the safetensors file.")]
 
 
-def report_run(outcome: RunOutcome, as_json: bool, verb: str) -> None:
+def report_run(outcome: RunOutcome, as_json: bool) -> None:
     def human() -> None:
         record = outcome.record
         selected = f", kept epoch {record.result['selected_epoch']}" if record.result["selected_epoch"] else ""
-        say(f"{verb} {outcome.path} ({record.kind}, {record.trainable_numbers} trainable numbers, "
+        say(f"wrote {outcome.path} ({record.kind}, {record.trainable_numbers} trainable numbers, "
             f"{record.result['steps']} steps{selected})")
 
     emit({"path": str(outcome.path), **outcome.record.as_dict()}, as_json, human)
 
 
+def train_and_report(verb: str, workflow: Callable[..., RunOutcome], backbone: BackboneFlags, data_flags: DataFlags,
+                     shots: Optional[int], val_fraction: float, settings: RunFlags, **arguments: Any) -> None:
+    """What both commands do around their workflow: progress, the shared flags, the report."""
+    def action() -> None:
+        with Progress(verb, settings.quiet) as progress:
+            outcome = workflow(backbone=backbone.spec(), device=backbone.device, on_step=progress.on_step,
+                               data_options=data_flags.options(shots, val_fraction, progress),
+                               **settings.settings(), **arguments)
+        report_run(outcome, settings.as_json)
+
+    run(action)
+
+
 @app.command("repair")
 @with_kind_options("repair")
+@with_flags("settings", RunFlags)
+@with_flags("data_flags", DataFlags)
+@with_flags("config", TrainConfig)
+@with_flags("backbone", BackboneFlags)
 def repair_command(
     finetuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint to repair.")],
-    data: DataOpt,
+    data: Annotated[Path, typer.Option("--data", help="ImageFolder directory: one sub-folder per class.")],
     out: OutOpt,
-    model: ModelOpt = "ViT-B-16",
-    pretrained: PretrainedOpt = "openai",
-    model_config: ModelConfigOpt = None,
     kind: KindOpt = None,
     surrogate: Annotated[Optional[SurrogateName], typer.Option(
         "--surrogate", help="Zero-shot surrogate (default: the kind's, see README).")] = None,
@@ -81,97 +73,37 @@ def repair_command(
     lam_lmc: Annotated[float, typer.Option("--lam-lmc", min=0.0, help="Weight of the path term towards the input.")
                        ] = 1.0,
     path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
+    other_classes: OtherClassesOpt = False,
     shots: ShotsOpt = 16,
     val_fraction: ValOpt = 0.0,
-    epochs: EpochsOpt = 10,
-    max_steps: MaxStepsOpt = None,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.002,
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WdOpt = 5e-4,
-    warmup_epochs: WarmupOpt = 1,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = OutputDtype.input,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    workers: WorkersOpt = 0,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.fp32,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-    deterministic: DeterministicOpt = False,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    kind_options: dict[str, Any] | None = None,
+    backbone: Any = None, config: Any = None, data_flags: Any = None, settings: Any = None,
+    kind_options: Any = None,
 ) -> None:
     """Repair FINETUNED with MergeTune on the images in --data; write a same-shape checkpoint to --out."""
 
-    def action() -> None:
-        objective = Objective(lam_zs=lam_zs, lam_lmc=lam_lmc, path_points=path_points, surrogate=value(surrogate))
-        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
-        with Progress("repairing", quiet) as progress:
-            outcome = repair(
-                finetuned, data, out, backbone=BackboneSpec(model, pretrained, model_config), objective=objective,
-                config=config, kind=value(kind), kind_options=kind_options, output_dtype=value(dtype),
-                device=device, precision=value(precision), force=force, resume=resume, deterministic=deterministic,
-                on_step=progress.on_step, data_options=data_options(
-                    classnames, templates, shots, val_fraction, cache_dir, no_cache, workers, progress),
-            )
-        report_run(outcome, as_json, "wrote")
-
-    run(action)
+    objective = run(lambda: Objective(lam_zs=lam_zs, lam_lmc=lam_lmc, path_points=path_points,
+                                      surrogate=value(surrogate)))  # refuses e.g. --lam-zs inf in one line
+    train_and_report("repairing", functools.partial(repair, finetuned, data, out, objective=objective),
+                     backbone, data_flags, shots, val_fraction, settings, config=config, kind=value(kind),
+                     kind_options=kind_options, other_classes=other_classes)
 
 
 @app.command("finetune")
 @with_kind_options("finetune")
+@with_flags("settings", RunFlags)
+@with_flags("data_flags", DataFlags)
+@with_flags("config", TrainConfig)
+@with_flags("backbone", BackboneFlags)
 def finetune_command(
-    data: DataOpt,
+    data: Annotated[Path, typer.Option("--data", help="ImageFolder directory: one sub-folder per class.")],
     out: OutOpt,
     kind: Annotated[KindName, typer.Option("--kind", help="What to fine-tune.")] = KindName("coop"),
-    model: ModelOpt = "ViT-B-16",
-    pretrained: PretrainedOpt = "openai",
-    model_config: ModelConfigOpt = None,
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
     shots: ShotsOpt = 16,
     val_fraction: ValOpt = 0.0,
-    epochs: EpochsOpt = 10,
-    max_steps: MaxStepsOpt = None,
-    batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.002,
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WdOpt = 5e-4,
-    warmup_epochs: WarmupOpt = 1,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = OutputDtype.input,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    workers: WorkersOpt = 0,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.fp32,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-    deterministic: DeterministicOpt = False,
-    quiet: QuietOpt = False,
-    as_json: JsonOpt = False,
-    kind_options: dict[str, Any] | None = None,
+    backbone: Any = None, config: Any = None, data_flags: Any = None, settings: Any = None,
+    kind_options: Any = None,
 ) -> None:
     """Plain fine-tuning from zero-shot (no repair terms): makes the baseline checkpoint to repair."""
 
-    def action() -> None:
-        config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
-        with Progress("fine-tuning", quiet) as progress:
-            outcome = finetune(
-                value(kind), data, out, backbone=BackboneSpec(model, pretrained, model_config), config=config,
-                kind_options=kind_options, output_dtype=value(dtype), device=device, precision=value(precision),
-                force=force, resume=resume, deterministic=deterministic, on_step=progress.on_step,
-                data_options=data_options(classnames, templates, shots, val_fraction, cache_dir, no_cache, workers,
-                                          progress),
-            )
-        report_run(outcome, as_json, "wrote")
-
-    run(action)
+    train_and_report("fine-tuning", functools.partial(finetune, value(kind), data, out), backbone, data_flags,
+                     shots, val_fraction, settings, config=config, kind_options=kind_options)

@@ -27,9 +27,10 @@ from repair.data import group
 from repair.data.folders import ImageFolder
 from repair.errors import DataError
 from repair.io import write_cache_entry
+from repair.io.write import CHECKSUM_KEY, report_damaged, tensors_checksum
 from repair.model.backbone import Backbone, ImageEncoder
 
-CACHE_FORMAT = "mergetune-features/2"  # raw (unnormalised) float32 features
+CACHE_FORMAT = "mergetune-features/3"  # raw (unnormalised) float32 features, checksummed
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Features:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
+    """Decoded images; a failure travels as a message, so a worker process reports it in one line too."""
+
     def __init__(self, files: Sequence[Path], transform) -> None:
         self.files = list(files)
         self.transform = transform
@@ -51,8 +54,25 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(open_image(self.files[index]))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            return self.transform(open_image(self.files[index])), None
+        except DataError as exc:
+            return None, str(exc)
+
+
+def _stacked(items: list[tuple[torch.Tensor | None, str | None]]) -> torch.Tensor:
+    """The batch, or the first decoding failure raised here, in the process that reads the batches."""
+    for _, error in items:
+        if error is not None:
+            raise DataError(error)
+    return torch.stack([pixels for pixels, _ in items])
+
+
+def _batches(files: Sequence[Path], transform, batch_size: int, workers: int):
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, transform), batch_size=batch_size, num_workers=workers,
+                                         shuffle=False, collate_fn=list)
+    return (_stacked(items) for items in loader)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -60,6 +80,9 @@ def open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
+                        "pixels); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}); remove or replace it") from None
 
@@ -122,21 +145,16 @@ def extract_features(
 
 def load_pixels(backbone: Backbone, dataset: ImageFolder, *, batch_size: int = 64, workers: int = 0) -> Features:
     """Decoded, preprocessed images in memory: the few-shot inputs of kinds whose image tower trains."""
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(dataset.files, backbone.preprocess), batch_size=batch_size, num_workers=workers)
-    pixels = torch.cat(list(loader)).to(backbone.device)
+    pixels = torch.cat(list(_batches(dataset.files, backbone.preprocess, batch_size, workers))).to(backbone.device)
     return Features(pixels, torch.tensor(dataset.labels, dtype=torch.long, device=backbone.device))
 
 
 def _encode_files(backbone: Backbone, encoder: ImageEncoder, files: Sequence[Path], *, batch_size: int,
                   workers: int, on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Stream the images through the tower in batches; only the features are kept."""
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(files, backbone.preprocess), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
     chunks = []
     with torch.inference_mode():
-        for pixels in loader:
+        for pixels in _batches(files, backbone.preprocess, batch_size, workers):
             chunks.append(encoder.encode(pixels.to(backbone.device)).float().cpu())
             if on_progress is not None:
                 on_progress(sum(len(chunk) for chunk in chunks), len(files))
@@ -152,7 +170,8 @@ def _read_cache(path: Path, expected_rows: int) -> torch.Tensor | None:
 
 
 def map_cached_features(path: Path) -> torch.Tensor | None:
-    """Map the ``features`` tensor of a cache entry without reading it; None if absent or malformed."""
+    """Map the ``features`` tensor of a cache entry (pages load on demand and stay file-backed) and
+    check it against the entry's checksum; None if absent, malformed or damaged (then said once)."""
     try:
         with open(path, "rb") as handle:
             (header_length,) = struct.unpack("<Q", handle.read(8))
@@ -165,9 +184,14 @@ def map_cached_features(path: Path) -> torch.Tensor | None:
         if entry["dtype"] != "F32" or end - start != rows * columns * 4:
             return None
         mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_length + start, shape=(rows, columns))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except FileNotFoundError:
         return None
-    return torch.from_numpy(mapped)  # copy-on-write mapping: writable for torch, never written back
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return report_damaged(path)
+    features = torch.from_numpy(mapped)  # copy-on-write mapping: writable for torch, never written back
+    if (header.get("__metadata__") or {}).get(CHECKSUM_KEY) != tensors_checksum({"features": features}):
+        return report_damaged(path)
+    return features
 
 
 def _write_cache(path: Path, features: torch.Tensor) -> None:

@@ -106,14 +106,11 @@ def scan_image_folder(root: str | Path, classnames_file: str | Path | None = Non
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    folders = sorted(entry.name for entry in _entries(root) if entry.is_dir())
     files: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
-        images = sorted(
-            path for path in (root / folder).iterdir()
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-        )
+        images = sorted(path for path in _entries(root / folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise DataError(f"{root / folder}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files.extend(images)
@@ -121,7 +118,36 @@ def scan_image_folder(root: str | Path, classnames_file: str | Path | None = Non
     if len(folders) < 2:
         raise DataError(f"{root}: needs one sub-folder per class and at least 2 classes, found {len(folders)}")
     classnames = load_classnames(classnames_file, folders) if classnames_file else default_classnames(folders)
+    check_classnames(classnames, classnames_file or root)
     return ImageFolder(root, tuple(folders), tuple(classnames), tuple(files), tuple(labels))
+
+
+def _entries(folder: Path) -> list[Path]:
+    """A folder's visible entries; one that cannot be followed (a dangling link) or read is an error
+    naming it, never silently skipped: a skipped class or image would change what is measured."""
+    try:
+        entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list this folder ({exc.strerror or type(exc).__name__})") from None
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            raise DataError(f"{entry}: dangling symbolic link; remove it or point it at an image or class folder")
+        if not (entry.is_dir() or entry.is_file()) and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            raise DataError(f"{entry}: not a regular file")
+    return entries
+
+
+def check_classnames(classnames: Sequence[str], source: str | Path) -> None:
+    """Two classes with one display name would get the same prompt: their scores would be meaningless."""
+    empty = [index for index, name in enumerate(classnames) if not name.strip()]
+    if empty:
+        raise DataError(f"{source}: class {empty[0]} has an empty display name")
+    seen: dict[str, int] = {}
+    for index, name in enumerate(classnames):
+        key = " ".join(name.split()).lower()
+        if key in seen:
+            raise DataError(f"{source}: classes {seen[key]} and {index} share the display name {name!r}")
+        seen[key] = index
 
 
 def default_classnames(folders: Sequence[str]) -> list[str]:

@@ -8,6 +8,7 @@ checked (not the zero-shot model, not the baselines).
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -45,9 +46,13 @@ def load_thresholds(path: str | Path) -> Thresholds:
         raise InputFileError(f"{path}: expected keys {', '.join(sorted(known))}"
                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     try:
-        return Thresholds(**{key: float(value) for key, value in table.items()})
+        values = {key: float(value) for key, value in table.items()}
     except (TypeError, ValueError):
         raise InputFileError(f"{path}: gate thresholds must be numbers") from None
+    bad = [key for key, value in values.items() if not math.isfinite(value)]
+    if bad:  # nan would pass every comparison: a gate that can never fail
+        raise InputFileError(f"{path}: gate thresholds must be finite numbers ({', '.join(bad)} is not)")
+    return Thresholds(**values)
 
 
 def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:

@@ -11,22 +11,30 @@ directory). Files mergetune owns itself (cache entries, resumable training state
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from repair.errors import InputFileError, OutputExistsError
 from repair.io._messages import _fail
 
 __all__ = [
+    "append_text",
     "atomic_output",
+    "check_appendable",
     "check_output_path",
+    "check_writable",
+    "output_lock",
+    "tensors_checksum",
     "read_cache_entry",
     "write_cache_entry",
     "write_safetensors",
@@ -35,7 +43,8 @@ __all__ = [
 
 
 def check_output_path(target: Path, force: bool, inputs: Sequence[Path]) -> None:
-    """Refuse an output that exists (without force), is an input, is a directory, or has no parent."""
+    """Refuse an output that exists (without force), is an input, is not a regular file (a directory,
+    a device, a FIFO: never replaced, even with force), or has no parent."""
     parent = target.parent
     if not parent.is_dir():
         raise _fail(InputFileError, target, f"output directory {parent} does not exist")
@@ -48,10 +57,80 @@ def check_output_path(target: Path, force: bool, inputs: Sequence[Path]) -> None
             )
     if target.is_dir():
         raise _fail(OutputExistsError, target, "is a directory; expected a path for a file")
+    if target.exists() and not target.is_file():
+        raise _fail(OutputExistsError, target, "is not a regular file (a device, FIFO or socket); refusing to "
+                                               "replace it even with --force")
     if (target.exists() or target.is_symlink()) and not force:
         raise _fail(
             OutputExistsError, target, "already exists; expected a new path (or use --force)"
         )
+
+
+def check_writable(directory: Path) -> None:
+    """Create and remove a probe file: a read-only or pseudo filesystem fails here, before any work."""
+    try:
+        _, probe = _create_temp(directory / "mergetune-probe")
+    except OSError as exc:
+        raise OutputExistsError(f"{directory}: cannot write here ({exc.strerror or type(exc).__name__})") from None
+    probe.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """One run per output at a time: a second run writing the same file refuses at once (exit 8).
+
+    The lock is a hidden file next to the output holding the owner's pid; a lock whose process is
+    gone (a crash, a kill -9) is taken over.
+    """
+    lock = target.with_name(f".{target.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if _lock_is_alive(lock):
+                raise OutputExistsError(f"{target}: another mergetune run is writing this output "
+                                        f"(lock {lock}); wait for it or choose another --out") from None
+            lock.unlink(missing_ok=True)
+            continue
+        except OSError as exc:
+            raise OutputExistsError(f"{target}: cannot create a lock next to it ({exc.strerror})") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_is_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text() or "0")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True  # unreadable or another user's process: assume it is in use
+    return pid > 0
+
+
+def check_appendable(path: Path) -> None:
+    """A file a report is appended to (a CI step summary): checked before the work, not after it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise OutputExistsError(f"{path}: not a regular file; cannot append the summary to it")
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"{path}: its directory {path.parent} does not exist")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise OutputExistsError(f"{path}: not writable")
+
+
+def append_text(path: Path, text: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise OutputExistsError(f"{path}: cannot append ({exc.strerror or type(exc).__name__})") from None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -61,10 +140,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def _create_temp(target: Path) -> tuple[Path, int]:
+def _create_temp(target: Path) -> tuple[int, Path]:
     """Hidden sibling so os.replace stays on one filesystem; mode honours the umask.
 
-    Returns the path and the permission bits it was created with (0o666 less the umask).
+    Returns the permission bits it was created with (0o666 less the umask) and the path.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     while True:
@@ -74,7 +153,7 @@ def _create_temp(target: Path) -> tuple[Path, int]:
         except FileExistsError:
             continue
         try:
-            return candidate, stat.S_IMODE(os.fstat(fd).st_mode)
+            return stat.S_IMODE(os.fstat(fd).st_mode), candidate
         finally:
             os.close(fd)
 
@@ -108,7 +187,12 @@ def atomic_output(
     target = Path(path)
     if not replace:
         check_output_path(target, force, inputs)
-    temp, mode = _create_temp(target)
+    try:
+        mode, temp = _create_temp(target)
+    except OSError as exc:
+        if replace:
+            raise
+        raise OutputExistsError(f"{target}: cannot write ({exc.strerror or type(exc).__name__})") from None
     try:
         yield temp
         if stat.S_IMODE(os.stat(temp).st_mode) != mode:
@@ -116,6 +200,12 @@ def atomic_output(
             os.chmod(temp, mode)
         _fsync(temp)
         os.replace(temp, target)
+    except OSError as exc:  # a full disk, a vanished directory: one line (exit 8), nothing left behind
+        temp.unlink(missing_ok=True)
+        if replace:
+            raise
+        raise OutputExistsError(f"{target}: writing failed ({exc.strerror or type(exc).__name__}); "
+                                "nothing was written") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -160,24 +250,52 @@ def write_state_file(
     return _save_atomically(path, tensors, dict(metadata), replace=True)
 
 
+CHECKSUM_KEY = "mergetune.sha256"  # a cache entry's metadata: the hash of its tensors' bytes
+_warned: set[str] = set()
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order: what a cache entry must still hold."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\t{tensor.dtype}\t{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy: memory-mapped entries stay mapped
+    return digest.hexdigest()
+
+
 def read_cache_entry(path: Path, device: str = "cpu") -> dict[str, torch.Tensor] | None:
-    """A cached tensor file, or None when absent or damaged: caches are recomputed, never trusted."""
+    """A cached tensor file, or None when absent or damaged: caches are recomputed, never trusted.
+
+    A damaged entry (flipped bytes, a truncated file, a missing checksum) is a miss, said once on stderr.
+    """
     if not path.is_file():
         return None
     try:
-        tensors = safetensors.torch.load_file(str(path), device=device)
+        with safe_open(str(path), "pt") as handle:
+            recorded = (handle.metadata() or {}).get(CHECKSUM_KEY)
+        tensors = safetensors.torch.load_file(str(path))
     except Exception:
-        return None
-    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-        return None
-    return tensors
+        return report_damaged(path)
+    if recorded != tensors_checksum(tensors):
+        return report_damaged(path)
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def report_damaged(path: Path) -> None:
+    """A damaged entry is a miss: said once per cache folder on stderr, removed so it is rewritten."""
+    if str(path.parent) not in _warned:
+        _warned.add(str(path.parent))
+        sys.stderr.write(f"warning: {path}: damaged cache entry (checksum mismatch); recomputing it\n")
+    path.unlink(missing_ok=True)
+    return None
 
 
 def write_cache_entry(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Best effort, atomic: a read-only or full cache directory must not fail the run."""
+    """Best effort, atomic, checksummed: a read-only or full cache directory must not fail the run."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        _save_atomically(path, contiguous, None, replace=True)
+        _save_atomically(path, contiguous, {CHECKSUM_KEY: tensors_checksum(contiguous)}, replace=True)
     except OSError:
         pass  # atomic_output has already removed its temp file

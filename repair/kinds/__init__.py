@@ -36,7 +36,7 @@ def kind_class(name: str) -> type[Kind]:
 
 
 def expected_layouts() -> str:
-    return "expected " + "; or ".join(f"{kind.title}: {kind.trained_tensors}" for kind in KINDS.values())
+    return "expected " + "; or ".join(f"{kind.about.title}: {kind.about.trained_tensors}" for kind in KINDS.values())
 
 
 def detect_kind(tensor_file: TensorFile, override: str | None = None, recorded: str | None = None) -> type[Kind]:

@@ -120,6 +120,24 @@ class KindOptions:
                 for key, value in dataclasses.asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class About:
+    """How people name a kind and what it trains: messages, model cards, tables, the README."""
+
+    title: str  # "CoOp"
+    description: str  # "CoOp soft prompt", as in "a CLIP CoOp soft prompt checkpoint"
+    trained_tensors: str  # which tensors of a file it trains
+    scores_unseen_classes: bool = False  # can logits_for take a class list it was not trained on?
+
+
+@dataclass(frozen=True)
+class RepairDefaults:
+    """The zero-shot term a repair uses when the caller names none (chosen on the benchmark)."""
+
+    surrogate: str
+    lam_zs: float
+
+
 @dataclass
 class KindOutput:
     """One forward pass: logits at ``w``, along the path, and the class features used."""
@@ -133,16 +151,21 @@ class Kind(nn.Module, ABC):
     """Base class: the declarations below, then the tensors' behaviour."""
 
     name: ClassVar[str]  # registry key, --kind value, recorded in outputs
-    title: ClassVar[str]  # what people call it: model cards, tables, benchmark labels
-    description: ClassVar[str]  # one line for the model card ("a CoOp soft prompt")
+    about: ClassVar[About]
+    defaults: ClassVar[RepairDefaults]  # README "Defaults" has the evidence
     Options: ClassVar[type[KindOptions]] = KindOptions
-    default_surrogate: ClassVar[str]  # chosen on the benchmark; README "Defaults"
-    default_lam_zs: ClassVar[float]
-    scores_unseen_classes: ClassVar[bool] = False  # can logits_for take a class list it was not trained on?
-    trained_tensors: ClassVar[str]  # for the README/inspect: which tensors this kind trains
 
     options: KindOptions
     scale: float  # the logit scale applied to cosine similarities (or a head's own scale)
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                 options: KindOptions | None) -> None:
+        """What every kind holds: the frozen backbone, its classes and templates, its options."""
+        super().__init__()
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self.options = options if options is not None else self.Options()
 
     # ------------------------------------------------------------------ building
 
@@ -215,18 +238,20 @@ class Kind(nn.Module, ABC):
         """The image tower this checkpoint scores with, when it is not the backbone's frozen one."""
         return None
 
+    def scores_other_classes(self) -> bool:
+        """Whether this checkpoint can honestly score classes it was not trained on."""
+        return self.about.scores_unseen_classes
+
     def can_score(self, classnames: Sequence[str]) -> bool:
         """Whether :meth:`logits_for` is honest on this class list."""
-        return self.scores_unseen_classes or list(classnames) == list(self.classnames)
+        return self.scores_other_classes() or list(classnames) == list(self.classnames)
 
     def check_can_score(self, classnames: Sequence[str]) -> None:
         if not self.can_score(classnames):
             raise IncompatibleCheckpointError(
-                f"this {self.title} scores only its own {len(self.classnames)} classes; it cannot score other classes")
+                f"this {self.about.description} scores only its own {len(self.classnames)} classes; it cannot score other classes")
 
     # ------------------------------------------------------------------ values
-
-    classnames: list[str]
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}

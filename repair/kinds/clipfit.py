@@ -20,7 +20,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import Kind, KindOptions, KindOutput, PathSpace, logit_scale_option, model_key, option
+from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
+from repair.kinds.base import logit_scale_option, model_key, option
 from repair.model.backbone import Backbone, ImageEncoder, cut_at_end_of_text, encode_token_embeddings
 
 TEXT_BIAS = re.compile(r"^transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
@@ -46,28 +47,22 @@ class CLIPFit(Kind):
     """CLIPFit: a few native CLIP tensors (text MLP biases, image LayerNorms) were fine-tuned."""
 
     name: ClassVar[str] = "clipfit"
-    title: ClassVar[str] = "CLIPFit"
-    description: ClassVar[str] = "CLIPFit (a few native CLIP parameters)"
     Options: ClassVar[type[KindOptions]] = CLIPFitOptions
-    default_surrogate: ClassVar[str] = "feature"  # benchmarks/README.md "Choosing lam_zs"
-    default_lam_zs: ClassVar[float] = 10.0
-    scores_unseen_classes: ClassVar[bool] = True  # its text tower encodes any class name
-    trained_tensors: ClassVar[str] = ("`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm "
-                                      "(any wrapper prefix)")
+    about: ClassVar[About] = About(
+        title="CLIPFit", description="CLIPFit (a few native CLIP parameters)",
+        trained_tensors="`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm (any wrapper prefix)",
+        scores_unseen_classes=True)  # its text tower encodes any class name
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # README "Defaults"
 
     def __init__(self, backbone: Backbone, values: dict[str, torch.Tensor], classnames: Sequence[str],
                  templates: Sequence[str], options: CLIPFitOptions | None = None, *, file_keys: dict[str, str] | None = None,
                  passthrough: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        options = options or CLIPFitOptions()
         model = backbone.model
         pretrained = dict(model.named_parameters())
         names = clipfit_names(model)
         self._check(values, names, pretrained)
-        self.backbone = backbone
-        self.options = options
-        self.classnames = list(classnames)
-        self.templates = list(templates)
+        super().__init__(backbone, classnames, templates, options)
+        options = self.options
         self.scale = float(options.logit_scale if options.logit_scale is not None else backbone.logit_scale)
         self.path_space = options.path_space
         self.names = names

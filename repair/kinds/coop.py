@@ -19,7 +19,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import Kind, KindOptions, KindOutput, PathSpace, logit_scale_option, option
+from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
+from repair.kinds.base import logit_scale_option, option
 from repair.model.backbone import Backbone, cut_at_end_of_text, encode_token_embeddings
 
 DEFAULT_CTX_INIT = "a photo of a"
@@ -34,13 +35,29 @@ def find_ctx(tensor_file: TensorFile) -> tuple[str, torch.Tensor] | None:
     return None
 
 
+def _check_fits(backbone: Backbone, prompts: Sequence[str], n_ctx: int) -> None:
+    """The tokenizer would silently cut a prompt longer than the text context: refuse it instead."""
+    encode = getattr(backbone.tokenizer, "encode", None)
+    context = getattr(backbone.tokenizer, "context_length", None)
+    if encode is None or context is None:
+        return
+    for prompt in prompts:
+        needed = len(encode(prompt)) + 2  # start and end-of-text tokens
+        if needed > context:
+            raise IncompatibleCheckpointError(
+                f"a prompt of {n_ctx} context tokens and the class name {prompt.split(' ', n_ctx)[-1]!r} needs "
+                f"{needed} tokens, but this model's text context holds {context}")
+
+
 class PromptBank(nn.Module):
     """Frozen token embeddings around the context for one class list, cut at end-of-text."""
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int) -> None:
         super().__init__()
         placeholder = " ".join([PLACEHOLDER] * n_ctx)
-        tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
+        prompts = [f"{placeholder} {name}." for name in classnames]
+        _check_fits(backbone, prompts, n_ctx)
+        tokens = backbone.tokenize(prompts)
         tokens, eot = cut_at_end_of_text(backbone.model, tokens)
         with torch.no_grad():
             embeddings = backbone.model.token_embedding(tokens).float()
@@ -78,23 +95,17 @@ class CoOpPrompts(Kind):
     """Soft prompts: ``ctx [n_ctx, D]`` (shared) or ``[n_cls, n_ctx, D]`` (class-specific)."""
 
     name: ClassVar[str] = "coop"
-    title: ClassVar[str] = "CoOp"
-    description: ClassVar[str] = "CoOp soft prompt"
     Options: ClassVar[type[KindOptions]] = CoOpOptions
-    default_surrogate: ClassVar[str] = "fisher"  # benchmarks/README.md "Choosing lam_zs"
-    default_lam_zs: ClassVar[float] = 10.0
-    scores_unseen_classes: ClassVar[bool] = True  # a shared context prompts any class name
-    trained_tensors: ClassVar[str] = "`ctx` [n_ctx, width] or [n_cls, n_ctx, width]"
+    about: ClassVar[About] = About(
+        title="CoOp", description="CoOp soft prompt", trained_tensors="`ctx` [n_ctx, width] or [n_cls, n_ctx, width]",
+        scores_unseen_classes=True)  # a shared context prompts any class name (class-specific ones: see can_score)
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=10.0)  # README "Defaults"
 
     def __init__(self, backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str],
                  templates: Sequence[str], options: CoOpOptions | None = None, *, ctx_key: str = "ctx") -> None:
-        super().__init__()
-        options = options or CoOpOptions()
         self._check_shape(backbone, ctx, classnames)
-        self.backbone = backbone
-        self.options = options
-        self.classnames = list(classnames)
-        self.templates = list(templates)
+        super().__init__(backbone, classnames, templates, options)
+        options = self.options
         self.ctx_key = ctx_key
         self.ctx_init = options.ctx_init
         self.input_dtype = ctx.dtype
@@ -131,7 +142,7 @@ class CoOpPrompts(Kind):
             keys = ", ".join(sorted(tensor_file.tensors)[:6]) or "none"
             raise IncompatibleCheckpointError(f"{tensor_file.path}: no prompt context 'ctx' (tensors: {keys})")
         key, ctx = found
-        return cls(backbone, ctx, classnames, templates, options, ctx_key="ctx")
+        return cls(backbone, ctx, classnames, templates, options, ctx_key=key)  # the output keeps the name
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
@@ -185,8 +196,8 @@ class CoOpPrompts(Kind):
                 "a class-specific prompt can only score the classes it was trained on")
         return self._text_features(self.ctx, self._bank(classnames))
 
-    def can_score(self, classnames: Sequence[str]) -> bool:
-        return list(classnames) == self.classnames or not self.class_specific
+    def scores_other_classes(self) -> bool:
+        return not self.class_specific  # one context per class cannot prompt a new class
 
     # ------------------------------------------------------------------ Kind protocol
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import HeadFeatures, Kind, KindOptions, KindOutput, logit_scale_option, model_key, option
+from repair.kinds.base import About, HeadFeatures, Kind, KindOptions, KindOutput, RepairDefaults
+from repair.kinds.base import logit_scale_option, model_key, option
 from repair.model.backbone import Backbone
 
 HEAD_NAMES = ("weight", "head.weight", "fc.weight", "classifier.weight", "linear.weight", "coef_")
@@ -61,23 +62,18 @@ class LinearHead(Kind):
     """A linear classifier on frozen CLIP image features."""
 
     name: ClassVar[str] = "linear"
-    title: ClassVar[str] = "linear probe"
-    description: ClassVar[str] = "linear-probe head"
     Options: ClassVar[type[KindOptions]] = LinearOptions
-    default_surrogate: ClassVar[str] = "l2"  # benchmarks/README.md "Choosing lam_zs"
-    default_lam_zs: ClassVar[float] = 5.0
-    scores_unseen_classes: ClassVar[bool] = False  # one row per trained class
-    trained_tensors: ClassVar[str] = "`weight` [n_cls, dim] (+ `bias`), any prefix; sklearn `coef_`/`intercept_`"
+    about: ClassVar[About] = About(
+        title="linear probe", description="linear-probe head",
+        trained_tensors="`weight` [n_cls, dim] (+ `bias`), any prefix; sklearn `coef_`/`intercept_`")
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="l2", lam_zs=5.0)  # README "Defaults"
 
     def __init__(self, backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor | None,
                  classnames: Sequence[str], templates: Sequence[str], options: LinearOptions | None = None, *,
                  weight_key: str = "weight", bias_key: str | None = "bias") -> None:
-        super().__init__()
-        options = options or LinearOptions()
         self._check_shapes(backbone, weight, bias, classnames)
-        self.backbone = backbone
-        self.options = options
-        self.classnames = list(classnames)
+        super().__init__(backbone, classnames, templates, options)
+        options = self.options
         self.weight_key, self.bias_key = weight_key, bias_key
         self.input_dtype = weight.dtype
         self.normalize_features = options.head_features is HeadFeatures.normalized

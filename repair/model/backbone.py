@@ -13,7 +13,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -215,9 +218,14 @@ def register_model_config(path: Path) -> str:
     return path.stem
 
 
-def _offline_hint() -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    state = "HF_HUB_OFFLINE is set and they are not cached" if offline else "they could not be downloaded"
+def _offline_hint(unreachable: bool = False) -> str:
+    if unreachable:
+        state = ("the Hugging Face Hub is unreachable (no network?) and they are not cached "
+                 "(set HF_HUB_OFFLINE=1 to skip the network check)")
+    elif _offline_requested():
+        state = "HF_HUB_OFFLINE is set and they are not cached"
+    else:
+        state = "they could not be downloaded"
     return (
         f"{state}; ways out: run once with network access to fill the Hugging Face cache, "
         "pass --pretrained /path/to/weights, or use --model local-dir:PATH"
@@ -297,18 +305,20 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
     _check_model_name(spec)
     pretrained = _check_pretrained(spec)
     device = resolve_device(device)
+    downloads = (pretrained is not None and not os.path.isfile(pretrained)) or spec.model.startswith("hf-hub:")
     try:
-        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        with _quiet_libraries(), _offline_unless_reachable(downloads) as unreachable, \
+                torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.model, pretrained=pretrained, device=device
             )
             tokenizer = open_clip.get_tokenizer(spec.model)
     except (RuntimeError, OSError, ValueError) as exc:
-        if pretrained is None and not spec.model.startswith("hf-hub:"):
+        if not downloads:
             raise WeightsUnavailableError(f"could not build {spec.model}: {_first_line(exc)}") from None
-        source = spec.model if spec.uses_schema else f"{spec.model} / {spec.pretrained}"
-        raise WeightsUnavailableError(f"could not load weights for {source}: {_offline_hint()}") from None
+        raise WeightsUnavailableError(f"could not load weights for {spec.describe()}: "
+                                      f"{_offline_hint(unreachable)}") from None
     model.eval().requires_grad_(False)
     model.visual.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers it
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, device=device,
@@ -320,13 +330,70 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class _quiet_open_clip:
-    """open_clip logs warnings (e.g. ignored tags) that would clutter a CLI's stderr."""
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """open_clip and huggingface_hub log warnings, retries and errors (``logging.error`` on the root
+    logger, which would also install a stderr handler for good): while loading, their records go
+    nowhere; the caller's own logging configuration is left as it was."""
+    root = logging.getLogger()
+    sink = logging.NullHandler()
+    silence = _DropLibraryRecords()
+    root.addHandler(sink)  # root has a handler now, so logging.error() adds none of its own
+    root.addFilter(silence)
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(silence)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(silence)
+        root.removeFilter(silence)
+        root.removeHandler(sink)
 
-    def __enter__(self) -> None:
-        self._logger = logging.getLogger()
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._logger.setLevel(self._level)
+_NOISY_LOGGERS = ("open_clip", "huggingface_hub", "urllib3", "timm")
+
+
+class _DropLibraryRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+@contextmanager
+def _offline_unless_reachable(downloads: bool) -> Iterator[bool]:
+    """Without network, huggingface_hub retries for about a minute before failing. One short probe of
+    the Hub instead; when it fails, load in offline mode (cached weights still load at once).
+    Yields whether the Hub was found unreachable."""
+    if not downloads or _offline_requested():
+        yield False
+        return
+    if hub_reachable():
+        yield False
+        return
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _offline_requested() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub (``HF_ENDPOINT``) opens within ``timeout_s``."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

@@ -80,7 +80,7 @@ def is_repo_id(text: str) -> bool:
 def _kind_description(kind: str) -> str:
     from repair.kinds import KINDS  # the kind declares how it is named
 
-    return KINDS[kind].description if kind in KINDS else f"`{kind}`"
+    return KINDS[kind].about.description if kind in KINDS else f"`{kind}`"
 
 
 def _kind_options(record: Record) -> list[tuple[str, Any]]:

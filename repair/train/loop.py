@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from repair.data.features import Features
-from repair.errors import InputFileError, NumericalError
+from repair.errors import InputFileError, NumericalError, UsageError
 from repair.io import write_state_file
 from repair.kinds.base import Kind
 from repair.train.objective import Objective, mergetune_loss
@@ -30,14 +30,24 @@ from repair.train.surrogates import Surrogate, build_surrogate
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    max_steps: int | None = None  # stop early after this many steps; 0 returns the input unchanged
-    batch_size: int = 128
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    seed: int = 0
+    """The schedule; each field's metadata is its command-line flag (help and bounds)."""
+
+    epochs: int = field(default=10, metadata={"help": "Passes over the training images.", "min": 0})
+    max_steps: int | None = field(default=None, metadata={  # 0 returns the input unchanged
+        "help": "Stop after this many steps.", "min": 0})
+    batch_size: int = field(default=128, metadata={"help": "Images per step.", "min": 1})
+    lr: float = field(default=0.002, metadata={"help": "SGD learning rate (cosine schedule).", "min": 0.0})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1).", "min": 0.0})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay.", "min": 0.0})
+    warmup_epochs: int = field(default=1, metadata={"help": "Linear warm-up epochs.", "min": 0})
+    seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UsageError(f"momentum must lie in [0, 1), got {self.momentum}")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -19,10 +19,10 @@ from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
 
 @dataclass(frozen=True)
 class Objective:
-    lam_zs: float | None = None  # None: the kind's default (Kind.default_lam_zs)
+    lam_zs: float | None = None  # None: the kind's default (Kind.defaults)
     lam_lmc: float = 1.0
     path_points: int = 5
-    surrogate: str | None = None  # None: the kind's default (Kind.default_surrogate)
+    surrogate: str | None = None  # None: the kind's default (Kind.defaults)
 
     def __post_init__(self) -> None:
         if self.surrogate is not None and self.surrogate not in SURROGATES:
@@ -38,8 +38,8 @@ class Objective:
         """The same objective with every unset choice filled in from the kind's declared defaults."""
         if self.lam_zs is not None and self.surrogate is not None:
             return self  # the common case: called on every training step
-        return replace(self, lam_zs=kind.default_lam_zs if self.lam_zs is None else self.lam_zs,
-                       surrogate=self.surrogate or kind.default_surrogate)
+        return replace(self, lam_zs=kind.defaults.lam_zs if self.lam_zs is None else self.lam_zs,
+                       surrogate=self.surrogate or kind.defaults.surrogate)
 
     def path_ts(self) -> torch.Tensor:
         """Midpoints of K equal steps on (0, 1): K=5 gives 0.1, 0.3, 0.5, 0.7, 0.9."""

@@ -27,18 +27,26 @@ from repair.data.features import Features
 from repair.errors import UsageError
 from repair.kinds.base import Kind, KindOutput
 
-FISHER_CACHE_FORMAT = "mergetune-fisher/1"
+FISHER_CACHE_FORMAT = "mergetune-fisher/2"  # checksummed entries
 
 
-class FeatureSurrogate:
+class DataFree:
+    """A surrogate whose constants come from the kind alone: built without images."""
+
+    needs_data = False
+
+    def __init__(self, kind: Kind) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, kind: Kind, data: Features | None, **_: object) -> DataFree:
+        return cls(kind)
+
+
+class FeatureSurrogate(DataFree):
     """Gauss-Newton on the class text features (KgCoOp's term; what the reference runs)."""
 
     name = "feature"
-    needs_data = False
-
-    @classmethod
-    def build(cls, kind: Kind, data: Features | None, **_: object) -> FeatureSurrogate:
-        return cls(kind)
 
     def __init__(self, kind: Kind) -> None:
         self.anchor = kind.zero_shot_class_features().detach()
@@ -47,15 +55,10 @@ class FeatureSurrogate:
         return 1.0 - F.cosine_similarity(output.class_features, self.anchor, dim=-1).mean()
 
 
-class L2Surrogate:
+class L2Surrogate(DataFree):
     """Isotropic H: ``0.5 ||w - w_zs||^2`` over the trainable tensors (L2-SP)."""
 
     name = "l2"
-    needs_data = False
-
-    @classmethod
-    def build(cls, kind: Kind, data: Features | None, **_: object) -> L2Surrogate:
-        return cls(kind)
 
     def __init__(self, kind: Kind) -> None:
         self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}

@@ -18,6 +18,11 @@ from repair.workflows.evaluate import evaluate
 from repair.workflows.inputs import DataOptions
 from repair.workflows.run import finetune, repair
 
+READING_THE_DEMO = (
+    "The tiny CLIP here has random weights, so its zero-shot accuracy is chance and its 'most forgotten' "
+    "classes are noise: the demo shows the workflow and the files it writes, not the method's benefit. "
+    "Look at the files in the work folder (ft.safetensors, fixed.safetensors and their metadata: "
+    "`mergetune inspect`), and see benchmarks/RESULTS.md for what repair does on a trained CLIP.")
 BASE_CLASSES = ("blue", "green", "red", "yellow")
 NOVEL_CLASSES = ("cyan", "orange", "pink", "purple")
 

@@ -18,6 +18,7 @@ from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import versions
 from repair.workflows.inputs import (
     DataOptions,
+    check_class_list,
     check_record_backbone,
     encode_for,
     read_record,
@@ -50,6 +51,7 @@ def evaluate(
     data_options: DataOptions | None = None,
     kind: str | None = None,
     kind_options: KindChoices = None,
+    other_classes: bool = False,
     baselines: bool = False,
     wise_alpha: float | None = None,
     device: str = "cpu",
@@ -58,7 +60,8 @@ def evaluate(
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
 
     ``novel_dir`` may be several held-out folders: each is reported, and "novel" is their mean.
-    Without ``backbone``, the one the first checkpoint records is loaded.
+    Without ``backbone``, the one the first checkpoint records is loaded. The base folder must hold the
+    classes each checkpoint records, unless ``other_classes`` and its kind can score other classes.
 
     With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
     (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
@@ -92,6 +95,7 @@ def evaluate(
         model = load_kind(backbone, tensor_file, base.classnames, templates, kind=kind,
                           recorded_kind=record.kind if record else None,
                           recorded_options=record.kind_options if record else None, overrides=kind_options)
+        check_class_list(record, base_folder, tensor_file.path, model, other_classes=other_classes)
         kinds[name] = (model, tensor_file)
     evaluation = Evaluation(base, novel)
     zero_shot_scale = kind_options.get("logit_scale") if isinstance(kind_options, dict) else None

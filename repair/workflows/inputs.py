@@ -13,8 +13,9 @@ from typing import Protocol
 
 from repair.data.features import Features, default_cache_dir, extract_features, load_pixels
 from repair.data.folders import ImageFolder, scan_image_folder
-from repair.errors import OutputExistsError
-from repair.io import TensorFile, check_output_path
+from repair.errors import IncompatibleCheckpointError, OutputExistsError
+from repair.io import TensorFile, check_output_path, check_writable
+from repair.kinds import Kind
 from repair.model.backbone import Backbone, BackboneSpec, ImageEncoder, load_backbone
 from repair.record import Record
 
@@ -65,12 +66,33 @@ def check_record_backbone(record: Record | None, backbone: Backbone, source: Pat
         record.check_backbone(backbone.text_fingerprint, backbone.spec.describe(), source)
 
 
+def check_class_list(record: Record | None, dataset: ImageFolder, source: Path, kind: Kind, *,
+                     other_classes: bool = False) -> None:
+    """A checkpoint is scored or trained on the classes it records, unless the caller asks for other
+    classes and the kind can honestly score them (a shared CoOp prompt can; a linear head cannot)."""
+    if record is None or list(record.class_folders) == list(dataset.folders):
+        return
+    if other_classes and kind.scores_other_classes():
+        return
+    recorded, found = _listed(record.class_folders), _listed(dataset.folders)
+    way_out = ("pass --other-classes to use it on other classes" if kind.scores_other_classes()
+               else f"a {kind.about.description} can only score its own classes")
+    raise IncompatibleCheckpointError(f"{source} was made for classes {recorded} but {dataset.root} has {found}; "
+                                      f"{way_out}")
+
+
+def _listed(names: Sequence[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})"
+
+
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
     """Fail before the expensive part, not after it: the same check the atomic write makes."""
     out = Path(out)
     if not out.parent.is_dir():  # an output problem for the commands (exit 8), not an unreadable input
         raise OutputExistsError(f"{out.parent}: output directory does not exist")
     check_output_path(out, force, [Path(source) for source in inputs])
+    check_writable(out.parent)
 
 
 def select_training_images(data_dir: Path, options: DataOptions, seed: int) -> tuple[ImageFolder, ImageFolder | None]:

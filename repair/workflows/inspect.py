@@ -25,7 +25,7 @@ def inspect_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, A
         "format": tensor_file.format,
         "sha256": tensor_file.sha256,
         "kind": kind_class.name,
-        "kind_title": kind_class.title,
+        "kind_title": kind_class.about.title,
         "trainable_numbers": sum(tensor_file.tensors[key].numel() for key in trainable),
         "tensors": [{"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
                      "trainable": name in trainable} for name, tensor in tensor_file.tensors.items()],

@@ -23,14 +23,8 @@ from repair.io import TensorFile, atomic_output, read_tensors
 from repair.kinds import Kind, detect_kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import Record, versions
-from repair.workflows.inputs import (
-    DataOptions,
-    check_output,
-    check_record_backbone,
-    encode_for,
-    read_record,
-    resolve_backbone,
-)
+from repair.workflows import inputs
+from repair.workflows.inputs import DataOptions
 from repair.workflows.run import KindChoices
 
 PATH_SCHEMA = "mergetune.path/1"
@@ -93,7 +87,7 @@ def _feature_source(kind: Kind, backbone: Backbone, dataset: ImageFolder,
     """Features for the kind's current values: encoded once when the image tower is frozen,
     re-encoded (uncached: every point is a new tower) when the checkpoint owns the tower."""
     if kind.image_encoder() is None:
-        fixed = encode_for(kind, backbone, dataset, options)
+        fixed = inputs.encode_for(kind, backbone, dataset, options)
         return lambda: fixed
     return lambda: extract_features(backbone, dataset, cache_dir=None, batch_size=options.batch_size,
                                     workers=options.workers, normalize=kind.input_kind != "raw-features",
@@ -113,6 +107,7 @@ def path_report(
     data_options: DataOptions | None = None,
     kind: str | None = None,
     kind_options: KindChoices = None,
+    other_classes: bool = False,
     device: str = "cpu",
 ) -> dict[str, object]:
     """Accuracy and loss along zs -> ft, zs -> rep and ft -> rep, as a JSON-ready dict.
@@ -125,16 +120,16 @@ def path_report(
     ts = path_ts(points)
     # everything cheap first: files, kinds, data, templates; then the model
     ft_file, rep_file = read_tensors(finetuned), read_tensors(repaired)
-    records = [read_record(ft_file), read_record(rep_file)]
+    records = [inputs.read_record(ft_file), inputs.read_record(rep_file)]
     _same_kind_class(ft_file, rep_file, kind, records)
     dataset = scan_image_folder(data_dir, data_options.classnames_file)
     if data_options.shots is not None:
         dataset = dataset.few_shot(data_options.shots, SHOTS_SEED)
     templates = load_templates(data_options.templates_file)
-    backbone = resolve_backbone(backbone, device)
+    backbone = inputs.resolve_backbone(backbone, device)
     warnings: list[str] = []
     for tensor_file, record in zip((ft_file, rep_file), records):
-        check_record_backbone(record, backbone, tensor_file.path)
+        inputs.check_record_backbone(record, backbone, tensor_file.path)
         if record is not None:
             warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
                                                    tensor_file.path)
@@ -143,6 +138,8 @@ def path_report(
                   recorded_kind=record.kind if record else None,
                   recorded_options=record.kind_options if record else None, overrides=kind_options)
         for tensor_file, record in zip((ft_file, rep_file), records))
+    for model, tensor_file, record in ((ft_kind, ft_file, records[0]), (rep_kind, rep_file, records[1])):
+        inputs.check_class_list(record, dataset, tensor_file.path, model, other_classes=other_classes)
     _check_compatible(ft_kind, rep_kind, finetuned, repaired)
     anchors = {ZERO_SHOT: _zero_shot_point(ft_kind, rep_kind, finetuned, repaired),
                FINETUNED: ft_kind.snapshot(), REPAIRED: rep_kind.snapshot()}
@@ -170,7 +167,7 @@ def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Pa
     """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""
     for target in (out, png):
         if target is not None:
-            check_output(Path(target), [Path(finetuned), Path(repaired)], force)
+            inputs.check_output(Path(target), [Path(finetuned), Path(repaired)], force)
     report = path_report(finetuned, repaired, data_dir, **options)
     write_path_json(report, out, force=force)
     if png is not None:

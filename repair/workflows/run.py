@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from repair.data.folders import ImageFolder, load_templates
-from repair.errors import UsageError
-from repair.io import TensorFile, read_tensors, write_safetensors
+from repair.errors import Terminated, UsageError
+from repair.io import TensorFile, output_lock, read_tensors, write_safetensors
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
@@ -27,6 +27,7 @@ from repair.train.objective import Objective
 from repair.train.surrogates import Surrogate, build_surrogate
 from repair.workflows.inputs import (
     DataOptions,
+    check_class_list,
     check_output,
     check_record_backbone,
     encode_for,
@@ -95,20 +96,32 @@ class RunInputs:
 
 def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
         on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
-    """Encode once, build the zero-shot term once, train, write ``out`` atomically with its record."""
+    """Encode once, build the zero-shot term once, train, write ``out`` atomically with its record.
+
+    A run that fails removes the progress file it created; an interrupted one (Ctrl-C, SIGTERM)
+    keeps it for ``resume=True``.
+    """
     kind, options = inputs.kind, inputs.data_options
-    train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
-    val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
-               if inputs.held_out is not None else None)
-    surrogate = _prepare_surrogate(inputs, train_set)
     progress = inputs.progress_file(out)
-    with seeded_run(inputs.config.seed, deterministic):
-        result = train(kind, inputs.objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
-                       on_step=on_step, progress=progress, resume=resume)
-    record = inputs.record(result)
-    sources = [inputs.source.path] if inputs.source is not None else []
-    path = write_safetensors(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force,
-                             inputs=sources)
+    created_progress = not progress.path.exists()
+    try:
+        train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
+        val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
+                   if inputs.held_out is not None else None)
+        surrogate = _prepare_surrogate(inputs, train_set)
+        with seeded_run(inputs.config.seed, deterministic):
+            result = train(kind, inputs.objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
+                           on_step=on_step, progress=progress, resume=resume)
+        record = inputs.record(result)
+        sources = [inputs.source.path] if inputs.source is not None else []
+        path = write_safetensors(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force,
+                                 inputs=sources)
+    except (KeyboardInterrupt, Terminated):
+        raise
+    except BaseException:
+        if created_progress:
+            progress.remove()
+        raise
     progress.remove()
     return RunOutcome(path, record, result)
 
@@ -147,6 +160,7 @@ def repair(
     data_options: DataOptions | None = None,
     kind: str | None = None,
     kind_options: KindChoices = None,
+    other_classes: bool = False,
     output_dtype: str = "input",
     device: str = "cpu",
     precision: str = "fp32",
@@ -158,25 +172,28 @@ def repair(
     """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file.
 
     ``kind_options`` overrides the kind's options (``{"ctx_init": "a photo of a"}``); an option the
-    detected kind does not have is refused. Progress is saved next to ``out`` after every epoch;
+    detected kind does not have is refused. A checkpoint recorded for other classes than ``data_dir``'s
+    is refused unless ``other_classes`` and its kind can score them. Progress is saved next to ``out`` after every epoch;
     ``resume=True`` continues an interrupted run.
     """
     finetuned, out = Path(finetuned), Path(out)
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
     check_output(out, [finetuned], force)
-    source = read_tensors(finetuned)
-    record = read_record(source)
-    cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
-                             recorded_options=record.kind_options if record else None, overrides=kind_options)
-    templates = load_templates(data_options.templates_file)
-    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
-    backbone = resolve_backbone(backbone, device, precision)
-    check_record_backbone(record, backbone, finetuned)
-    model = cls.from_file(backbone, source, dataset.classnames, templates, options)
-    inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), objective.for_kind(model),
-                       config, data_options, output_dtype, source)
-    return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+    with output_lock(out):  # a second run writing the same file refuses now, not after training
+        source = read_tensors(finetuned)
+        record = read_record(source)
+        cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
+                                 recorded_options=record.kind_options if record else None, overrides=kind_options)
+        templates = load_templates(data_options.templates_file)
+        dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+        backbone = resolve_backbone(backbone, device, precision)
+        check_record_backbone(record, backbone, finetuned)
+        model = cls.from_file(backbone, source, dataset.classnames, templates, options)
+        check_class_list(record, dataset, finetuned, model, other_classes=other_classes)
+        inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), objective.for_kind(model),
+                           config, data_options, output_dtype, source)
+        return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
 def finetune(
@@ -203,13 +220,14 @@ def finetune(
     options = resolve_options(cls, None, kind_options)
     _check_output_dtype(output_dtype)
     check_output(out, [], force)
-    templates = load_templates(data_options.templates_file)
-    dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
-    backbone = resolve_backbone(backbone, device, precision)
-    model = cls.zero_shot(backbone, dataset.classnames, templates, options)
-    inputs = RunInputs("finetune", model, backbone, dataset, held_out, tuple(templates),
-                       Objective(lam_zs=0.0, lam_lmc=0.0).for_kind(model), config, data_options, output_dtype)
-    return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+    with output_lock(out):
+        templates = load_templates(data_options.templates_file)
+        dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
+        backbone = resolve_backbone(backbone, device, precision)
+        model = cls.zero_shot(backbone, dataset.classnames, templates, options)
+        inputs = RunInputs("finetune", model, backbone, dataset, held_out, tuple(templates),
+                           Objective(lam_zs=0.0, lam_lmc=0.0).for_kind(model), config, data_options, output_dtype)
+        return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
 __all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "OUTPUT_DTYPES"]
