@@ -46,6 +46,8 @@ class BackboneIdentity:
     model_config: str | None = None
     visual_sha256: str | None = None
     text_sha256: str | None = None
+    image_tower: str | None = None  # what the towers are (module classes), for people reading the record
+    text_tower: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,69 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (only CI and the team's machines have it)")
     return SHARED_DATA
+
+
+HF_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", ".", "a", "an", "photo", "of", "the", "picture",
+            *BASE, *NOVEL]
+
+
+def _save_local_dir(folder: Path, model_cfg: dict, seed: int = 0) -> str:
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = (open_clip.CustomTextCLIP if "hf_model_name" in model_cfg["text_cfg"] else open_clip.CLIP)(**model_cfg)
+    save_file({name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()},
+              folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    return f"local-dir:{folder}"
+
+
+def _save_wordpiece_tokenizer(transformers, folder: Path) -> None:
+    """A BERT-style tokenizer over HF_VOCAB, built from its parts (no download, any transformers version)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    ids = {word: index for index, word in enumerate(HF_VOCAB)}
+    tokenizer = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+                                         ).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def hf_backbone(tmp_path_factory):
+    """A tiny CLIP whose text tower is a Hugging Face BERT (open_clip's CustomTextCLIP), built offline."""
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face text tower needs transformers")
+    from repair.model.backbone import BackboneSpec, load_backbone
+
+    folder = tmp_path_factory.mktemp("hf-clip")
+    bert = folder / "bert"
+    bert.mkdir()
+    _save_wordpiece_tokenizer(transformers, bert)
+    _save_wordpiece_tokenizer(transformers, folder)  # open_clip reads a local-dir's tokenizer from its root
+    transformers.BertConfig(vocab_size=len(HF_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64).save_pretrained(bert)
+    model_cfg = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_model_pretrained": False,
+                              "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 32}}
+    return load_backbone(BackboneSpec(model=_save_local_dir(folder, model_cfg)))
+
+
+@pytest.fixture(scope="session")
+def cnn_backbone(tmp_path_factory):
+    """A tiny CLIP whose image tower is a CNN with BatchNorm (open_clip's ModifiedResNet)."""
+    from repair.model.backbone import BackboneSpec, load_backbone
+
+    model_cfg = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    return load_backbone(BackboneSpec(model=_save_local_dir(tmp_path_factory.mktemp("cnn-clip"), model_cfg)))

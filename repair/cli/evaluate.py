@@ -237,6 +237,9 @@ def _print_inspection(report: dict[str, Any]) -> None:
     if len(report["tensors"]) > 50:
         say(f"... and {len(report['tensors']) - 50} more tensors (--json lists all)")
     metadata = report["metadata"]
+    towers = metadata.get("backbone") if isinstance(metadata.get("backbone"), dict) else {}
+    if towers.get("image_tower"):
+        say(f"towers: image {towers['image_tower']}, text {towers['text_tower']}")
     if metadata:
         summary = {key: metadata[key] for key in ("stage", "backbone", "objective", "seed") if key in metadata}
         stdout.print_json(json.dumps(summary or metadata))

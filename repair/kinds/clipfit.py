@@ -1,4 +1,4 @@
-"""CLIPFit: the text blocks' ``mlp.c_proj.bias`` and every image-tower LayerNorm.
+"""CLIPFit: each text block's feed-forward output bias and every image-tower normalisation layer.
 
 These are the model's own tensors, so the image tower runs inside the loop here. The path
 term defaults to feature space: image features at ``w_ft`` come from one extra no-grad pass
@@ -22,18 +22,29 @@ from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
 from repair.kinds.base import logit_scale_option, model_key, option
-from repair.model.backbone import Backbone, ImageEncoder, cut_at_end_of_text, encode_token_embeddings
+from repair.model.backbone import Backbone, ImageEncoder
 
-TEXT_BIAS = re.compile(r"^transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
-IMAGE_NORM = re.compile(r"^visual\.(ln_pre|ln_post|transformer\.resblocks\.\d+\.ln_[12])\.(weight|bias)$")
+# By name alone (detection and inspect, without a model): each text block's feed-forward output bias
+# (CLIP: mlp.c_proj; BERT-like Hugging Face towers: output.dense) and image normalisation layers.
+TEXT_BIAS = re.compile(r"^(transformer\.resblocks\.\d+\.mlp\.c_proj|text\.transformer\.(encoder\.)?layers?\.\d+"
+                       r"\.output\.dense)\.bias$")
+IMAGE_NORM = re.compile(r"^visual\.(.+\.)?(ln_pre|ln_post|ln_[12]|ln|norm\w*|bn\w*)\.(weight|bias)$")
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def is_clipfit_name(name: str) -> bool:
     return bool(TEXT_BIAS.match(name) or IMAGE_NORM.match(name))
 
 
-def clipfit_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if is_clipfit_name(name)]
+def clipfit_names(backbone: Backbone) -> list[str]:
+    """The tensors CLIPFit trains in this model: every text block's feed-forward output bias, and the
+    affine parameters of every normalisation layer of the image tower (LayerNorm in a ViT,
+    BatchNorm / GroupNorm in a CNN, whose running statistics stay frozen: the model is in eval mode)."""
+    text = {backbone.text.prefix + name for name in backbone.text.ffn_output_biases()}
+    image = {f"visual.{module_name}.{tensor}" for module_name, module in backbone.model.visual.named_modules()
+             if isinstance(module, NORM_LAYERS) for tensor in ("weight", "bias")
+             if isinstance(getattr(module, tensor, None), nn.Parameter)}
+    return [name for name, _ in backbone.model.named_parameters() if name in text | image]  # the model's order
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class CLIPFit(Kind):
                  passthrough: dict[str, torch.Tensor] | None = None) -> None:
         model = backbone.model
         pretrained = dict(model.named_parameters())
-        names = clipfit_names(model)
+        names = clipfit_names(backbone)
         self._check(values, names, pretrained)
         super().__init__(backbone, classnames, templates, options)
         options = self.options
@@ -82,7 +93,8 @@ class CLIPFit(Kind):
     @staticmethod
     def _check(values: dict[str, torch.Tensor], names: list[str], pretrained: dict[str, torch.Tensor]) -> None:
         if not names:
-            raise IncompatibleCheckpointError("this model has no CLIPFit tensors (text c_proj biases, image LayerNorms)")
+            raise IncompatibleCheckpointError("this model has no CLIPFit tensors (text feed-forward output biases, "
+                                              "image normalisation layers)")
         missing = [name for name in names if name not in values]
         if missing:
             raise IncompatibleCheckpointError(
@@ -105,18 +117,18 @@ class CLIPFit(Kind):
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
                   templates: Sequence[str], options: CLIPFitOptions | None = None) -> CLIPFit:
+        wanted = set(clipfit_names(backbone))
         by_model_key = {model_key(key): key for key in tensor_file.tensors}
-        values = {name: tensor_file.tensors[key] for name, key in by_model_key.items() if is_clipfit_name(name)}
+        values = {name: tensor_file.tensors[key] for name, key in by_model_key.items() if name in wanted}
         file_keys = {name: by_model_key[name] for name in values}
-        passthrough = {key: tensor for key, tensor in tensor_file.tensors.items()
-                       if not is_clipfit_name(model_key(key))}
+        passthrough = {key: tensor for key, tensor in tensor_file.tensors.items() if model_key(key) not in wanted}
         return cls(backbone, values, classnames, templates, options, file_keys=file_keys, passthrough=passthrough)
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
                   options: CLIPFitOptions | None = None) -> CLIPFit:
-        values = {name: tensor.detach() for name, tensor in backbone.model.named_parameters()
-                  if is_clipfit_name(name)}
+        wanted = set(clipfit_names(backbone))
+        values = {name: tensor.detach() for name, tensor in backbone.model.named_parameters() if name in wanted}
         return cls(backbone, values, classnames, templates, options)
 
     # ------------------------------------------------------------------ encoding
@@ -125,7 +137,8 @@ class CLIPFit(Kind):
         return dict(zip(self.names, self.params))
 
     def _split(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        text = {name.removeprefix("transformer."): v for name, v in values.items() if name.startswith("transformer.")}
+        prefix = self.backbone.text.prefix
+        text = {name.removeprefix(prefix): v for name, v in values.items() if name.startswith(prefix)}
         image = {name.removeprefix("visual."): v for name, v in values.items() if name.startswith("visual.")}
         return text, image
 
@@ -133,16 +146,15 @@ class CLIPFit(Kind):
         key = tuple(classnames)
         if key not in self._prompts:
             captions = [template.format(name) for name in key for template in self.templates]
-            tokens, eot = cut_at_end_of_text(self.backbone.model, self.backbone.tokenize(captions))
-            self._prompts[key] = (tokens, eot)
+            self._prompts[key] = self.backbone.text.cut(self.backbone.tokenize(captions))
         return self._prompts[key]
 
     def _class_features(self, values: dict[str, torch.Tensor], classnames: Sequence[str]) -> torch.Tensor:
         """[C, E] normalised template-mean class features with the given text biases."""
         text_params, _ = self._split(values)
-        tokens, eot = self._tokens(classnames)
-        model = self.backbone.model
-        features = encode_token_embeddings(model, model.token_embedding(tokens), eot, text_params).float()
+        tokens, pooling = self._tokens(classnames)
+        text = self.backbone.text
+        features = text.encode_embeddings(text.embed(tokens), pooling, text_params).float()
         features = F.normalize(features, dim=-1).view(len(classnames), len(self.templates), -1)
         return F.normalize(features.mean(dim=1), dim=-1)
 

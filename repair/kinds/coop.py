@@ -21,7 +21,7 @@ from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
 from repair.kinds.base import logit_scale_option, option
-from repair.model.backbone import Backbone, cut_at_end_of_text, encode_token_embeddings
+from repair.model.backbone import Backbone
 
 DEFAULT_CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -37,16 +37,27 @@ def find_ctx(tensor_file: TensorFile) -> tuple[str, torch.Tensor] | None:
 
 def _check_fits(backbone: Backbone, prompts: Sequence[str], n_ctx: int) -> None:
     """The tokenizer would silently cut a prompt longer than the text context: refuse it instead."""
-    encode = getattr(backbone.tokenizer, "encode", None)
     context = getattr(backbone.tokenizer, "context_length", None)
-    if encode is None or context is None:
+    if context is None:
         return
     for prompt in prompts:
-        needed = len(encode(prompt)) + 2  # start and end-of-text tokens
+        needed = _token_count(backbone.tokenizer, prompt)
+        if needed is None:
+            return
         if needed > context:
             raise IncompatibleCheckpointError(
                 f"a prompt of {n_ctx} context tokens and the class name {prompt.split(' ', n_ctx)[-1]!r} needs "
                 f"{needed} tokens, but this model's text context holds {context}")
+
+
+def _token_count(tokenizer: object, text: str) -> int | None:
+    """Tokens of ``text`` with its start and end tokens, before any truncation (None: cannot tell)."""
+    if hasattr(tokenizer, "encode"):  # open_clip's BPE tokenizer
+        return len(tokenizer.encode(text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's wrapper around a Hugging Face tokenizer
+    if inner is not None:
+        return len(inner(text)["input_ids"])
+    return None
 
 
 class PromptBank(nn.Module):
@@ -57,13 +68,16 @@ class PromptBank(nn.Module):
         placeholder = " ".join([PLACEHOLDER] * n_ctx)
         prompts = [f"{placeholder} {name}." for name in classnames]
         _check_fits(backbone, prompts, n_ctx)
-        tokens = backbone.tokenize(prompts)
-        tokens, eot = cut_at_end_of_text(backbone.model, tokens)
+        tokens, pooling = backbone.text.cut(backbone.tokenize(prompts))
+        if n_ctx and not bool((tokens[:, 1:1 + n_ctx] == tokens[:1, 1:2]).all()):
+            raise IncompatibleCheckpointError(
+                f"this text tower's tokenizer does not read the placeholder {PLACEHOLDER!r} as one token; "
+                "prompts cannot be placed in it")
         with torch.no_grad():
-            embeddings = backbone.model.token_embedding(tokens).float()
+            embeddings = backbone.text.embed(tokens).float()
         self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embeddings[:, 1 + n_ctx:].clone(), persistent=False)
-        self.register_buffer("eot", eot, persistent=False)
+        self.register_buffer("pooling", pooling, persistent=False)  # end-of-text positions, or a mask
         self.num_classes = len(classnames)
 
     def assemble(self, ctx: torch.Tensor, class_specific: bool) -> torch.Tensor:
@@ -184,8 +198,9 @@ class CoOpPrompts(Kind):
         prompts = bank.assemble(ctx, self.class_specific)
         leading = prompts.shape[:-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
-        eot = bank.eot.repeat(flat.shape[0] // bank.num_classes)
-        features = encode_token_embeddings(self.backbone.model, flat, eot).float()
+        repeats = flat.shape[0] // bank.num_classes
+        pooling = bank.pooling.repeat(repeats, *([1] * (bank.pooling.dim() - 1)))
+        features = self.backbone.text.encode_embeddings(flat, pooling).float()
         return F.normalize(features, dim=-1).reshape(*leading, bank.num_classes, -1)
 
     def class_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:
@@ -250,7 +265,7 @@ class CoOpPrompts(Kind):
 
 def init_context(backbone: Backbone, words: str) -> torch.Tensor:
     """Token embeddings of ``words`` (no start/end tokens): CoOp's ``ctx_init``, i.e. ``w_zs``."""
-    tokens = backbone.tokenize([words])[0]
-    eot = int(tokens.argmax())
+    tokens = backbone.tokenize([words])
+    end = int(backbone.text.content_end(tokens)[0])
     with torch.no_grad():
-        return backbone.model.token_embedding(tokens[1:eot]).float().clone()
+        return backbone.text.embed(tokens[0, 1:end]).float().clone()

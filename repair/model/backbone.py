@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -73,13 +74,26 @@ class Backbone:
         """Mixed precision for forward passes (a no-op at fp32)."""
         return autocast(self.device, self.precision)
 
+    @cached_property
+    def text(self) -> TextTower:
+        """The text tower, behind one interface whether it is CLIP's own or a Hugging Face encoder."""
+        return HFTextTower(self.model.text) if hasattr(self.model, "text") and hasattr(self.model.text, "transformer") \
+            and hasattr(self.model.text, "pooler") else NativeTextTower(self.model)
+
     @property
     def text_width(self) -> int:
-        return int(self.model.token_embedding.weight.shape[1])
+        return self.text.width
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1])
+        return self.text.output_dim
+
+    def describe_towers(self) -> dict[str, str]:
+        """What the towers are, for ``inspect`` and records: class names of the modules."""
+        visual = self.model.visual
+        trunk = getattr(visual, "trunk", None)
+        return {"image": type(visual).__name__ + (f" ({type(trunk).__name__})" if trunk is not None else ""),
+                "text": self.text.describe()}
 
     @property
     def logit_scale(self) -> float:
@@ -110,8 +124,10 @@ class Backbone:
 
     def identity(self) -> BackboneIdentity:
         """What an output records so a later run can tell whether it has the same backbone."""
+        towers = self.describe_towers()
         return BackboneIdentity(**self.spec.as_dict(), visual_sha256=self.visual_fingerprint,
-                                text_sha256=self.text_fingerprint)
+                                text_sha256=self.text_fingerprint, image_tower=towers["image"],
+                                text_tower=towers["text"])
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -119,10 +135,8 @@ class Backbone:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised text features of plain captions, batched and cut at end-of-text."""
-        chunks = [
-            encode_tokens(self.model, self.tokenize(texts[start:start + TEXT_BATCH]))
-            for start in range(0, len(texts), TEXT_BATCH)
-        ]
+        chunks = [self.text.encode_tokens(self.tokenize(texts[start:start + TEXT_BATCH]))
+                  for start in range(0, len(texts), TEXT_BATCH)]
         return F.normalize(torch.cat(chunks), dim=-1)
 
     @torch.no_grad()
@@ -151,6 +165,121 @@ class ImageEncoder:
 
     fingerprint: str
     encode: Callable[[torch.Tensor], torch.Tensor]
+
+
+class TextTower:
+    """What the kinds need from a text tower: token embeddings in, pooled features out, cut short.
+
+    ``cut`` returns the tokens without the trailing positions that cannot change the pooled feature,
+    and ``pooling``: what ``encode_embeddings`` needs to pool (end-of-text positions for CLIP's
+    causal transformer, the attention mask for a bidirectional Hugging Face encoder).
+    """
+
+    width: int
+    output_dim: int
+    module: nn.Module  # whose parameters ``encode_*(parameters=...)`` names are relative to
+    prefix: str  # ``module``'s name in the CLIP model, with a dot
+
+    def describe(self) -> str: ...
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    def cut(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def content_end(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_embeddings(self, embeddings: torch.Tensor, pooling: torch.Tensor,
+                          parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor: ...
+
+    def encode_tokens(self, tokens: torch.Tensor, parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Unnormalised text features of token ids, equal to the model's ``encode_text`` but cut short."""
+        tokens, pooling = self.cut(tokens)
+        return self.encode_embeddings(self.embed(tokens), pooling, parameters)
+
+    def ffn_output_biases(self) -> list[str]:
+        """Names (in ``module``) of each block's feed-forward output bias: CLIPFit's text side."""
+        ...
+
+
+class NativeTextTower(TextTower):
+    """open_clip's own CLIP text transformer: causal, pooled at the end-of-text token."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.module = model.transformer
+        self.prefix = "transformer."
+        self.width = int(model.token_embedding.weight.shape[1])
+        projection = model.text_projection
+        self.output_dim = int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[-1])
+
+    def describe(self) -> str:
+        return f"CLIP text transformer ({type(self.model.transformer).__name__})"
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def cut(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cut_at_end_of_text(self.model, tokens)
+
+    def content_end(self, tokens: torch.Tensor) -> torch.Tensor:
+        return pooling_positions(self.model, tokens)
+
+    def encode_embeddings(self, embeddings: torch.Tensor, pooling: torch.Tensor,
+                          parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return encode_token_embeddings(self.model, embeddings, pooling, parameters)
+
+    def ffn_output_biases(self) -> list[str]:
+        return [name for name, _ in self.module.named_parameters()
+                if re.fullmatch(r"resblocks\.\d+\.mlp\.c_proj\.bias", name)]
+
+
+class HFTextTower(TextTower):
+    """A Hugging Face encoder inside open_clip (``CustomTextCLIP``: BERT, RoBERTa, XLM-R, MiniLM...).
+
+    Prompts go in as ``inputs_embeds`` with the tower's attention mask; the tower's own pooler and
+    projection make the feature. The encoder is bidirectional, so only padding can be cut.
+    """
+
+    def __init__(self, text: nn.Module) -> None:
+        self.text = text
+        self.module = text
+        self.prefix = "text."
+        self.width = int(text.transformer.get_input_embeddings().weight.shape[1])
+        self.output_dim = int(text.output_dim)
+        self.pad_id = text.config.pad_token_id
+
+    def describe(self) -> str:
+        return f"Hugging Face {type(self.text.transformer).__name__} ({self.text.config.model_type})"
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.transformer.get_input_embeddings()(tokens)
+
+    def cut(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = (tokens != self.pad_id).long()
+        length = int(mask.sum(dim=-1).max())
+        return tokens[:, :length], mask[:, :length]
+
+    def content_end(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens != self.pad_id).long().sum(dim=-1) - 1  # the separator token closing each text
+
+    def encode_embeddings(self, embeddings: torch.Tensor, pooling: torch.Tensor,
+                          parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return torch.func.functional_call(_EmbeddingsForward(self.text), {f"text.{name}": value for name, value
+                                                                           in (parameters or {}).items()},
+                                          (embeddings, pooling), strict=False)
+
+    def ffn_output_biases(self) -> list[str]:
+        return [name for name, _ in self.text.named_parameters()
+                if re.fullmatch(r"transformer\.(encoder\.)?layers?\.\d+\.output\.dense\.bias", name)]
+
+
+class _EmbeddingsForward(nn.Module):
+    """The HF text tower from input embeddings on, as a module ``functional_call`` can run."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.text.transformer(inputs_embeds=embeddings, attention_mask=mask)
+        return self.text.proj(self.text.pooler(out, mask))
 
 
 def pooling_positions(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
