@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from repair.io import read_tensors
 from repair.data.folders import scan_image_folder
 from repair.data.features import extract_features
 from repair.kinds.coop import CoOpPrompts, init_context
-from repair.kinds import CoOpPrompts
 from repair.record import Record
 from repair.train.objective import Objective
 from repair.train.loop import TrainConfig, train
