@@ -46,7 +46,7 @@ def _check_fits(backbone: Backbone, prompts: Sequence[str], n_ctx: int) -> None:
             return
         if needed > context:
             raise IncompatibleCheckpointError(
-                f"a prompt of {n_ctx} context tokens and the class name {prompt.split(' ', n_ctx)[-1]!r} needs "
+                f"a prompt of {n_ctx} context tokens and the class name {prompt.split(' ', n_ctx)[-1].rstrip('.')!r} needs "
                 f"{needed} tokens, but this model's text context holds {context}")
 
 
