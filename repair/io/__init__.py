@@ -13,47 +13,12 @@ What lives where:
 * :mod:`repair.io.write` -- the one atomic writer (:func:`atomic_output`) and what is built on
   it: :func:`write_safetensors` for user-named outputs (checked by :func:`check_output_path`),
   :func:`write_cache_entry` / :func:`read_cache_entry` for best-effort caches and
-  :func:`write_state_file` for resumable training state.
+  :func:`write_state_file` for resumable training state; the output checks (writability probe,
+  regular files only, the per-output lock) and checksummed cache entries.
 """
 
-from repair.io.read import (
-    ALLOWED_DTYPES,
-    MAX_SAFETENSORS_HEADER,
-    TensorFile,
-    read_safetensors_metadata,
-    read_tensors,
-    sha256_file,
-)
-from repair.io.write import (
-    append_text,
-    atomic_output,
-    check_appendable,
-    check_output_path,
-    check_writable,
-    output_lock,
-    tensors_checksum,
-    read_cache_entry,
-    write_cache_entry,
-    write_safetensors,
-    write_state_file,
-)
+from repair.io import read, write
+from repair.io.read import *  # noqa: F403 (each module's __all__ is the package's surface)
+from repair.io.write import *  # noqa: F403
 
-__all__ = [
-    "ALLOWED_DTYPES",
-    "MAX_SAFETENSORS_HEADER",
-    "TensorFile",
-    "append_text",
-    "atomic_output",
-    "check_appendable",
-    "check_output_path",
-    "check_writable",
-    "output_lock",
-    "tensors_checksum",
-    "read_cache_entry",
-    "read_safetensors_metadata",
-    "read_tensors",
-    "sha256_file",
-    "write_cache_entry",
-    "write_safetensors",
-    "write_state_file",
-]
+__all__ = [*read.__all__, *write.__all__]
