@@ -156,7 +156,7 @@ def measure_extraction(model: str, image_dir: Path | None, count: int, batch: in
     """Images/s of feature extraction: a plain loop over ``encode_image`` against ours.
 
     Plain: decode and preprocess one image at a time in the main process, ``encode_image`` per
-    batch under ``no_grad``. Ours: ``repair.data.extract_features`` (DataLoader workers decoding in
+    batch under ``no_grad``. Ours: ``repair.data.features.extract_features`` (DataLoader workers decoding in
     parallel, ``inference_mode``, channels-last), at fp32 and with bf16 autocast.
     """
     from PIL import Image
