@@ -72,7 +72,7 @@ def test_linear_head_with_wrong_row_count_is_refused(tmp_path, backbone, image_d
 def clipfit_values(backbone, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return {name: tensor.detach() + 0.01 * torch.randn(tensor.shape, generator=generator)
-            for name, tensor in backbone.model.named_parameters() if name in clipfit_names(backbone.model)}
+            for name, tensor in backbone.model.named_parameters() if name in clipfit_names(backbone)}
 
 
 def test_clipfit_tensors_only_file_round_trips(tmp_path, backbone, image_dirs):
@@ -89,7 +89,7 @@ def test_clipfit_tensors_only_file_round_trips(tmp_path, backbone, image_dirs):
 
 def test_clipfit_full_state_dict_finds_the_tuned_tensors(tmp_path, backbone, image_dirs):
     state = {name: tensor.clone() for name, tensor in backbone.model.state_dict().items()}
-    tuned = [name for name in clipfit_names(backbone.model)][:3]
+    tuned = [name for name in clipfit_names(backbone)][:3]
     for name in tuned:
         state[name] += 0.5
     path = tmp_path / "full.pth"
