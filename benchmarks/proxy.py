@@ -373,17 +373,27 @@ def proxy_card(info: dict[str, object]) -> str:
         f"AdamW lr {config['lr']}, seed {config['seed']}, {stats['train_s']} s; "
         f"final loss {stats['epoch_losses'][-1]:.3f}, logit scale {stats['logit_scale']:.1f}",
         f"- Input fingerprint: `{info['fingerprint']}`", "",
-        "| zero-shot ('a photo of a {}.') | top-1 % |", "|---|---|",
+        *zero_shot_table("a photo of a {}.", info["zero_shot"]),
     ]
-    lines += [f"| {name} | {value:.1f} |" for name, value in info["zero_shot"].items()]
     return "\n".join(lines) + "\n"
+
+
+def is_built(out: Path, fingerprint: str) -> bool:
+    """Whether OUT holds a proxy built from exactly these inputs (its ``proxy.json`` fingerprint)."""
+    info_file = out / "proxy.json"
+    return info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint
+
+
+def zero_shot_table(template: str, zero_shot: dict[str, float]) -> list[str]:
+    """The card's zero-shot table, one row per evaluation set."""
+    return [f"| zero-shot ('{template}') | top-1 % |", "|---|---|",
+            *(f"| {name} | {value:.1f} |" for name, value in zero_shot.items())]
 
 
 def ensure_proxy(data_root: Path, out: Path, config: ProxyConfig = ProxyConfig(), log=print) -> str:
     """Return ``local-dir:OUT``, pretraining first unless OUT holds a proxy built from the same inputs."""
     fingerprint = input_fingerprint(data_root, config)
-    info_file = out / "proxy.json"
-    if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
+    if is_built(out, fingerprint):
         log(f"proxy CLIP up to date in {out}")
         return f"local-dir:{out}"
     model, stats = pretrain(data_root, config, log)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import splits
-from benchmarks.proxy import load_images
+from benchmarks.proxy import is_built, load_images, zero_shot_table
 
 TOWERS_VERSION = 1  # bump when the code changes what is learned
 TIMM_NAME = "tf_efficientnet_lite0"
@@ -612,17 +612,15 @@ def card(info: dict) -> str:
         f"- Conversion check: max |logit diff| {stats['conversion_max_abs_diff']:.1e} against the reference forward",
         f"- Build time: {stats['build_s']} s (features cached after the first build)",
         f"- Input fingerprint: `{info['fingerprint']}`", "",
-        f"| zero-shot ('{TEMPLATE}') | top-1 % |", "|---|---|",
+        *zero_shot_table(TEMPLATE, info["zero_shot"]),
     ]
-    lines += [f"| {name} | {value:.1f} |" for name, value in info["zero_shot"].items()]
     return "\n".join(lines) + "\n"
 
 
 def ensure_towers(data_root: Path, out: Path, config: TowersConfig = TowersConfig(), log=print) -> str:
     """``local-dir:OUT``, building first unless OUT's ``proxy.json`` has the same fingerprint."""
     fingerprint = input_fingerprint(data_root, config)
-    info_file = out / "proxy.json"
-    if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
+    if is_built(out, fingerprint):
         log(f"towers proxy up to date in {out}")
         return f"local-dir:{out}"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
