@@ -35,6 +35,7 @@ COMMANDS = {
     "demo": ("repair.cli.demo", "Run the whole workflow offline on a built-in tiny CLIP."),
 }
 
+TERMINATED = "terminated; no output was written (progress is kept for --resume)"
 stdout = Console()
 stderr = Console(stderr=True)
 T = TypeVar("T")
@@ -84,7 +85,7 @@ def run(action: Callable[[], T]) -> T:
     try:
         return action()
     except Terminated:
-        stderr.print("terminated; no output was written (progress is kept for --resume)", markup=False)
+        stderr.print(TERMINATED, markup=False)
         raise typer.Exit(EXIT_TERMINATED) from None
     except MergetuneError as exc:
         if _state["debug"]:
@@ -199,5 +200,5 @@ def main() -> None:
     try:
         app()
     except Terminated:
-        stderr.print("terminated; no output was written (progress is kept for --resume)", markup=False)
+        stderr.print(TERMINATED, markup=False)
         raise SystemExit(EXIT_TERMINATED) from None
