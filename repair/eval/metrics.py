@@ -148,10 +148,6 @@ def _percent(correct: int, total: int) -> float:
     return 100.0 * correct / total if total else 0.0
 
 
-def accuracy_percent(scorer: Scorer, evalset: EvalSet) -> float:
-    return split_metrics(predict(scorer, evalset), evalset.classnames).accuracy
-
-
 class Evaluation:
     """Scores models on the base (and novel) sets, keeping each model's predictions for baselines."""
 

@@ -272,9 +272,9 @@ def read_cache_entry(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as handle:
+        with safe_open(str(path), "pt") as handle:  # one read: the checksum and the tensors
             recorded = (handle.metadata() or {}).get(CHECKSUM_KEY)
-        tensors = safetensors.torch.load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception:
         return report_damaged(path)
     if recorded != tensors_checksum(tensors):

@@ -241,6 +241,7 @@ class HFTextTower(TextTower):
         self.text = text
         self.module = text
         self.prefix = "text."
+        self._from_embeddings = _EmbeddingsForward(text)  # built once: it runs on every training step
         self.width = int(text.transformer.get_input_embeddings().weight.shape[1])
         self.output_dim = int(text.output_dim)
         self.pad_id = text.config.pad_token_id
@@ -261,9 +262,10 @@ class HFTextTower(TextTower):
 
     def encode_embeddings(self, embeddings: torch.Tensor, pooling: torch.Tensor,
                           parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return torch.func.functional_call(_EmbeddingsForward(self.text), {f"text.{name}": value for name, value
-                                                                           in (parameters or {}).items()},
-                                          (embeddings, pooling), strict=False)
+        if not parameters:
+            return self._from_embeddings(embeddings, pooling)
+        swapped = {f"text.{name}": value for name, value in parameters.items()}
+        return torch.func.functional_call(self._from_embeddings, swapped, (embeddings, pooling), strict=False)
 
     def ffn_output_biases(self) -> list[str]:
         return [name for name, _ in self.text.named_parameters()
