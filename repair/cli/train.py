@@ -39,7 +39,9 @@ def report_run(outcome: RunOutcome, as_json: bool) -> None:
         say(f"wrote {outcome.path} ({record.kind}, {record.trainable_numbers} trainable numbers, "
             f"{record.result['steps']} steps{selected})")
 
-    emit({"path": str(outcome.path), **outcome.record.as_dict()}, as_json, human)
+    for note in outcome.notes:
+        say(f"note: {note}", err=True)
+    emit({"path": str(outcome.path), **outcome.record.as_dict(), "notes": outcome.notes}, as_json, human)
 
 
 def train_and_report(verb: str, workflow: Callable[..., RunOutcome], backbone: BackboneFlags, data_flags: DataFlags,

@@ -30,7 +30,7 @@ def wise_ft(evaluation: Evaluation, kind: Kind, alpha: float | None = None) -> t
     curve = []
     try:
         for value in [alpha] if alpha is not None else WISE_ALPHAS:
-            kind.load_values({name: (1 - value) * zero_shot[name] + value * tuned[name] for name in tuned})
+            kind.load_values(kind.interpolate(zero_shot, tuned, value))  # (1 - a) w_zs + a w_ft
             curve.append((value, evaluation.score(f"wise-ft a={value:.1f}", kind, "baseline")))
     finally:
         kind.load_values(tuned)

@@ -72,10 +72,6 @@ def path_ts(points: int) -> list[float]:
     return [index / (points - 1) for index in range(points)]
 
 
-def _interpolate(start: Values, end: Values, t: float) -> Values:
-    return {name: (1.0 - t) * start[name] + t * end[name] for name in start}
-
-
 @torch.no_grad()
 def _score(kind: Kind, data: Features, classnames: Sequence[str]) -> tuple[float, float]:
     """Accuracy (%) and mean CE of the kind's current values, batched like ``evaluate``."""
@@ -108,7 +104,7 @@ def walk_segments(kind: Kind, anchors: dict[str, Values], ts: Sequence[float], c
         for t in ts:
             key = _point_key(start, end, t)
             if key not in memo:
-                values = anchors[key] if isinstance(key, str) else _interpolate(anchors[start], anchors[end], t)
+                values = anchors[key] if isinstance(key, str) else kind.interpolate(anchors[start], anchors[end], t)
                 kind.load_values(values)
                 memo[key] = _score(kind, features(), classnames)
             accuracy, loss = memo[key]

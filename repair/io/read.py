@@ -16,7 +16,7 @@ import stat
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -41,6 +41,9 @@ __all__ = [
     "read_safetensors_metadata",
     "read_tensors",
     "sha256_file",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "values_list",
 ]
 
 ACCEPTED_FORMATS = (
@@ -65,17 +68,40 @@ _LEGACY_TEXT_MAGIC = b"L1195470"  # torch's magic number as a protocol-0/1 LONG 
 _HASH_CHUNK = 1 << 20
 _MAX_DEPTH = 64  # nesting deeper than any real checkpoint; guards RecursionError
 _MAX_NODES = 2_000_000  # bounds flattening of shared-subtree (DAG) pickles
+_MAX_VALUES = 100_000  # plain (non-tensor) leaves kept beside the tensors
+_PLAIN_LEAVES = (str, int, float, bool, type(None))
+ADAPTER_CONFIG = "adapter_config.json"  # a Hugging Face PEFT adapter folder: its config ...
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # ... and its tensors
+_MAX_ADAPTER_CONFIG = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TensorFile:
-    """A validated checkpoint: flat CPU tensors plus where they came from."""
+    """A validated checkpoint: flat CPU tensors plus where they came from.
+
+    ``values`` holds the plain leaves (str, int, float, bool, None) found beside the tensors,
+    by the same flattened names (CLIP-LoRA's ``metadata.r``, a pickled head's ``normalize``):
+    kinds read their layout from them. ``metadata`` is the safetensors ``__metadata__``, a
+    torch checkpoint's top-level ``metadata`` mapping (its string entries), or a PEFT folder's
+    weights metadata plus its ``adapter_config.json`` text under :data:`ADAPTER_CONFIG`.
+    """
 
     path: Path
     format: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     sha256: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def values_list(values: Mapping[str, Any], prefix: str) -> list[Any] | None:
+    """A list that was flattened into ``prefix.0``, ``prefix.1``, ...; a plain value as a one-item list."""
+    if prefix in values:
+        return [values[prefix]]
+    items = []
+    while f"{prefix}.{len(items)}" in values:
+        items.append(values[f"{prefix}.{len(items)}"])
+    return items or None
 
 
 # --------------------------------------------------------------------------- hashing / sniffing
@@ -268,6 +294,15 @@ def _load_torch(path: Path, size: int) -> tuple[Any, dict[str, str]]:
         return _torch_load(handle, weights_only=False, pickle_module=module), {}
 
 
+def _torch_metadata(obj: Any) -> dict[str, str]:
+    """A torch checkpoint's top-level ``metadata`` mapping (CLIP-LoRA's; mergetune's own torch outputs):
+    its string entries are the file's metadata, as a safetensors header's are."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    return {key: value for key, value in meta.items() if isinstance(key, str) and isinstance(value, str)}
+
+
 # --------------------------------------------------------------------------- flatten / validate
 
 
@@ -282,6 +317,7 @@ class _Flattener:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.out: dict[str, torch.Tensor] = {}
+        self.values: dict[str, Any] = {}
         self.nodes = 0
         self.dropped_objects = 0
         self.on_path: set[int] = set()
@@ -298,8 +334,10 @@ class _Flattener:
         elif isinstance(obj, (list, tuple)):
             items = list(enumerate(obj))
         else:
+            if isinstance(obj, _PLAIN_LEAVES) and len(self.values) < _MAX_VALUES:
+                self.values[name] = obj  # layout facts (a LoRA rank, a head's normalize flag)
             self.dropped_objects += isinstance(obj, _Inert)
-            return  # ints, strings, placeholders of optimizers/schedulers: not weights
+            return  # placeholders of optimizers/schedulers: not weights
         if depth >= _MAX_DEPTH:
             raise _fail(InputFileError, self.path, f"is nested more than {_MAX_DEPTH} levels deep")
         if id(obj) in self.on_path:
@@ -317,7 +355,7 @@ class _Flattener:
         self.out[name] = tensor
 
 
-def _flatten(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+def _flatten(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     flattener = _Flattener(path)
     flattener.visit("", obj, 0)
     if not flattener.out and flattener.dropped_objects:
@@ -328,7 +366,7 @@ def _flatten(path: Path, obj: Any) -> dict[str, torch.Tensor]:
             "contains no tensors outside pickled Python objects (e.g. a whole model saved with "
             "torch.save(model)); expected a state dict (torch.save(model.state_dict()))",
         )
-    return flattener.out
+    return flattener.out, flattener.values
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -407,11 +445,12 @@ _LOADERS: dict[str, Callable[[Path, int], tuple[Any, dict[str, str]]]] = {
 
 def _guarded_load(
     path: Path, fmt: str, size: int
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
     """Turn every library failure into one InputFileError line; keep interrupts and OOM."""
     try:
         obj, metadata = _LOADERS[fmt](path, size)
-        return _flatten(path, obj), metadata
+        tensors, values = _flatten(path, obj)
+        return tensors, metadata or (_torch_metadata(obj) if fmt == "torch" else {}), values
     except MergetuneError:
         raise
     except _Refused as exc:
@@ -437,14 +476,49 @@ def _guarded_load(
 
 
 def read_tensors(path: str | Path) -> TensorFile:
-    """Load a checkpoint as flat, validated, CPU-owned tensors; never runs code from it."""
+    """Load a checkpoint as flat, validated, CPU-owned tensors; never runs code from it.
+
+    A folder is read as a Hugging Face PEFT adapter (:func:`read_adapter_folder`).
+    """
     p = Path(path)
+    if p.is_dir():
+        return read_adapter_folder(p)
     size = _regular_file_size(p)
     fmt = _sniff(p)
     try:
         digest = sha256_file(p)
     except OSError as exc:
         raise _fail(InputFileError, p, f"cannot read it ({exc.strerror or exc})") from None
-    raw, metadata = _guarded_load(p, fmt, size)
+    raw, metadata, values = _guarded_load(p, fmt, size)
     tensors = _validated(p, raw)
-    return TensorFile(path=p, format=fmt, tensors=tensors, metadata=metadata, sha256=digest)
+    return TensorFile(path=p, format=fmt, tensors=tensors, metadata=metadata, sha256=digest, values=values)
+
+
+def read_adapter_folder(folder: Path) -> TensorFile:
+    """A PEFT adapter folder: ``adapter_model.safetensors`` read as any safetensors file, its
+    ``adapter_config.json`` kept as text in the metadata. The folder's sha256 covers both files
+    (name, then the file's own sha256, per line), so provenance checks see a changed config too."""
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise _fail(InputFileError, folder, f"is a directory without {ADAPTER_CONFIG}; expected a checkpoint "
+                                            f"file or a PEFT adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    if not weights_path.is_file():
+        raise _fail(InputFileError, folder, f"PEFT adapter folder without {ADAPTER_WEIGHTS} (only safetensors "
+                                            "adapters are read: PEFT's save_pretrained writes them by default)")
+    if config_path.stat().st_size > _MAX_ADAPTER_CONFIG:
+        raise _fail(InputFileError, config_path, f"is larger than {_MAX_ADAPTER_CONFIG} bytes; not a PEFT config")
+    try:
+        config_text = config_path.read_text(encoding="utf-8")
+        config = json.loads(config_text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(InputFileError, config_path, f"not a readable JSON config ({_describe_exception(exc)})") from None
+    if not isinstance(config, dict):
+        raise _fail(InputFileError, config_path, "is not a JSON object; expected a PEFT adapter config")
+    weights = read_tensors(weights_path)
+    if weights.format != "safetensors":
+        raise _fail(InputFileError, weights_path, "is not a safetensors file")
+    digest = hashlib.sha256()
+    for name, file_digest in ((ADAPTER_CONFIG, sha256_file(config_path)), (ADAPTER_WEIGHTS, weights.sha256)):
+        digest.update(f"{name} {file_digest}\n".encode())
+    return TensorFile(path=folder, format="peft", tensors=weights.tensors,
+                      metadata={**weights.metadata, ADAPTER_CONFIG: config_text}, sha256=digest.hexdigest())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import stat
 import sys
 from contextlib import contextmanager
@@ -39,6 +40,9 @@ __all__ = [
     "write_cache_entry",
     "write_safetensors",
     "write_state_file",
+    "write_torch_file",
+    "write_adapter_folder",
+    "check_output_folder",
 ]
 
 
@@ -241,6 +245,121 @@ def write_safetensors(
         for name, tensor in tensors.items()
     }
     return _save_atomically(path, owned, dict(metadata), force=force, inputs=inputs)
+
+
+def write_torch_file(
+    path: str | Path, obj: object, *, force: bool = False, inputs: Sequence[Path] = ()
+) -> Path:
+    """``torch.save`` of plain data (nested dicts, lists, strings, numbers, tensors), atomically: for
+    formats whose own tool reads a torch file (CLIP-LoRA). Tensors are cloned so views save alone."""
+    owned = _owned_tree(obj)
+    target = Path(path)
+    with atomic_output(target, force=force, inputs=inputs) as temp:
+        torch.save(owned, temp)
+    return target
+
+
+def _owned_tree(obj: object) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, dict):
+        return {key: _owned_tree(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_owned_tree(value) for value in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"write_torch_file takes plain data only, not {type(obj).__name__}")
+
+
+ADAPTER_MARKER = "adapter_config.json"  # what makes an existing folder a PEFT adapter mergetune may replace
+
+
+def check_output_folder(target: Path, force: bool, inputs: Sequence[Path]) -> None:
+    """An output folder (a PEFT adapter): never an input, never a file, and an existing folder is replaced
+    only with force and only when it is itself a PEFT adapter folder (never a folder of other files)."""
+    if not target.parent.is_dir():
+        raise _fail(OutputExistsError, target, f"output directory {target.parent} does not exist")
+    for source in inputs:
+        if _same_file(target, Path(source)):
+            raise _fail(OutputExistsError, target,
+                        f"is also an input ({source}); refusing to overwrite it even with force")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise _fail(OutputExistsError, target, "exists and is not a folder; expected a path for a PEFT adapter folder")
+    if target.is_dir():
+        if not force:
+            raise _fail(OutputExistsError, target, "already exists; expected a new path (or use --force)")
+        unknown = [entry.name for entry in target.iterdir()
+                   if entry.name not in (ADAPTER_MARKER, "adapter_model.safetensors", "README.md")]
+        if not (target / ADAPTER_MARKER).is_file() or unknown:
+            raise _fail(OutputExistsError, target, "is a folder that is not (only) a PEFT adapter; refusing to "
+                                                   "replace it even with --force")
+
+
+def write_adapter_folder(
+    path: str | Path,
+    files: Mapping[str, bytes],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+) -> Path:
+    """A folder of ``files`` (name -> bytes) plus ``adapter_model.safetensors``, made whole in a hidden
+    sibling folder and renamed into place: an interrupted run leaves no half-written adapter. With
+    force, an existing adapter folder is moved aside first and removed once the new one is in place."""
+    target = Path(path)
+    check_output_folder(target, force, inputs)
+    temp = _temp_folder(target)
+    try:
+        for name, data in files.items():
+            (temp / name).write_bytes(data)
+            _fsync(temp / name)
+        weights = temp / "adapter_model.safetensors"
+        owned = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                 for name, t in tensors.items()}
+        safetensors.torch.save_file(owned, str(weights), metadata=dict(metadata))
+        os.chmod(weights, 0o666 & ~_umask())
+        _fsync(weights)
+        _fsync(temp, directory=True)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+            os.rename(target, old)
+        try:
+            os.rename(temp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OutputExistsError(f"{target}: writing failed ({exc.strerror or type(exc).__name__}); "
+                                "nothing was written") from None
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _fsync(target.parent, directory=True)
+    return target
+
+
+def _temp_folder(target: Path) -> Path:
+    while True:
+        candidate = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            candidate.mkdir(mode=0o777)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputExistsError(f"{target}: cannot write ({exc.strerror or type(exc).__name__})") from None
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_state_file(

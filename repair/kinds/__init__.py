@@ -15,9 +15,10 @@ from repair.kinds.base import Kind, KindOptions, KindOutput
 from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.linear import LinearHead
+from repair.kinds.lora import LoRA
 from repair.model.backbone import Backbone
 
-KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit)}
+KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -86,5 +87,5 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
     return cls.Options.resolve(cls.name, recorded, overrides)
 
 
-__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "detect_kind",
+__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "register", "resolve_options", "expected_layouts"]

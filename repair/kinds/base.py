@@ -20,13 +20,14 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError, UsageError
-from repair.io import TensorFile
+from repair.io import TensorFile, check_output_path, write_safetensors
 from repair.model.backbone import Backbone, ImageEncoder
 
 STAGES = ("finetune", "repair", "eval", "path", "load")  # the workflows that build a kind
@@ -229,6 +230,32 @@ class Kind(nn.Module, ABC):
         """Facts about this checkpoint recorded in metadata beside the options (n_ctx, dtypes, ...)."""
         return {}
 
+    # ------------------------------------------------------------------ output
+
+    @classmethod
+    def writes_folder(cls, tensor_file: TensorFile | None, options: KindOptions) -> bool:
+        """Whether an output of this kind (repairing ``tensor_file``, or fine-tuned when None) is a folder."""
+        return False
+
+    @classmethod
+    def check_output(cls, out: Path, tensor_file: TensorFile | None, options: KindOptions, force: bool,
+                     inputs: Sequence[Path]) -> None:
+        """Refuse an output path this kind cannot write, before any work (the same check the write makes)."""
+        check_output_path(out, force, inputs)
+
+    def save(self, out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
+             force: bool = False, inputs: Sequence[Path] = ()) -> Path:
+        """Write ``tensors`` (from :meth:`export`) with the run's record, atomically. Default: safetensors;
+        a kind whose users load another format (a PEFT folder, a CLIP-LoRA torch file) writes that."""
+        return write_safetensors(out, tensors, metadata, force=force, inputs=inputs)
+
+    # ------------------------------------------------------------------ surrogates
+
+    def unsupported_surrogates(self) -> dict[str, str]:
+        """Surrogates that mean nothing for this checkpoint, each with the reason (e.g. no zero-shot point
+        in prompt space for a randomly initialised prompt); a repair refuses them by name."""
+        return {}
+
     @property
     def input_kind(self) -> str:
         """What ``forward`` takes: 'features' (normalised), 'raw-features', or 'pixels' (the image tower trains)."""
@@ -268,3 +295,14 @@ class Kind(nn.Module, ABC):
     @torch.no_grad()
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {name: parameter.detach().clone() for name, parameter in self.trainable().items()}
+
+    def interpolate(self, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor],
+                    t: float) -> dict[str, torch.Tensor]:
+        """The point at ``t`` of the straight segment ``start -> end`` in the model's weights, as
+        :meth:`load_values` takes it (WiSE-FT, ``mergetune path``). Linear in the trainable tensors
+        unless they parametrise the weights non-linearly (LoRA's factors override this)."""
+        return {name: (1.0 - t) * start[name] + t * end[name] for name in start}
+
+    def same_weights(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+        """Whether two sets of values give the same model (``path`` checks both files imply one ``w_zs``)."""
+        return a.keys() == b.keys() and all(torch.equal(a[name], b[name].to(a[name])) for name in a)

@@ -342,7 +342,9 @@ def _model_flags(backbone: BackboneIdentity) -> str:
 def _usage_section(record: Record, filename: str, repo_id: str | None) -> str:
     backbone = record.backbone
     name = shlex.quote(filename)
-    download = f"hf download {repo_id} {name} --local-dir .\n" if repo_id else ""
+    what = shlex.quote(f"{filename.rstrip('/')}/*") if filename.endswith("/") else name  # a folder (a PEFT adapter)
+    download = (f"hf download {repo_id} {'--include ' if filename.endswith('/') else ''}{what} --local-dir .\n"
+                if repo_id else "")
     python_backbone = ""
     if backbone.model.startswith("local-dir:"):
         python_backbone = ', backbone=repair.BackboneSpec("local-dir:PATH/TO/OPEN_CLIP_FOLDER")'

@@ -71,13 +71,18 @@ def _stage(checkpoint: Path, folder: Path, eval_report: Path | None, repo_id: st
         raise InputFileError(f"{checkpoint}: rename the checkpoint; {checkpoint.name} is reserved for the card/report")
     record = read_record(tensor_file)
     report, report_bytes = load_eval_report(Path(eval_report)) if eval_report is not None else (None, None)
-    card = model_card(record, filename=checkpoint.name, eval_report=report, repo_id=repo_id,
+    is_folder = checkpoint.is_dir()  # a PEFT adapter folder: uploaded as a sub-folder of that name
+    card = model_card(record, filename=checkpoint.name + ("/" if is_folder else ""), eval_report=report,
+                      repo_id=repo_id,
                       shapes={name: tuple(t.shape) for name, t in tensor_file.tensors.items()},
                       file_sha256=tensor_file.sha256)
     created = _claim_folder(folder)
     written: list[Path] = []
     try:
-        written.append(_copy_verified(checkpoint, folder / checkpoint.name, tensor_file.sha256))
+        if is_folder:
+            written.append(_copy_folder_verified(checkpoint, folder / checkpoint.name, tensor_file.sha256))
+        else:
+            written.append(_copy_verified(checkpoint, folder / checkpoint.name, tensor_file.sha256))
         written.append(_write_bytes(folder / CARD_NAME, card.encode("utf-8")))
         if report_bytes is not None:
             written.append(_write_bytes(folder / EVAL_NAME, report_bytes))
@@ -113,6 +118,22 @@ def _copy_verified(source: Path, target: Path, sha256: str) -> Path:
     return target
 
 
+def _copy_folder_verified(source: Path, target: Path, sha256: str) -> Path:
+    """An adapter folder's two files, copied and checked against the folder's validated hash."""
+    from repair.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_tensors
+
+    target.mkdir()
+    try:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(source / name, target / name)
+        if read_tensors(target).sha256 != sha256:
+            raise InputFileError(f"{source}: the folder changed while it was being copied; try again")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target
+
+
 def _write_bytes(target: Path, data: bytes) -> Path:
     from repair.io import atomic_output
 
@@ -123,7 +144,10 @@ def _write_bytes(target: Path, data: bytes) -> Path:
 
 def _undo(written: Sequence[Path], created: Path | None) -> None:
     for path in written:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     if created is not None:
         try:
             created.rmdir()

@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from repair.data.features import Features, extract_features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
 from repair.errors import IncompatibleCheckpointError, MergetuneError
@@ -72,7 +70,7 @@ def _check_compatible(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: 
 def _zero_shot_point(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: Path) -> Values:
     """``w_zs``; both files must imply the same one (a CoOp prompt's ``ctx_init`` can differ)."""
     from_ft, from_rep = ft_kind.zero_shot_values(), rep_kind.zero_shot_values()
-    if not all(torch.equal(from_ft[name], from_rep[name].to(from_ft[name])) for name in from_ft):
+    if not ft_kind.same_weights(from_ft, from_rep):
         raise IncompatibleCheckpointError(
             f"{finetuned} and {repaired} imply different zero-shot weights (e.g. another --ctx-init recorded "
             "in one of them); pass --ctx-init to use one for both")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,17 @@ import torch
 
 from repair.data.folders import ImageFolder, load_templates
 from repair.errors import Terminated, UsageError
-from repair.io import TensorFile, output_lock, read_tensors, write_safetensors
+from repair.io import TensorFile, output_lock, read_tensors
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
 from repair.train.loop import ProgressFile, StepReport, TrainConfig, TrainResult, seeded_run, train
 from repair.train.objective import Objective
-from repair.train.surrogates import Surrogate, build_surrogate
+from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
+    check_kind_output,
     check_output,
     check_record_backbone,
     encode_for,
@@ -47,6 +48,7 @@ class RunOutcome:
     path: Path
     record: Record
     train_result: TrainResult
+    notes: list[str] = field(default_factory=list)  # choices made for the caller (a surrogate fallback)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,7 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
                            on_step=on_step, progress=progress, resume=resume)
         record = inputs.record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
-        path = write_safetensors(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force,
-                                 inputs=sources)
+        path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources)
     except (KeyboardInterrupt, Terminated):
         raise
     except BaseException:
@@ -130,11 +131,34 @@ def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
     objective, kind, dataset = inputs.objective, inputs.kind, inputs.dataset
     if objective.lam_zs == 0.0:
         return None
+    zero_shot = hashlib.sha256()  # the Fisher is taken at w_zs, which a file can set (LoRA's A, a ctx_init)
+    for name, value in sorted(kind.zero_shot_values().items()):
+        zero_shot.update(name.encode())
+        zero_shot.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     cache_key = json.dumps([kind.name, kind.describe(), inputs.backbone.visual_fingerprint,
                             inputs.backbone.text_fingerprint, list(dataset.classnames), list(inputs.templates),
-                            dataset.file_hashes()], default=str)
+                            dataset.file_hashes(), zero_shot.hexdigest()], default=str)
     return build_surrogate(objective.surrogate, kind, train_set, seed=inputs.config.seed, cache_key=cache_key,
                            cache_dir=inputs.data_options.cache_dir)
+
+
+def resolve_surrogate(objective: Objective, kind: Kind) -> tuple[Objective, list[str]]:
+    """The objective for this checkpoint: a surrogate it cannot use is refused by name (with the ones that
+    work); when the caller named none and the kind's default cannot apply, another is used, with a note."""
+    resolved = objective.for_kind(kind)
+    unsupported = kind.unsupported_surrogates()
+    if resolved.lam_zs == 0.0 or resolved.surrogate not in unsupported:
+        return resolved, []
+    reason = unsupported[resolved.surrogate]
+    working = [name for name in SURROGATES if name not in unsupported]
+    if objective.surrogate is None and working:
+        fallback = "feature" if "feature" in working else working[0]
+        return replace(resolved, surrogate=fallback), [
+            f"the default surrogate {resolved.surrogate} does not apply to this {kind.about.description} "
+            f"({reason}); using {fallback}"]
+    way_out = f"use --surrogate {' or '.join(working)}" if working else "use --lam-zs 0"
+    raise UsageError(f"--surrogate {resolved.surrogate} does not apply to this {kind.about.description}: {reason}; "
+                     f"{way_out}")
 
 
 def export(kind: Kind, output_dtype: str) -> dict[str, torch.Tensor]:
@@ -179,21 +203,26 @@ def repair(
     finetuned, out = Path(finetuned), Path(out)
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
-    check_output(out, [finetuned], force)
+    if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
+        check_output(out, [finetuned], force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
         source = read_tensors(finetuned)
         record = read_record(source)
         cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
                                  recorded_options=record.kind_options if record else None, overrides=kind_options)
+        check_kind_output(cls, out, source, options, force, [finetuned])
         templates = load_templates(data_options.templates_file)
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
         backbone = resolve_backbone(backbone, device, precision)
         check_record_backbone(record, backbone, finetuned)
         model = cls.from_file(backbone, source, dataset.classnames, templates, options)
         check_class_list(record, dataset, finetuned, model, other_classes=other_classes)
-        inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), objective.for_kind(model),
+        resolved, notes = resolve_surrogate(objective, model)
+        inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), resolved,
                            config, data_options, output_dtype, source)
-        return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+        outcome = fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
+        outcome.notes.extend(notes)
+        return outcome
 
 
 def finetune(
@@ -219,7 +248,7 @@ def finetune(
     cls = kind_class(kind)
     options = resolve_options(cls, None, kind_options)
     _check_output_dtype(output_dtype)
-    check_output(out, [], force)
+    check_kind_output(cls, out, None, options, force, [])
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
@@ -230,4 +259,4 @@ def finetune(
         return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
-__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "OUTPUT_DTYPES"]
+__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "resolve_surrogate", "OUTPUT_DTYPES"]
