@@ -447,10 +447,18 @@ def test_harmless_python_values_are_dropped_not_refused(tmp_path: Path, legacy: 
     assert sorted(read_tensors(tmp_path / "c.pt").tensors) == ["ordered.z", "w"]
 
 
-def test_whole_pickled_model_gets_a_state_dict_hint(tmp_path: Path) -> None:
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+def test_whole_pickled_model_is_read_by_its_module_paths(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    torch.save(model, tmp_path / "model.pt")
+    tensors = read_tensors(tmp_path / "model.pt").tensors
+    assert tensors.keys() == model.state_dict().keys()
+    assert all(torch.equal(tensors[name], value) for name, value in model.state_dict().items())
+
+
+def test_objects_without_tensors_get_a_state_dict_hint(tmp_path: Path) -> None:
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pt")
     with pytest.raises(InputFileError, match="state dict"):
-        read_tensors(tmp_path / "model.pt")
+        read_tensors(tmp_path / "args.pt")
 
 
 def test_cyclic_containers_do_not_recurse_forever(tmp_path: Path) -> None:

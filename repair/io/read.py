@@ -32,7 +32,7 @@ from repair.errors import (
 )
 from repair.io._messages import _describe_exception, _fail
 from repair.io.npz import _load_npz
-from repair.io.unpickle import _Inert, _Malformed, _Refused, _restricted_pickle_module
+from repair.io.unpickle import _Inert, _Malformed, _Refused, _restricted_pickle_module, inert_state
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -329,8 +329,11 @@ class _Flattener:
         if isinstance(obj, torch.Tensor):
             self.add(name or "tensor", obj)
             return
-        if isinstance(obj, dict):
-            items: Any = list(obj.items())
+        module = _module_items(obj)
+        if module is not None:
+            items: Any = module  # torch.save(model): a placeholder module's tensors by their module paths
+        elif isinstance(obj, dict):
+            items = list(obj.items())
         elif isinstance(obj, (list, tuple)):
             items = list(enumerate(obj))
         else:
@@ -353,6 +356,30 @@ class _Flattener:
                 InputFileError, self.path, f"two tensors flatten to the same name {name!r}"
             )
         self.out[name] = tensor
+
+
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _module_items(obj: Any) -> list[tuple[str, Any]] | None:
+    """A pickled ``torch.nn.Module`` (a placeholder holding its ``__dict__``) as name -> value, the way
+    ``state_dict()`` names them: parameters, persistent buffers and sub-modules by attribute name, plus its plain
+    attributes (``normalize``, ``process_images``) and attributes that hold further modules. None for
+    anything else: optimizers, schedulers and other objects stay opaque."""
+    state = inert_state(obj)
+    if state is None or not all(isinstance(state.get(key), dict) for key in _MODULE_DICTS):
+        return None
+    transient = state.get("_non_persistent_buffers_set")
+    transient = transient if isinstance(transient, (set, frozenset)) else set()  # not in state_dict (attn masks)
+    items: list[tuple[str, Any]] = []
+    for key in _MODULE_DICTS:
+        items += [(name, value) for name, value in state[key].items()
+                  if value is not None and not (key == "_buffers" and name in transient)]
+    for name, value in state.items():
+        if isinstance(name, str) and not name.startswith("_") and name != "training" and (
+                isinstance(value, _PLAIN_LEAVES) or _module_items(value) is not None):
+            items.append((name, value))
+    return items
 
 
 def _flatten(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

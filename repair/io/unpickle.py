@@ -31,9 +31,19 @@ class _Malformed(Exception):
 
 
 class _Inert:
-    """Base of stand-ins for classes we refuse to import; instances hold nothing."""
+    """Base of stand-ins for classes we refuse to import; an instance holds only the state its pickle
+    gave it (``_state``, as BUILD would have set it: for a ``torch.nn.Module`` its ``__dict__`` with
+    ``_parameters``, ``_buffers``, ``_modules`` and plain attributes), never handed to any code."""
 
-    __slots__ = ()
+    __slots__ = ("_state",)
+
+
+def inert_state(obj: Any) -> dict[str, Any] | None:
+    """The attribute dict a placeholder instance was given by its pickle, or None."""
+    state = getattr(obj, "_state", None) if isinstance(obj, _Inert) and not isinstance(obj, type) else None
+    if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+        state = state[0]  # (dict state, slot state), as pickle passes it for classes with __slots__
+    return state if isinstance(state, dict) else None
 
 
 class _PlaceholderMeta(type):
@@ -200,8 +210,10 @@ def _new_instance(cls: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _apply_build(inst: Any, state: Any) -> None:
-    """BUILD: state of placeholders and containers is dropped, never handed to __setstate__."""
+    """BUILD: a placeholder keeps its state as data (never handed to ``__setstate__``); containers drop it."""
     if isinstance(inst, _Inert) and not isinstance(inst, type):
+        if getattr(inst, "_state", None) is None:
+            inst._state = state
         return
     if type(inst) in (dict, collections.OrderedDict, collections.defaultdict, list, set):
         return  # e.g. the `_metadata` attribute of a module state_dict: not needed here
