@@ -16,9 +16,10 @@ from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
+from repair.kinds.projector import VisualProjector
 from repair.model.backbone import Backbone
 
-KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA)}
+KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -87,5 +88,5 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
     return cls.Options.resolve(cls.name, recorded, overrides)
 
 
-__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "detect_kind",
+__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "register", "resolve_options", "expected_layouts"]
