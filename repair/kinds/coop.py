@@ -96,7 +96,8 @@ class CoOpOptions(KindOptions):
     path_space: PathSpace = option(PathSpace.feature, "Interpolate the path in 'feature' space (cheap) or "
                                    "'weight' space (exact, K more text passes).", stages=("repair",))
     logit_scale: float | None = logit_scale_option()
-    n_ctx: int | None = option(None, "Context tokens (default: the words of --ctx-init).", stages=("finetune",))
+    n_ctx: int | None = option(None, "Context tokens (default: the words of --ctx-init; another count starts "
+                               "from CoOp's random init, N(0, 0.02)).", stages=("finetune",))
     class_specific: bool = option(False, "One context per class (CoOp CSC).", stages=("finetune",))
 
     def __post_init__(self) -> None:
@@ -164,9 +165,11 @@ class CoOpPrompts(Kind):
         """A fresh prompt at ``w_zs``: the embeddings of ``ctx_init`` (what plain CoOp starts from)."""
         options = options or CoOpOptions()
         ctx = init_context(backbone, options.ctx_init)
-        if options.n_ctx is not None and options.n_ctx != ctx.shape[0]:
-            raise IncompatibleCheckpointError(
-                f"--ctx-init {options.ctx_init!r} is {ctx.shape[0]} tokens but n_ctx is {options.n_ctx}")
+        if options.n_ctx is not None and options.n_ctx != ctx.shape[0]:  # CoOp's random init, e.g. n_ctx=16
+            generator = torch.Generator().manual_seed(0)
+            shape = (len(classnames),) if options.class_specific else ()
+            ctx = 0.02 * torch.randn(*shape, options.n_ctx, backbone.text_width, generator=generator)
+            return cls(backbone, ctx.to(backbone.device), classnames, templates, options)
         if options.class_specific:
             ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
         return cls(backbone, ctx, classnames, templates, options)
@@ -254,6 +257,16 @@ class CoOpPrompts(Kind):
 
     def finetuned_values(self) -> dict[str, torch.Tensor]:
         return {"ctx": self.ctx_ft}
+
+    def unsupported_surrogates(self) -> dict[str, str]:
+        """A prompt of another length than the --ctx-init words (CoOp's random init, n_ctx=16) has no zero-shot
+        point in prompt space; the feature surrogate needs none (its anchor is the template text features)."""
+        words = int(init_context(self.backbone, self.ctx_init).shape[0])
+        if words == self.n_ctx:
+            return {}
+        reason = (f"it has no zero-shot point in prompt space (n_ctx={self.n_ctx}, but --ctx-init "
+                  f"{self.ctx_init!r} is {words} tokens)")
+        return {"fisher": reason, "l2": reason}
 
     def export(self) -> dict[str, torch.Tensor]:
         return {self.ctx_key: self.ctx.detach().cpu().to(self.input_dtype)}

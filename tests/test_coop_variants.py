@@ -1,0 +1,72 @@
+"""CoOp variants: random-init prompts of any length (no zero-shot point in prompt space) and
+class-specific contexts, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from repair.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def fast(tiny_spec):
+    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
+
+
+def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny_spec, image_dirs):
+    ft = tmp_path / "ft.safetensors"
+    result = invoke("finetune", "--kind", "coop", "--n-ctx", "16", "--data", image_dirs["train"], "--out", ft,
+                    *fast(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert load_file(ft)["ctx"].shape == (16, 32)
+    result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "fixed.safetensors",
+                    *fast(tiny_spec), "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["objective"]["surrogate"] == "feature"
+    assert "no zero-shot point in prompt space" in document["notes"][0] and "using feature" in document["notes"][0]
+    for surrogate in ("fisher", "l2"):
+        result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / f"{surrogate}.safetensors",
+                        "--surrogate", surrogate, *fast(tiny_spec))
+        assert result.exit_code == 2 and "use --surrogate feature" in result.output, result.output
+        assert not (tmp_path / f"{surrogate}.safetensors").exists()
+    result = invoke("eval", ft, tmp_path / "fixed.safetensors", "--data", image_dirs["test"], "--novel-data",
+                    image_dirs["novel"], "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
+    assert result.exit_code == 0, result.output
+    baselines = json.loads(result.stdout)["baselines"]
+    assert baselines["wise_ft"] is None and "n_ctx=16" in baselines["wise_ft_unavailable"]
+
+
+def test_class_specific_contexts_through_every_command(tmp_path, tiny_spec, image_dirs):
+    ft, fixed = tmp_path / "csc.safetensors", tmp_path / "fixed.safetensors"
+    result = invoke("finetune", "--kind", "coop", "--class-specific", "--data", image_dirs["train"], "--out", ft,
+                    *fast(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert json.loads(invoke("inspect", ft, "--json").stdout)["tensors"][0]["shape"] == [4, 4, 32]
+    for surrogate in ("feature", "fisher", "l2"):
+        result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / f"{surrogate}.safetensors",
+                        "--surrogate", surrogate, *fast(tiny_spec))
+        assert result.exit_code == 0, result.output
+    fixed = tmp_path / "fisher.safetensors"
+    assert load_file(fixed)["ctx"].shape == (4, 4, 32) and not torch.equal(load_file(fixed)["ctx"], load_file(ft)["ctx"])
+    result = invoke("eval", ft, fixed, "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
+                    "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["models"]}
+    assert rows[fixed.name]["base"] is not None and rows[fixed.name]["novel"] is None  # one context per class
+    result = invoke("path", ft, fixed, "--data", image_dirs["test"], "--out", tmp_path / "path.json",
+                    "--model", tiny_spec.model, "--points", "3", "--no-cache")
+    assert result.exit_code == 0, result.output
+    result = invoke("push", fixed, "--repo", "org/csc", "--dry-run", tmp_path / "stage")
+    assert result.exit_code == 0, result.output
