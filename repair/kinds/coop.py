@@ -5,10 +5,17 @@ The learnt context ``ctx`` replaces the embeddings of ``n_ctx`` placeholder word
 ``token_prefix`` / ``token_suffix``) are rebuilt from the current class names, so a file
 from another code base or another class list works. Every sequence is cut at the longest
 end-of-text position of its class set.
+
+Where the class tokens sit (CoOp's ``CLASS_TOKEN_POSITION``): ``end`` gives
+``[SOS][ctx][class][.][EOS]``, ``middle`` splits the context in two halves around the class
+(the first ``n_ctx // 2`` tokens before it), ``front`` gives ``[SOS][class][ctx][.][EOS]``.
+Only tokens between the start token and the full stop move, so the end-of-text position (or
+a Hugging Face tower's attention mask) is the same in every arrangement.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +32,14 @@ from repair.model.backbone import Backbone
 
 DEFAULT_CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
+
+
+class ClassTokenPosition(str, enum.Enum):
+    """Where a prompt puts the class name relative to its context (CoOp's three choices)."""
+
+    end = "end"
+    middle = "middle"
+    front = "front"
 
 
 def find_ctx(tensor_file: TensorFile) -> tuple[str, torch.Tensor] | None:
@@ -63,7 +78,8 @@ def _token_count(tokenizer: object, text: str) -> int | None:
 class PromptBank(nn.Module):
     """Frozen token embeddings around the context for one class list, cut at end-of-text."""
 
-    def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int) -> None:
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], n_ctx: int,
+                 position: ClassTokenPosition = ClassTokenPosition.end) -> None:
         super().__init__()
         placeholder = " ".join([PLACEHOLDER] * n_ctx)
         prompts = [f"{placeholder} {name}." for name in classnames]
@@ -79,6 +95,12 @@ class PromptBank(nn.Module):
         self.register_buffer("suffix", embeddings[:, 1 + n_ctx:].clone(), persistent=False)
         self.register_buffer("pooling", pooling, persistent=False)  # end-of-text positions, or a mask
         self.num_classes = len(classnames)
+        order = None
+        if position is not ClassTokenPosition.end:  # the class tokens: after the context, before the full stop
+            name_lengths = backbone.text.content_end(tokens) - 2 - n_ctx
+            order = torch.stack([_arrangement(tokens.shape[1], n_ctx, int(length), position)
+                                 for length in name_lengths.tolist()])
+        self.register_buffer("order", order, persistent=False)
 
     def assemble(self, ctx: torch.Tensor, class_specific: bool) -> torch.Tensor:
         """[*, (C,) n_ctx, D] contexts -> [*, C, L, D] prompt embeddings."""
@@ -87,7 +109,24 @@ class PromptBank(nn.Module):
             ctx = ctx.unsqueeze(-3).expand(*leading, self.num_classes, *ctx.shape[-2:])
         prefix = self.prefix.expand(*leading, *self.prefix.shape)
         suffix = self.suffix.expand(*leading, *self.suffix.shape)
-        return torch.cat([prefix, ctx, suffix], dim=-2)
+        prompts = torch.cat([prefix, ctx, suffix], dim=-2)  # the "end" arrangement
+        if self.order is None:
+            return prompts
+        rows = torch.arange(self.num_classes, device=prompts.device).unsqueeze(1)
+        return prompts[..., rows, self.order, :]
+
+
+def _arrangement(length: int, n_ctx: int, name_length: int, position: ClassTokenPosition) -> torch.Tensor:
+    """Positions of the "end" prompt, in the order ``position`` reads them (one class of ``name_length`` tokens)."""
+    context = list(range(1, 1 + n_ctx))
+    name = list(range(1 + n_ctx, 1 + n_ctx + name_length))
+    rest = list(range(1 + n_ctx + name_length, length))
+    if position is ClassTokenPosition.front:
+        middle = name + context
+    else:  # CoOp's middle: the first n_ctx // 2 context tokens, the class, the rest of the context
+        half = n_ctx // 2
+        middle = context[:half] + name + context[half:]
+    return torch.tensor([0] + middle + rest)
 
 
 @dataclass(frozen=True)
@@ -99,6 +138,9 @@ class CoOpOptions(KindOptions):
     n_ctx: int | None = option(None, "Context tokens (default: the words of --ctx-init; another count starts "
                                "from CoOp's random init, N(0, 0.02)).", stages=("finetune",))
     class_specific: bool = option(False, "One context per class (CoOp CSC).", stages=("finetune",))
+    class_token_position: ClassTokenPosition = option(
+        ClassTokenPosition.end, "Prompts: where the class name sits: 'end' ([ctx] class.), 'middle' (half the "
+        "context on each side) or 'front' (class [ctx].), as CoOp's CLASS_TOKEN_POSITION; recorded in outputs.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,7 +233,7 @@ class CoOpPrompts(Kind):
     def _bank(self, classnames: Sequence[str]) -> PromptBank:
         key = tuple(classnames)
         if key not in self._banks:
-            self._banks[key] = PromptBank(self.backbone, key, self.n_ctx)
+            self._banks[key] = PromptBank(self.backbone, key, self.n_ctx, self.options.class_token_position)
         return self._banks[key]
 
     # ------------------------------------------------------------------ encoding
