@@ -14,12 +14,14 @@ from repair.io import TensorFile
 from repair.kinds.base import Kind, KindOptions, KindOutput
 from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
+from repair.kinds.encoder import FullImageEncoder
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
 from repair.kinds.projector import VisualProjector
 from repair.model.backbone import Backbone
 
-KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector)}
+KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
+                                                               FullImageEncoder)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -48,6 +50,8 @@ def detect_kind(tensor_file: TensorFile, override: str | None = None, recorded: 
     if recorded in KINDS:
         return KINDS[recorded]
     matching = [kind for kind in KINDS.values() if kind.matches(tensor_file)]
+    outranked = {name for kind in matching for name in kind.outranks}
+    matching = [kind for kind in matching if kind.name not in outranked]
     if len(matching) == 1:
         return matching[0]
     if not matching:
@@ -88,5 +92,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
     return cls.Options.resolve(cls.name, recorded, overrides)
 
 
-__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector", "detect_kind",
+__all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
+           "FullImageEncoder", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "register", "resolve_options", "expected_layouts"]

@@ -155,6 +155,8 @@ class Kind(nn.Module, ABC):
     about: ClassVar[About]
     defaults: ClassVar[RepairDefaults]  # README "Defaults" has the evidence
     Options: ClassVar[type[KindOptions]] = KindOptions
+    # kinds that also match every file this one matches but could not load it (detection then picks this one)
+    outranks: ClassVar[tuple[str, ...]] = ()
 
     options: KindOptions
     scale: float  # the logit scale applied to cosine similarities (or a head's own scale)

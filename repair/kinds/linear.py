@@ -44,6 +44,14 @@ def _is_head_key(key: str, name: str) -> bool:
     return key == name or (name != "weight" and key.endswith("." + name))
 
 
+def implied_head_scale(weight: torch.Tensor, backbone: Backbone) -> float:
+    """The scale a head's logits get. Heads initialised from CLIP text features have unit rows and need CLIP's
+    temperature; heads trained freely (or stored times the logit scale, as WiSE-FT's) carry their own.
+    Decided by the rows' typical norm."""
+    typical_norm = float(weight.float().norm(dim=1).median())
+    return backbone.logit_scale if typical_norm < backbone.logit_scale ** 0.5 else 1.0
+
+
 def _bias_key(tensors: dict[str, torch.Tensor], weight_key: str) -> str | None:
     stem = weight_key[: -len("coef_")] + "intercept_" if weight_key.endswith("coef_") else weight_key[:-6] + "bias"
     return stem if stem in tensors and tensors[stem].dim() == 1 else None
@@ -78,7 +86,7 @@ class LinearHead(Kind):
         self.input_dtype = weight.dtype
         self.normalize_features = options.head_features is HeadFeatures.normalized
         logit_scale = options.logit_scale
-        self.scale = float(logit_scale) if logit_scale is not None else self._implied_scale(weight, backbone)
+        self.scale = float(logit_scale) if logit_scale is not None else implied_head_scale(weight, backbone)
         device = backbone.device
         self.weight = nn.Parameter(weight.detach().to(device, torch.float32).clone())
         initial_bias = bias if bias is not None else torch.zeros(len(classnames))
@@ -92,13 +100,6 @@ class LinearHead(Kind):
         self.register_buffer("zs_features", zero_shot, persistent=False)
         # in the head's own units: logits = scale * f @ W.T must equal CLIP's logit_scale * f @ Z.T
         self.register_buffer("weight_zs", zero_shot * (backbone.logit_scale / self.scale), persistent=False)
-
-    @staticmethod
-    def _implied_scale(weight: torch.Tensor, backbone: Backbone) -> float:
-        """Heads initialised from CLIP text features have unit rows and need CLIP's temperature;
-        heads trained freely carry their own scale. Decide by the rows' typical norm."""
-        typical_norm = float(weight.float().norm(dim=1).median())
-        return backbone.logit_scale if typical_norm < backbone.logit_scale ** 0.5 else 1.0
 
     @staticmethod
     def _check_shapes(backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor | None,

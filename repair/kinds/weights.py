@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,13 @@ class ModelWeightsKind(Kind):
 
     path_space: PathSpace
 
-    def _init_weights(self) -> None:
-        """Call at the end of a subclass's ``__init__``, once its parameters exist."""
+    def _init_weights(self, ft: Weights | None = None) -> None:
+        """Call at the end of a subclass's ``__init__``, once its parameters exist. ``ft``: the fine-tuned
+        weights when the subclass holds them already (no second copy of a whole tower)."""
         prefix = self.backbone.text.prefix
-        with torch.no_grad():
-            ft = {name: value.detach().clone() for name, value in self.model_weights().items()}
+        if ft is None:
+            with torch.no_grad():
+                ft = {name: value.detach().clone() for name, value in self.model_weights().items()}
         foreign = [name for name in ft if not name.startswith((prefix, "visual."))]
         if foreign:
             raise IncompatibleCheckpointError(
@@ -144,13 +146,7 @@ class ModelWeightsKind(Kind):
                      zip(names, (self.ft_weights[name] for name in names), values)}
             return self.scale * self._image_features(point, inputs) @ self._class_features(point, self.classnames).t()
 
-        points = []
-        for t in path_ts.to(inputs.device, torch.float32):
-            if torch.is_grad_enabled():  # recomputed in backward: one point's activations alive at a time
-                points.append(checkpoint(score, t, *weights.values(), use_reentrant=False))
-            else:
-                points.append(score(t, *weights.values()))
-        return torch.stack(points)
+        return along_path(score, path_ts.to(inputs.device, torch.float32), list(weights.values()))
 
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """``features`` come from :meth:`image_encoder` when this checkpoint sets image weights."""
@@ -163,3 +159,17 @@ class ModelWeightsKind(Kind):
         if self.touches_text:
             return {}
         return {"feature": "it sets no text weights, so its class features never leave the zero-shot ones"}
+
+
+def along_path(score: Callable[..., torch.Tensor], path_ts: torch.Tensor, values: Sequence[torch.Tensor]
+               ) -> torch.Tensor:
+    """``[K, B, C]``: ``score(t, *values)`` at each path point, one point at a time. With grad enabled each
+    point is checkpointed (recomputed in backward), so only one point's activations are ever alive: the
+    path costs K more tower passes, not K times the memory."""
+    points = []
+    for t in path_ts:
+        if torch.is_grad_enabled():
+            points.append(checkpoint(score, t, *values, use_reentrant=False))
+        else:
+            points.append(score(t, *values))
+    return torch.stack(points)
