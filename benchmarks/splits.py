@@ -22,6 +22,7 @@ from pathlib import Path
 from repair.data.folders import IMAGE_EXTENSIONS
 
 SPLIT_SEED = 0
+SPLITS_VERSION = 2  # bump when a split changes: the towers proxy's card and fingerprint follow
 FLOWERS_FRACTIONS = {"pretrain": 0.4, "pool": 0.2, "val": 0.1, "test": 0.3}
 CIFAR_TRAIN_PARTS = {"pretrain": (0, 400), "pool": (400, 450), "val": (450, 500)}
 
@@ -80,8 +81,6 @@ def gtsrb_parts(root: Path) -> Parts:
     return _named_train_test_parts(root, 40)
 
 
-DATASET_PARTS = {"cifar10": cifar10_parts, "flowers5": flowers5_parts, "caltech101": caltech101_parts,
-                 "gtsrb": gtsrb_parts}
 
 
 def missing_datasets(data_root: Path, names: list[str] | tuple[str, ...]) -> list[str]:
@@ -99,15 +98,18 @@ def dataset_parts(data_root: Path, name: str) -> Parts:
 # (50 per class, sorted by file name) gives files 0-15 to the few-shot pool, 16-23 to validation and
 # 24-49 to the proxy's alignment ("pretrain"); ``val/`` is the test set. PACS: the photo domain
 # (60 per class, sorted) gives 0-15 to the pool, 16-23 to validation, 24-59 to the photo test set;
-# the other three domains are test sets whole. No PACS image is ever used for alignment.
+# each other domain gives files 0-9 to its validation split and 10-59 to its test set. No PACS image
+# is ever used for alignment.
 
 TINY_TRAIN_PARTS = {"pool": (0, 16), "val": (16, 24), "pretrain": (24, 50)}
 PACS_PHOTO_PARTS = {"pool": (0, 16), "val": (16, 24), "test": (24, 60)}
 PACS_SHIFTED = ("art_painting", "cartoon", "sketch")
+PACS_SHIFTED_VAL = 10  # files 0-9 of each class of a shifted domain validate, the rest test
 
 # ImageNet-1k indices (sorted-wnid order) that are the same concept as, or a kind of, a novel class
 # of a benchmark dataset, where the last-word name rule of ``novel_conflicts`` does not see it.
-# Images of these classes are never aligned on and their names leave the distillation label space.
+# Images of these classes are never aligned on (their names stay in the distillation's label space:
+# see ``towers.TowersConfig.distill_all_names``).
 IMAGENET_HYPONYMS_OF_NOVEL = {
     "cifar10:dog": list(range(151, 269)),  # the 118 dog breeds
     "cifar10:frog": [30, 31, 32],
@@ -149,15 +151,18 @@ def tiny_imagenet_parts(root: Path) -> Parts:
 
 
 def pacs_parts(root: Path) -> Parts:
-    """PACS: pool/val/test from photos; ``test_<domain>`` holds every image of a shifted domain."""
-    parts: Parts = {name: {} for name in (*PACS_PHOTO_PARTS, *(f"test_{d}" for d in PACS_SHIFTED))}
+    """PACS: pool/val/test from photos; ``val_<domain>`` / ``test_<domain>`` from each shifted domain."""
+    shifted = [f"{part}_{domain}" for domain in PACS_SHIFTED for part in ("val", "test")]
+    parts: Parts = {name: {} for name in (*PACS_PHOTO_PARTS, *shifted)}
     for folder in class_folders(root / "photo"):
         files = images_in(folder)
         for part, (start, stop) in PACS_PHOTO_PARTS.items():
             parts[part][folder.name] = files[start:stop]
     for domain in PACS_SHIFTED:
         for folder in class_folders(root / domain):
-            parts[f"test_{domain}"][folder.name] = images_in(folder)
+            files = images_in(folder)
+            parts[f"val_{domain}"][folder.name] = files[:PACS_SHIFTED_VAL]
+            parts[f"test_{domain}"][folder.name] = files[PACS_SHIFTED_VAL:]
     return parts
 
 
@@ -246,6 +251,10 @@ def alignment_files(data_root: Path) -> dict[str, dict[str, list[Path]]]:
         if entry["index"] not in conflicts and entry["wnid"] not in tiny_wnids:
             distill[f"imagenet:{entry['wnid']}"] = images_in(data_root / "imagenet_samples" / entry["wnid"])
     return {"contrastive": contrastive, "distill": distill}
+
+
+DATASET_PARTS = {"cifar10": cifar10_parts, "flowers5": flowers5_parts, "caltech101": caltech101_parts,
+                 "gtsrb": gtsrb_parts, "tiny_imagenet": tiny_imagenet_parts, "pacs": pacs_parts}
 
 
 def evaluation_files(data_root: Path) -> dict[str, list[Path]]:
