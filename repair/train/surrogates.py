@@ -28,6 +28,7 @@ from repair.errors import UsageError
 from repair.kinds.base import Kind, KindOutput
 
 FISHER_CACHE_FORMAT = "mergetune-fisher/2"  # checksummed entries
+FISHER_IMAGES = 64  # the most images one Fisher estimate uses (a seeded sample beyond that)
 
 
 class DataFree:
@@ -101,20 +102,36 @@ def build_surrogate(name: str, kind: Kind, data: Features | None = None, *, seed
     return SURROGATES[name].build(kind, data, seed=seed, cache_key=cache_key, cache_dir=cache_dir)
 
 
-def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32) -> dict[str, torch.Tensor]:
+def fisher_images(count: int, seed: int, limit: int = FISHER_IMAGES) -> torch.Tensor | None:
+    """Which images estimate the Fisher: all up to ``limit``, else a seeded sample of ``limit``.
+
+    One gradient per image costs a backward pass through every class prompt (CoOp, CLIPFit), so
+    a Tiny-ImageNet-sized repair set (1,600 images, 100 classes) would take a quarter of an hour on
+    two cores; a few hundred samples estimate a diagonal expectation well.
+    """
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32,
+                    limit: int = FISHER_IMAGES) -> dict[str, torch.Tensor]:
     """E_x E_{y ~ p_zs(y|x)} [(d log p(y|x) / dw)^2] at ``w_zs``, one gradient per image.
 
     Labels are drawn from the zero-shot model's own predictions, so no labels are needed.
-    The kind is evaluated at ``w_zs`` and restored afterwards.
+    The kind is evaluated at ``w_zs`` and restored afterwards. At most ``limit`` images are used
+    (:func:`fisher_images`).
     """
+    chosen = fisher_images(len(data), seed, limit)
+    images = data.features if chosen is None else data.features[chosen]
     saved = kind.snapshot()
     kind.load_values(kind.zero_shot_values())
     parameters = kind.trainable()
     fisher = {name: torch.zeros_like(parameter) for name, parameter in parameters.items()}
     generator = torch.Generator().manual_seed(seed)
     try:
-        for start in range(0, len(data), chunk):
-            log_probs = F.log_softmax(kind(data.features[start:start + chunk]).logits, dim=-1)
+        for start in range(0, len(images), chunk):
+            log_probs = F.log_softmax(kind(images[start:start + chunk]).logits, dim=-1)
             sampled = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).squeeze(1)
             for row, label in enumerate(sampled.tolist()):
                 grads = torch.autograd.grad(-log_probs[row, label], list(parameters.values()), retain_graph=True)
@@ -122,14 +139,14 @@ def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 3
                     fisher[name] += grad.detach() ** 2
     finally:
         kind.load_values(saved)
-    return {name: value / max(len(data), 1) for name, value in fisher.items()}
+    return {name: value / max(len(images), 1) for name, value in fisher.items()}
 
 
 def _cached_fisher(kind: Kind, data: Features, seed: int, cache_key: str | None,
                    cache_dir: Path | None) -> dict[str, torch.Tensor]:
     if cache_key is None or cache_dir is None:
         return fisher_diagonal(kind, data, seed=seed)
-    digest = hashlib.sha256(json.dumps([FISHER_CACHE_FORMAT, cache_key, seed]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([FISHER_CACHE_FORMAT, cache_key, seed, FISHER_IMAGES]).encode()).hexdigest()
     path = Path(cache_dir) / "fisher" / f"{digest}.safetensors"
     stored = read_cache_entry(path, device=str(data.features.device))
     if stored is not None and stored.keys() == kind.trainable().keys():
