@@ -48,12 +48,20 @@ def _alpha(per_seed: dict[str, dict], method: str) -> str:
     return " (a = " + ", ".join("n/a" if a is None else f"{a:.1f}" for a in alphas) + ")"
 
 
+# (result key, label, what the second number is, the plan's kinds for it, what the first number is)
+SUITES = (("base_to_novel", "base-to-novel", "novel", "b2n_kinds", "base"),
+          ("domain", "domain shift", "shifted", "domain_kinds", "photo"),
+          ("robustness", "corruption", "shifted", "robustness_kinds", "ID"))
+
+
 def blocks(bench: dict[str, object], suite: str) -> list[tuple[str, str, dict]]:
     """(dataset, kind, block) in the plan's order (the JSON's keys are sorted)."""
     plan = bench["plan"]
-    kinds = plan["b2n_kinds"] if suite == "base_to_novel" else plan["robustness_kinds"]
-    return [(dataset, kind, bench[suite][dataset][kind]) for dataset in bench[suite] for kind in kinds
-            if kind in bench[suite][dataset]]
+    kinds = plan.get(next(entry[3] for entry in SUITES if entry[0] == suite)) or ()
+    results = bench.get(suite) or {}
+    order = [d for d in plan.get("datasets", ()) if d in results] if suite == "base_to_novel" else list(results)
+    return [(dataset, kind, results[dataset][kind]) for dataset in order for kind in kinds
+            if kind in results[dataset]]
 
 
 METHODS = ("zero-shot", "fine-tuned", "repaired (feature)", "repaired (fisher)", "repaired (l2)", "wise-ft",
@@ -62,20 +70,37 @@ METHODS = ("zero-shot", "fine-tuned", "repaired (feature)", "repaired (fisher)",
 
 def summary_markdown(bench: dict[str, object]) -> list[str]:
     """One line per task: HM of every method (mean over seeds), the best repair in bold."""
-    lines = ["| suite | dataset | kind | fine-tuning: base / novel (or shifted) change | " +
-             " | ".join(METHODS) + " |", "|---|---|---|---|" + "---|" * len(METHODS)]
-    for suite, label, metric in (("base_to_novel", "base-to-novel", "novel"), ("robustness", "robustness",
-                                                                              "shifted")):
+    lines = ["| suite | dataset | kind | fine-tuning: base / novel (or shifted) change | forgets? | " +
+             " | ".join(METHODS) + " |", "|---|---|---|---|---|" + "---|" * len(METHODS)]
+    for suite, label, metric, _, _ in SUITES:
         for dataset, kind, block in blocks(bench, suite):
             summary, check = block["summary"], block["checks"]
             hms = {m: summary[m]["hm_mean"] for m in METHODS if m in summary and summary[m].get("hm_mean") is not None}
             best = max((m for m in hms if m.startswith("repaired")), key=hms.get, default=None)
             cells = [("**{:.1f}**" if m == best else "{:.1f}").format(hms[m]) if m in hms else "n/a"
                      for m in METHODS]
-            change = f"{_signed(check['base_gain'])} / {_signed(-check[f'{metric}_drop'])}"
-            lines.append(f"| {label} | {dataset} | {kind_title(kind)} | {change} | " + " | ".join(cells)
-                         + " |")
+            change = f"{_signed(check['base_gain'])} / {_signed(_negated(check[f'{metric}_drop']))}"
+            lines.append(f"| {label} | {dataset} | {kind_title(kind)} | {change} | "
+                         f"{'yes' if check['phenomenon'] else 'no'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _negated(value: float | None) -> float | None:
+    return None if value is None else -value
+
+
+def phenomenon_line(block: dict[str, object], metric: str, first: str) -> str:
+    """How fine-tuning moved the two numbers against zero-shot, on test and (when recorded) validation."""
+    check, val = block["checks"], block.get("val_checks")
+    line = (f"fine-tuning moved {first} {_signed(check['base_gain'])} and {metric} "
+            f"{_signed(_negated(check[f'{metric}_drop']))} points against zero-shot")
+    if val:
+        line += (f" (validation: {_signed(val['base_gain'])} / {_signed(_negated(val[f'{metric}_drop']))})")
+    verdict = "shown" if check["phenomenon"] else "NOT shown"
+    line += f"; forgetting {verdict} (needs {first} ≥ +3 and {metric} ≤ −2)"
+    if "wall_s" in block:
+        line += f"; {block['wall_s'] / 60:.1f} min for all seeds"
+    return line + "."
 
 
 def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
@@ -83,16 +108,12 @@ def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
              "Mean ± standard deviation over seeds; accuracy in %. WiSE-FT's alpha (per seed in brackets) "
              "was chosen on the validation split.", ""]
     for dataset, kind, block in blocks(bench, "base_to_novel"):
-        summary, check = block["summary"], block["checks"]
-        lines += [f"**{dataset}, {kind_title(kind)}**: fine-tuning moved base "
-                  f"{_signed(check['base_gain'])} and novel {_signed(-check['novel_drop'])} points against "
-                  f"zero-shot (phenomenon {'shown' if check['phenomenon'] else 'NOT shown'}: needs base ≥ +5, "
-                  f"novel ≤ -3).", "",
+        lines += [f"**{dataset}, {kind_title(kind)}**: {phenomenon_line(block, 'novel', 'base')}", "",
                   "| method | base | novel | HM |", "|---|---|---|---|"]
-        for method, row in ordered(summary):
+        for method, row in ordered(block["summary"]):
             name = method + _alpha(block["per_seed"], method)
             lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
-        lines += [""] + target_lines(check) + [""]
+        lines += [""] + target_lines(block["checks"]) + [""]
     return lines
 
 
@@ -106,25 +127,29 @@ def target_lines(check: dict[str, object]) -> list[str]:
     return lines
 
 
-def robustness_markdown(bench: dict[str, object]) -> list[str]:
-    lines = ["### Robustness", "",
-             "In-distribution (ID) test accuracy and accuracy under each corruption; 'shifted' is their mean "
-             "and HM combines ID and shifted. WiSE-FT's alpha was chosen on corrupted validation images.", ""]
-    for dataset, kind, block in blocks(bench, "robustness"):
-        summary, check = block["summary"], block["checks"]
-        corruptions = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
-                              for row in summary.values() for key in row if key.startswith("novel_sets:")})
-        lines += [f"**{dataset}, {kind_title(kind)}**: fine-tuning moved ID "
-                  f"{_signed(check['base_gain'])} and shifted {_signed(-check['shifted_drop'])} points "
-                  f"against zero-shot.", "",
-                  "| method | ID | shifted | HM | " + " | ".join(corruptions) + " |",
-                  "|---|---|---|---|" + "---|" * len(corruptions)]
+def shifted_markdown(bench: dict[str, object], suite: str) -> list[str]:
+    """The domain-shift or corruption suite: in-distribution, each shifted set, their mean and the HM."""
+    _, label, _, _, first = next(entry for entry in SUITES if entry[0] == suite)
+    intro = {"domain": "Fine-tuned on PACS photos; tested on photos (ID) and on the art_painting, cartoon and "
+                       "sketch domains; 'shifted' is their mean and HM combines ID and shifted. WiSE-FT's alpha "
+                       "was chosen on validation images of all four domains.",
+             "robustness": "In-distribution (ID) test accuracy and accuracy under each corruption; 'shifted' is "
+                           "their mean and HM combines ID and shifted. WiSE-FT's alpha was chosen on corrupted "
+                           "validation images."}[suite]
+    lines = [f"### {label[0].upper()}{label[1:]}", "", intro, ""]
+    for dataset, kind, block in blocks(bench, suite):
+        summary = block["summary"]
+        sets = sorted({key.split(":", 1)[1].rsplit("_", 1)[0]
+                       for row in summary.values() for key in row if key.startswith("novel_sets:")})
+        lines += [f"**{dataset}, {kind_title(kind)}**: {phenomenon_line(block, 'shifted', first)}", "",
+                  "| method | ID | shifted | HM | " + " | ".join(sets) + " |",
+                  "|---|---|---|---|" + "---|" * len(sets)]
         for method, row in ordered(summary):
-            per = " | ".join(_cell(row, f"novel_sets:{name}") for name in corruptions)
+            per = " | ".join(_cell(row, f"novel_sets:{name}") for name in sets)
             name = method + _alpha(block["per_seed"], method)
             lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
                          f"{per} |")
-        lines += [""] + target_lines(check) + [""]
+        lines += [""] + target_lines(block["checks"]) + [""]
     return lines
 
 
@@ -152,7 +177,7 @@ def bench_markdown(bench: dict[str, object]) -> str:
             + f"; pretrained in {proxy['stats']['train_s'] / 60:.1f} min.", ""]
     lines += ["HM in % (mean over seeds); the best repair of each task in bold:", ""]
     lines += summary_markdown(bench) + ["", "![HM per method](results/hm.png)", ""]
-    lines += base_to_novel_markdown(bench) + robustness_markdown(bench)
+    lines += base_to_novel_markdown(bench) + shifted_markdown(bench, "domain") + shifted_markdown(bench, "robustness")
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +201,8 @@ def hm_chart(bench: dict[str, object], path: Path) -> None:
 
     panels = [(f"{dataset} {kind_title(kind)}", block["summary"])
               for dataset, kind, block in blocks(bench, "base_to_novel")]
-    panels += [(f"{dataset} {kind_title(kind)}\n(ID x shifted)", block["summary"])
-               for dataset, kind, block in blocks(bench, "robustness")]
+    panels += [(f"{dataset} {kind_title(kind)}\n({'photo x domains' if suite == 'domain' else 'ID x corrupted'})",
+                block["summary"]) for suite in ("domain", "robustness") for dataset, kind, block in blocks(bench, suite)]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)

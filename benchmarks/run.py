@@ -1,15 +1,18 @@
 """The repair benchmark: forgetting and repair, measured with mergetune's own workflows.
 
-Two suites, each over several few-shot seeds:
+Three suites, each over several few-shot seeds:
 
 - base-to-novel (CoOp, CLIPFit): fit on 16 shots of the base classes; test on base and novel
   classes; zero-shot, fine-tuned, repaired with each surrogate, WiSE-FT and the output ensemble.
-- robustness (linear head, CoOp, CLIPFit): fit on 16 shots of every class; test in distribution
+- domain (linear head, CoOp, CLIPFit): fit on 16 shots of PACS photos; test on photos and on
+  the art, cartoon and sketch domains.
+- corruption (linear head, CoOp, CLIPFit): fit on 16 shots of every class; test in distribution
   and under six seeded corruptions.
 
-WiSE-FT's alpha is chosen on a validation split (base and novel classes, or clean and corrupted
-images), never on the test set. Without ``--model`` the proxy CLIP is pretrained (or reused);
-with ``--model ViT-B-16 --pretrained openai --style none`` the same protocol runs on real CLIP.
+WiSE-FT's alpha is chosen on a validation split (base and novel classes, photos and the other
+domains, or clean and corrupted images), never on the test set. Without ``--model`` the proxy
+CLIP (``--proxy towers``, the default, or the older ``scratch`` one) is built or reused; with
+``--model ViT-B-16 --pretrained openai`` the same protocol runs on real CLIP.
 
     python -m benchmarks.run            # full run: latest.json, RESULTS.md, hm.png
     python -m benchmarks.run --quick    # one seed, small test sets, for iteration
@@ -31,7 +34,7 @@ import torch
 
 from benchmarks.proxy import ProxyConfig, ensure_proxy
 from benchmarks.splits import missing_datasets
-from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, robustness_task
+from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, domain_task, robustness_task
 from repair import DataOptions, best_wise_alpha, evaluate, finetune, repair
 from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
@@ -41,7 +44,7 @@ from repair.train.objective import Objective
 from repair.train.surrogates import SURROGATES
 from repair.train.loop import TrainConfig
 
-SCHEMA = "mergetune.bench/1"
+SCHEMA = "mergetune.bench/2"
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -49,7 +52,12 @@ DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 
 @dataclass(frozen=True)
 class KindProtocol:
-    """How a kind is fine-tuned and repaired in the benchmark (repair runs the same schedule)."""
+    """How a kind is fine-tuned and repaired in the benchmark (repair runs the same schedule).
+
+    ``steps`` (when set) fixes the number of optimizer steps instead of the epochs, so a task with
+    1,600 training images and one with 80 get the same amount of training: ``epochs`` becomes
+    ceil(steps x batch / images), with no warm-up below 5 epochs.
+    """
 
     epochs: int
     lr: float
@@ -57,37 +65,74 @@ class KindProtocol:
     lam_lmc: float = 1.0
     batch_size: int = 32
     shots: int = 16
+    steps: int | None = None
 
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=1, seed=seed)
+    def epochs_for(self, images: int) -> int:
+        if self.steps is None:
+            return self.epochs
+        return max(1, math.ceil(self.steps * self.batch_size / max(images, 1)))
+
+    def train_config(self, seed: int, images: int = 0) -> TrainConfig:
+        epochs = self.epochs_for(images)
+        warmup = 1 if self.steps is None or epochs >= 5 else 0
+        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=warmup, seed=seed)
 
     def objective(self, surrogate: str) -> Objective:
         return Objective(lam_zs=self.lam_zs[surrogate], lam_lmc=self.lam_lmc, surrogate=surrogate)
 
 
-# lam_zs per kind and surrogate: the best validation HM (seeds 1 and 2, 50 images per class) over
-# the grids in benchmarks/README.md ("Choosing lam_zs"); lr and epochs move a prompt on the proxy.
-PROTOCOL = {
+# The scratch proxy's protocol: lam_zs per kind and surrogate, the best validation HM (seeds 1 and 2,
+# 50 images per class) over the grids in benchmarks/README.md ("Choosing lam_zs").
+SCRATCH_PROTOCOL = {
     "coop": KindProtocol(epochs=30, lr=0.05, lam_zs={"feature": 10.0, "fisher": 10.0, "l2": 5.0}),
     "clipfit": KindProtocol(epochs=20, lr=0.01, lam_zs={"feature": 10.0, "fisher": 5.0, "l2": 1.0}),
     "linear": KindProtocol(epochs=30, lr=0.05, lam_zs={"feature": 30.0, "fisher": 10.0, "l2": 5.0}),
 }
+# The towers proxy's protocol (benchmarks/README.md, "Protocol on the towers proxy"): chosen on
+# validation splits only. lam_zs stays at the scratch values: the surrogate issue chooses defaults.
+TOWERS_PROTOCOL = {
+    "coop": KindProtocol(epochs=0, steps=30, lr=1.0, batch_size=256, lam_zs=SCRATCH_PROTOCOL["coop"].lam_zs),
+    "clipfit": KindProtocol(epochs=0, steps=12, lr=0.02, batch_size=32, lam_zs=SCRATCH_PROTOCOL["clipfit"].lam_zs),
+    "linear": KindProtocol(epochs=0, steps=100, lr=0.05, batch_size=32, lam_zs=SCRATCH_PROTOCOL["linear"].lam_zs),
+}
+KINDS_B2N = ("coop", "clipfit")
+KINDS_ALL = ("linear", "coop", "clipfit")
 
 
 @dataclass(frozen=True)
 class Plan:
-    seeds: tuple[int, ...] = (1, 2, 3)
-    datasets: tuple[str, ...] = ("cifar10", "flowers5")  # caltech101, gtsrb: opt in with --datasets
-    b2n_kinds: tuple[str, ...] = ("coop", "clipfit")
-    robustness_dataset: str = "cifar10"
-    robustness_kinds: tuple[str, ...] = ("linear", "coop", "clipfit")
+    proxy: str = "towers"  # which proxy CLIP without --model: towers (benchmarks/towers.py) or scratch
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    datasets: tuple[str, ...] = ("cifar10", "tiny_imagenet", "caltech101")  # base-to-novel
+    b2n_kinds: tuple[str, ...] = KINDS_B2N
+    domain_kinds: tuple[str, ...] = KINDS_ALL  # PACS: photo -> art_painting, cartoon, sketch
+    robustness_dataset: str = "cifar10"  # the corruption suite
+    robustness_kinds: tuple[str, ...] = KINDS_ALL
     surrogates: tuple[str, ...] = tuple(SURROGATES)
-    style: str = "blur"
-    sizes: Sizes = Sizes()
-    protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(PROTOCOL))
+    style: str = "none"
+    sizes: Sizes = Sizes(val=20, test=50, shifted_test=50)
+    # (suite or dataset, kind) blocks left out to keep the full run inside an hour on 2 cores: CLIPFit runs
+    # the image tower in its loop and in every evaluation (benchmarks/README.md, "Cost")
+    left_out: tuple[tuple[str, str], ...] = (("tiny_imagenet", "clipfit"), ("caltech101", "clipfit"),
+                                             ("robustness", "clipfit"))
+    protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(TOWERS_PROTOCOL))
 
 
-QUICK = Plan(seeds=(1,), sizes=Sizes(val=20, test=100, shifted_test=50))
+PLANS = {
+    "towers": Plan(),
+    "scratch": Plan(proxy="scratch", seeds=(1, 2, 3), datasets=("cifar10", "flowers5"), domain_kinds=(),
+                    style="blur", sizes=Sizes(), left_out=(), protocol=dict(SCRATCH_PROTOCOL)),
+}
+QUICK_SIZES = {"towers": Sizes(val=20, test=20, shifted_test=20), "scratch": Sizes(val=20, test=100, shifted_test=50)}
+
+
+def quick(plan: Plan) -> Plan:
+    """One seed and small test sets: a few minutes, for iteration (numbers too noisy to report)."""
+    plan = replace(plan, seeds=plan.seeds[:1], sizes=QUICK_SIZES[plan.proxy])
+    if plan.proxy == "towers":  # the 100-class Tiny-ImageNet prompts and CLIPFit's image tower dominate
+        plan = replace(plan, datasets=("cifar10", "caltech101"),
+                       left_out=(*plan.left_out, ("cifar10", "clipfit"), ("domain", "clipfit")))
+    return plan
 
 
 # --------------------------------------------------------------------------- one model family, one seed
@@ -97,7 +142,8 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
                    repairs: dict[str, Objective], backbone, log) -> dict[str, Path]:
     """Fine-tune from zero-shot, then repair that checkpoint with each named objective; paths by name."""
     options = DataOptions(shots=protocol.shots)
-    config = protocol.train_config(seed)
+    images = sum(min(protocol.shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
+    config = protocol.train_config(seed, images)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
@@ -141,7 +187,11 @@ def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, 
 
 def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]], test: tuple[Path, list[Path]],
                             backbone) -> dict[str, dict[str, object]]:
-    """WiSE-FT alpha from the validation report, then every method on the test folders."""
+    """WiSE-FT alpha from the validation report, then every method on the test folders.
+
+    The validation rows of zero-shot and fine-tuned come back under ``"val"``: the protocol is
+    judged (does fine-tuning forget?) on them, never on test.
+    """
     val_report = evaluate([paths["fine-tuned"]], val[0], novel_dir=val[1], backbone=backbone, baselines=True)
     try:
         alpha = best_wise_alpha(val_report)
@@ -149,7 +199,10 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
         alpha = None
     report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone, baselines=True,
                       wise_alpha=alpha)
-    return method_rows(report, paths)
+    rows = method_rows(report, paths)
+    val_rows = method_rows(val_report, {"fine-tuned": paths["fine-tuned"]})
+    rows["val"] = {method: val_rows[method] for method in ("zero-shot", "fine-tuned")}
+    return rows
 
 
 def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
@@ -166,9 +219,9 @@ def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work:
                            backbone, log)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
                                    backbone)
-    for row in rows.values():  # "novel" here is the mean over corrupted test sets
-        row["shifted"] = row.pop("novel")
-        row["novel_sets"] = {key.split(":", 1)[-1].removeprefix("test-"): value
+    for row in [*(row for method, row in rows.items() if method != "val"), *rows["val"].values()]:
+        row["shifted"] = row.pop("novel")  # "novel" here is the mean over the shifted test sets
+        row["novel_sets"] = {key.split(":", 1)[-1].removeprefix("test-").removeprefix("val-"): value
                              for key, value in row["novel_sets"].items()}
     return rows
 
@@ -208,16 +261,22 @@ def _std(values: list[float]) -> float | None:
     return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
-def checks(summary: dict[str, dict[str, float | None]], metric: str = "novel") -> dict[str, object]:
-    """The issue's bars: the phenomenon (fine-tuning gains base, loses novel) and the repair targets."""
+PHENOMENON = {"base_gain": 3.0, "drop": 2.0}  # fine-tuning must raise base by >= 3 and cost >= 2 elsewhere
+
+
+def phenomenon(summary: dict[str, dict[str, float | None]], metric: str) -> dict[str, object]:
+    """Does fine-tuning show forgetting here: base up by >= 3 points, novel (or shifted) down by >= 2?"""
     zs, ft = summary["zero-shot"], summary["fine-tuned"]
-    result: dict[str, object] = {
-        "base_gain": ft["base_mean"] - zs["base_mean"],
-        f"{metric}_drop": zs[f"{metric}_mean"] - ft[f"{metric}_mean"] if ft.get(f"{metric}_mean") is not None
-        else None,
-    }
-    drop = result[f"{metric}_drop"]
-    result["phenomenon"] = bool(result["base_gain"] >= 5 and drop is not None and drop >= 3)
+    gain = ft["base_mean"] - zs["base_mean"]
+    drop = zs[f"{metric}_mean"] - ft[f"{metric}_mean"] if ft.get(f"{metric}_mean") is not None else None
+    return {"base_gain": gain, f"{metric}_drop": drop,
+            "phenomenon": bool(gain >= PHENOMENON["base_gain"] and drop is not None and drop >= PHENOMENON["drop"])}
+
+
+def checks(summary: dict[str, dict[str, float | None]], metric: str = "novel") -> dict[str, object]:
+    """The phenomenon (fine-tuning gains base, loses novel) and, per repair, the targets against baselines."""
+    ft = summary["fine-tuned"]
+    result: dict[str, object] = phenomenon(summary, metric)
     hm = "hm_mean"
     wise = summary.get("wise-ft", {}).get(hm)
     result["repaired"] = {}
@@ -251,6 +310,20 @@ def environment() -> dict[str, object]:
             "code_modified_since_commit": None if status is None else bool(status), **versions()}
 
 
+def run_block(run_seed, seeds: tuple[int, ...], metric: str) -> dict[str, object]:
+    """One (task, kind) over every seed: rows per seed, their summary and checks, val checks, wall time."""
+    started = time.perf_counter()
+    per_seed, val_per_seed = {}, {}
+    for seed in seeds:
+        rows = run_seed(seed)
+        val_per_seed[seed] = rows.pop("val")
+        per_seed[seed] = rows
+    summary = summarise(per_seed)
+    return {"per_seed": per_seed, "summary": summary, "checks": checks(summary, metric),
+            "val_per_seed": val_per_seed, "val_checks": phenomenon(summarise(val_per_seed), metric),
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
              proxy_info: dict[str, object] | None = None) -> dict[str, object]:
     started = time.perf_counter()
@@ -259,34 +332,43 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(), "backbone": spec.as_dict(), "proxy": proxy_info,
         "plan": asdict(plan),
-        "base_to_novel": {}, "robustness": {},
+        "base_to_novel": {}, "domain": {}, "robustness": {},
     }
     for dataset in plan.datasets:
         task = base_to_novel_task(data_root, dataset, plan.style, work / "data", plan.sizes)
         log(f"base-to-novel {dataset} ({plan.style}): base {_names(task.base_classes)}, "
             f"novel {_names(task.novel_classes)}")
         for kind in plan.b2n_kinds:
-            per_seed = {seed: run_base_to_novel(task, kind, seed, plan, work, backbone, log) for seed in plan.seeds}
-            summary = summarise(per_seed)
-            result["base_to_novel"].setdefault(dataset, {})[kind] = {
-                "per_seed": per_seed, "summary": summary, "checks": checks(summary)}
-            log_summary(log, f"{dataset} {kind}", summary, "novel")
-    if plan.robustness_kinds:
-        task = robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)
-        log(f"robustness {task.dataset} ({plan.style}): corruptions {', '.join(task.test_shifted)}")
-        for kind in plan.robustness_kinds:
-            per_seed = {seed: run_robustness(task, kind, seed, plan, work, backbone, log) for seed in plan.seeds}
-            summary = summarise(per_seed)
-            result["robustness"].setdefault(task.dataset, {})[kind] = {
-                "per_seed": per_seed, "summary": summary, "checks": checks(summary, "shifted")}
-            log_summary(log, f"{task.dataset} {kind} (robustness)", summary, "shifted")
+            if (dataset, kind) in plan.left_out:
+                continue
+            block = run_block(lambda seed: run_base_to_novel(task, kind, seed, plan, work, backbone, log),
+                              plan.seeds, "novel")
+            result["base_to_novel"].setdefault(dataset, {})[kind] = block
+            log_summary(log, f"{dataset} {kind}", block, "novel")
+    suites = (("domain", plan.domain_kinds, lambda: domain_task(data_root, work / "data", plan.sizes)),
+              ("robustness", plan.robustness_kinds,
+               lambda: robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)))
+    for suite, kinds, make_task in suites:
+        if not kinds:
+            continue
+        task = make_task()
+        log(f"{suite} {task.dataset} ({task.style}): shifted sets {', '.join(task.test_shifted)}")
+        for kind in kinds:
+            if (suite, kind) in plan.left_out:
+                continue
+            block = run_block(lambda seed: run_robustness(task, kind, seed, plan, work, backbone, log),
+                              plan.seeds, "shifted")
+            result[suite].setdefault(task.dataset, {})[kind] = block
+            log_summary(log, f"{task.dataset} {kind} ({suite})", block, "shifted")
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def log_summary(log, title: str, summary: dict[str, dict[str, float | None]], metric: str) -> None:
-    log(f"  {title}:")
-    for method, row in summary.items():
+def log_summary(log, title: str, block: dict[str, object], metric: str) -> None:
+    check, val = block["checks"], block["val_checks"]
+    log(f"  {title} ({block['wall_s']:.0f} s): fine-tuning moved base {check['base_gain']:+.1f} and {metric} "
+        f"{-check[f'{metric}_drop']:+.1f} (validation: {val['base_gain']:+.1f} / {-val[f'{metric}_drop']:+.1f})")
+    for method, row in block["summary"].items():
         log(f"    {method:20s} base {row['base_mean']:5.1f}  {metric} {_fmt(row.get(f'{metric}_mean'))}  "
             f"hm {_fmt(row.get('hm_mean'))}")
 
@@ -299,33 +381,59 @@ def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:5.1f}"
 
 
+TOWERS_SOURCES = ("cifar10", "tiny_imagenet", "caltech101", "pacs", "imagenet_samples")
+
+
+def ensure_backbone(proxy: str, data_root: Path, proxy_dir: Path | None, cache: Path) -> tuple[BackboneSpec, dict]:
+    """The named proxy CLIP, built or reused, and its card (``proxy.json``)."""
+    if proxy == "towers":
+        from benchmarks.towers import TowersConfig, ensure_towers
+
+        proxy_dir = proxy_dir or cache / "proxy-towers"
+        model = ensure_towers(data_root, proxy_dir, TowersConfig())
+    else:
+        proxy_dir = proxy_dir or cache / "proxy"
+        model = ensure_proxy(data_root, proxy_dir, ProxyConfig())
+    return BackboneSpec(model=model, pretrained=None), json.loads((proxy_dir / "proxy.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed and small test sets (a few minutes)")
+    parser.add_argument("--proxy", choices=tuple(PLANS), default="towers",
+                        help="which proxy CLIP (and its plan) without --model; default: towers")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--model", default=None, help="open_clip model or local-dir:/hf-hub:; default: the proxy")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--proxy-dir", type=Path, default=None, help="where the proxy CLIP is kept")
     parser.add_argument("--work", type=Path, default=None, help="task folders and checkpoints")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--datasets", nargs="+", default=None)
-    parser.add_argument("--kinds", nargs="+", default=None, help="base-to-novel kinds (coop, clipfit)")
-    parser.add_argument("--robustness-kinds", nargs="*", default=None)
+    parser.add_argument("--datasets", nargs="*", default=None, help="base-to-novel datasets")
+    parser.add_argument("--kinds", nargs="*", default=None, help="base-to-novel kinds (coop, clipfit)")
+    parser.add_argument("--domain-kinds", nargs="*", default=None, help="PACS domain-shift kinds")
+    parser.add_argument("--robustness-kinds", nargs="*", default=None, help="corruption-suite kinds")
     parser.add_argument("--surrogates", nargs="+", default=None)
     parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
                         "(quick runs: quick.json)")
+    parser.add_argument("--include-left-out", action="store_true",
+                        help="also run the blocks the plan leaves out for cost (CLIPFit on the large tasks)")
     parser.add_argument("--no-markdown", action="store_true", help="do not regenerate RESULTS.md and the chart")
     args = parser.parse_args(argv)
 
-    plan = QUICK if args.quick else Plan()
+    plan = PLANS[args.proxy]
+    plan = quick(plan) if args.quick else plan
     overrides = {"seeds": args.seeds, "datasets": args.datasets, "b2n_kinds": args.kinds,
-                 "robustness_kinds": args.robustness_kinds, "surrogates": args.surrogates, "style": args.style}
+                 "domain_kinds": args.domain_kinds, "robustness_kinds": args.robustness_kinds,
+                 "surrogates": args.surrogates, "style": args.style}
     plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
                             for key, value in overrides.items() if value is not None})
-    needed = {*plan.datasets, *([plan.robustness_dataset] if plan.robustness_kinds else [])}
+    if args.include_left_out:
+        plan = replace(plan, left_out=())
+    needed = {*plan.datasets, *(["pacs"] if plan.domain_kinds else []),
+              *([plan.robustness_dataset] if plan.robustness_kinds else [])}
     if args.model is None:
-        needed |= set(ProxyConfig().sources)
+        needed |= set(TOWERS_SOURCES if plan.proxy == "towers" else ProxyConfig().sources)
     missing = missing_datasets(args.data_root, sorted(needed))
     if missing:
         parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
@@ -333,10 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or cache / "bench"
     proxy_info = None
     if args.model is None:
-        proxy_dir = args.proxy_dir or cache / "proxy"
-        model = ensure_proxy(args.data_root, proxy_dir, ProxyConfig())
-        proxy_info = json.loads((proxy_dir / "proxy.json").read_text())
-        spec = BackboneSpec(model=model, pretrained=None)
+        spec, proxy_info = ensure_backbone(plan.proxy, args.data_root, args.proxy_dir, cache)
     else:
         spec = BackboneSpec(model=args.model, pretrained=args.pretrained)
     torch.manual_seed(0)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.shifts import CORRUPTIONS, STYLES, apply
-from benchmarks.splits import Parts, dataset_parts
+from benchmarks.splits import PACS_SHIFTED, Parts, dataset_parts
 
 TASKS_VERSION = 1
-BASE_CLASSES = {"cifar10": 5, "flowers5": 3, "caltech101": 50, "gtsrb": 22}  # base = the first N classes
+BASE_CLASSES = {"cifar10": 5, "flowers5": 3, "caltech101": 50, "gtsrb": 22,  # base = the first N classes
+                "tiny_imagenet": 100}
 
 
 @dataclass(frozen=True)
@@ -128,4 +129,26 @@ def robustness_task(data_root: Path, dataset: str, style: str, work: Path, sizes
         val_shifted=[write_folder(root / f"val-{name}", shifted_val, (*shifts, name)) for name in CORRUPTIONS],
         test_shifted={name: write_folder(root / f"test-{name}", shifted_test, (*shifts, name))
                       for name in CORRUPTIONS},
+    )
+
+
+def domain_task(data_root: Path, work: Path, sizes: Sizes) -> RobustnessTask:
+    """PACS: fit on photos of every class, test on photos and on the art, cartoon and sketch domains.
+
+    The shifted domains' validation images (``splits.pacs_parts``) choose WiSE-FT's alpha; the
+    task reuses :class:`RobustnessTask`, with domains where the corruption suite has corruptions.
+    """
+    parts = dataset_parts(data_root, "pacs")
+    classes = list(parts["test"])
+    root = work / "pacs-none" / sizes.tag()
+    return RobustnessTask(
+        "pacs", "none", classes,
+        train=write_folder(root / "train-photo", _limit(parts["pool"], classes, None), ()),
+        val=write_folder(root / "val-photo", _limit(parts["val"], classes, sizes.val), ()),
+        test=write_folder(root / "test-photo", _limit(parts["test"], classes, sizes.test), ()),
+        val_shifted=[write_folder(root / f"val-{domain}", _limit(parts[f"val_{domain}"], classes, sizes.val), ())
+                     for domain in PACS_SHIFTED],
+        test_shifted={domain: write_folder(root / f"test-{domain}",
+                                           _limit(parts[f"test_{domain}"], classes, sizes.shifted_test), ())
+                      for domain in PACS_SHIFTED},
     )

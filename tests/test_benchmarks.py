@@ -106,9 +106,12 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     from benchmarks.tasks import Sizes
 
     short = run.KindProtocol(epochs=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0}, shots=2)
-    plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), robustness_kinds=("linear",),
-                    surrogates=("feature", "l2"), sizes=Sizes(val=3, test=4, shifted_test=2),
-                    protocol={"coop": short, "linear": short})
+    by_steps = run.KindProtocol(epochs=0, steps=3, batch_size=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0},
+                                shots=2)
+    assert by_steps.epochs_for(images=4) == 2 and by_steps.train_config(1, images=4).warmup_epochs == 0
+    plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), domain_kinds=("linear",),
+                    robustness_kinds=("linear",), surrogates=("feature", "l2"), style="blur",
+                    sizes=Sizes(val=3, test=4, shifted_test=2), protocol={"coop": short, "linear": by_steps})
     result = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None)
     block = result["base_to_novel"]["flowers5"]["coop"]
     methods = {"zero-shot", "fine-tuned", "repaired (feature)", "repaired (l2)", "wise-ft", "ensemble"}
@@ -117,15 +120,21 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     hms = [block["per_seed"][seed]["fine-tuned"]["hm"] for seed in (1, 2)]
     assert block["summary"]["fine-tuned"]["hm_mean"] == pytest.approx(sum(hms) / 2)
     assert set(block["checks"]["repaired"]) == {"repaired (feature)", "repaired (l2)"}
+    assert set(block["val_per_seed"][1]) == {"zero-shot", "fine-tuned"} and "phenomenon" in block["val_checks"]
     robust = result["robustness"]["cifar10"]["linear"]["per_seed"][1]
     assert set(robust["fine-tuned"]["novel_sets"]) == set(shifts.CORRUPTIONS)
     assert robust["fine-tuned"]["shifted"] == pytest.approx(
         sum(robust["fine-tuned"]["novel_sets"].values()) / len(shifts.CORRUPTIONS))
+    domain = result["domain"]["pacs"]["linear"]["per_seed"][1]
+    assert set(domain["fine-tuned"]["novel_sets"]) == set(splits.PACS_SHIFTED)
+    assert set(result["domain"]["pacs"]["linear"]["val_per_seed"][1]["zero-shot"]["novel_sets"]) == set(
+        splits.PACS_SHIFTED)
     (tmp_path / "latest.json").write_text(json.dumps(result))
     report.write_results(markdown=tmp_path / "RESULTS.md", bench_json=tmp_path / "latest.json",
                          speed_json=tmp_path / "absent.json", chart=tmp_path / "hm.png")
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| repaired (feature) |" in text and "### Robustness" in text
+    assert "| repaired (feature) |" in text and "### Corruption" in text and "### Domain shift" in text
+    assert "pacs, Linear" in text or "pacs, linear" in text.lower()
     assert (tmp_path / "hm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
