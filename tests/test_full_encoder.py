@@ -259,3 +259,20 @@ def test_files_it_cannot_read_honestly_are_refused_in_one_line(tmp_path, backbon
     assert "lacks 1 of this image tower's" in refused(tmp_path / "partial.safetensors", "--kind", "image-encoder")
     wise_ft_pickle(tmp_path / "raw.pt", backbone, normalize=False)
     assert "unnormalised" in refused(tmp_path / "raw.pt")
+
+
+def test_load_repaired_scores_with_the_checkpoints_own_tower(tmp_path, backbone, image_dirs):
+    ft = repair.finetune("image-encoder", image_dirs["train"], tmp_path / "ft.safetensors", backbone=backbone,
+                         config=repair.TrainConfig(epochs=1, batch_size=8, lr=0.5),
+                         data_options=repair.DataOptions(shots=4, cache_dir=None))
+    classifier = repair.load_repaired(ft.path, backbone=backbone)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        model = tuned_clip(backbone)
+        model.visual.load_state_dict({k.removeprefix("visual."): v for k, v in load_file(ft.path).items()})
+        expected = backbone.logit_scale * F.normalize(model.encode_image(pixels), dim=-1) @ \
+            backbone.zero_shot_classifier(CLASSES, TEMPLATES).t()
+        frozen = backbone.logit_scale * backbone.encode_images(pixels) @ \
+            backbone.zero_shot_classifier(CLASSES, TEMPLATES).t()
+    assert not torch.allclose(expected, frozen, atol=1e-3)  # the fine-tuned tower really differs
+    torch.testing.assert_close(classifier.logits(pixels), expected, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from repair.errors import InputFileError
@@ -32,7 +33,11 @@ class Classifier:
         """Logits for preprocessed pixels ``[B, 3, H, W]`` or PIL images, over ``classnames``."""
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.backbone.preprocess(image.convert("RGB")) for image in images])
-        features = self.backbone.encode_images(images)
+        encoder = self.kind.image_encoder() or self.backbone.image_encoder  # a kind may own the image tower
+        with self.backbone.autocast():
+            features = encoder.encode(images.to(self.backbone.device)).float()
+        if self.kind.input_kind != "raw-features":
+            features = F.normalize(features, dim=-1)
         return self.kind.logits_for(features, list(classnames or self.classnames))
 
     def predict(self, images: torch.Tensor | Sequence[Image.Image],
