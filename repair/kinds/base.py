@@ -258,6 +258,12 @@ class Kind(nn.Module, ABC):
         in prompt space for a randomly initialised prompt); a repair refuses them by name."""
         return {}
 
+    def open_vocabulary_logits(self, inputs: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """``forward``'s inputs scored over any class list, differentiable in ``w``: what the open-vocabulary
+        surrogates (``fisher-vocab``, ``fisher-dense``, ``distill``) score. The default, :meth:`logits_for`, is
+        right where the inputs are the frozen tower's features; a kind that trains the image tower overrides it."""
+        return self.logits_for(inputs, classnames)
+
     @property
     def input_kind(self) -> str:
         """What ``forward`` takes: 'features' (normalised), 'raw-features', or 'pixels' (the image tower trains)."""

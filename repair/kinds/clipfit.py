@@ -214,6 +214,11 @@ class CLIPFit(Kind):
         """``features`` must come from :meth:`image_encoder` (this checkpoint's image tower)."""
         return self.scale * features @ self._class_features(self.current(), classnames).t()
 
+    def open_vocabulary_logits(self, inputs: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """Pixels scored over any class list with the current tensors in both towers."""
+        values = self.current()
+        return self.scale * self._image_features(values, inputs) @ self._class_features(values, classnames).t()
+
     def zero_shot_class_features(self) -> torch.Tensor:
         return self.zs_text
 

@@ -4,19 +4,30 @@ Around the zero-shot solution the pretraining loss along ``w_zs -> w`` grows lik
 ``0.5 t^2 d^T H d`` with ``d = w - w_zs``; each surrogate approximates ``H`` differently:
 
 - ``feature``: Gauss-Newton on the class text features, ``1 - mean_c cos(T_c, Z_c)``.
-- ``fisher``: the diagonal Fisher at ``w_zs``, ``0.5 sum_i F_i (w_i - w_zs_i)^2``.
+- ``fisher``: the diagonal Fisher at ``w_zs`` of the repair-class softmax, ``0.5 sum_i F_i (w_i - w_zs_i)^2``.
+- ``fisher-vocab``: the same over a broad reference vocabulary (the repair classes plus 1,000 generic
+  concepts, ``--vocabulary FILE`` to override): CLIP was pretrained open-vocabulary, so directions the
+  repair classes never use count too.
+- ``fisher-dense``: the full ``E[g g^T]`` over the reference vocabulary, ``0.5 d^T F d``, for kinds with at most
+  :data:`~repair.train.curvature.DENSE_LIMIT` trainable numbers (a CoOp prompt).
+- ``kfac``: a linear head's Kronecker-factored Gauss-Newton, ``0.5 tr(G D A D^T)`` with ``D = [W, b] - [W, b]_zs``.
+- ``distill``: ``KL(p_zs || p_w)`` over the reference vocabulary on (up to 64 of) the repair images (ZSCL's term):
+  the zero-shot model's predictions kept, not its weights.
 - ``l2``: ``c * I``, ``0.5 ||w - w_zs||^2`` (L2-SP).
 
-A surrogate is built once per run (:func:`build_surrogate`), so its constants (anchors, the
-Fisher) are computed once; adding one is one class with a ``build`` classmethod and one line
-in :data:`SURROGATES` (the CLI's ``--surrogate`` choices come from there).
+The estimators live in :mod:`repair.train.curvature`. A surrogate is built once per run
+(:func:`build_surrogate`), so its constants (anchors, the Fisher, the zero-shot predictions) are computed
+once and data-built ones are cached on disk; adding one is one class with a ``build`` classmethod (and a
+``refusal`` when some kinds cannot use it) and one line in :data:`SURROGATES` (the CLI's ``--surrogate``
+choices come from there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,18 +37,37 @@ from repair.io import read_cache_entry, write_cache_entry
 from repair.data.features import Features
 from repair.errors import UsageError
 from repair.kinds.base import Kind, KindOutput
+from repair.kinds.linear import LinearHead
+from repair.train.curvature import (
+    DENSE_LIMIT,
+    FISHER_IMAGES,
+    AtZeroShot,
+    chosen_images,
+    fisher_dense,
+    fisher_diagonal,
+    fisher_images,
+    kfac_factors,
+    reference_vocabulary,
+    scores_vocabulary,
+    vocabulary_logits,
+)
 
 FISHER_CACHE_FORMAT = "mergetune-fisher/2"  # checksummed entries
-FISHER_IMAGES = 64  # the most images one Fisher estimate uses (a seeded sample beyond that)
 
 
 class DataFree:
     """A surrogate whose constants come from the kind alone: built without images."""
 
     needs_data = False
+    stats: dict[str, object] = {}
 
     def __init__(self, kind: Kind) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def refusal(cls, kind: Kind) -> str | None:
+        """Why this surrogate cannot apply to ``kind`` (None: it can)."""
+        return None
 
     @classmethod
     def build(cls, kind: Kind, data: Features | None, **_: object) -> DataFree:
@@ -68,89 +98,249 @@ class L2Surrogate(DataFree):
         return 0.5 * sum(((tensor - self.anchors[name]) ** 2).sum() for name, tensor in kind.trainable().items())
 
 
-class FisherSurrogate:
-    """Diagonal Fisher at ``w_zs``: ``0.5 sum_i F_i (w_i - w_zs_i)^2``; F needs images, not labels."""
+class FromImages:
+    """A surrogate whose constants are estimated at ``w_zs`` from the unlabelled repair images, cached on disk.
 
-    name = "fisher"
+    ``vocabulary`` (the generic concepts; None: the packaged ImageNet names) matters only to the
+    open-vocabulary ones; ``stats`` reports the build: seconds, bytes of constants, images, vocabulary size.
+    """
+
+    name: str
     needs_data = True
+    open_vocabulary = False  # whether p is over the reference vocabulary rather than the repair classes
+    stats: dict[str, object]
+
+    @classmethod
+    def refusal(cls, kind: Kind) -> str | None:
+        return None
 
     @classmethod
     def build(cls, kind: Kind, data: Features | None, *, seed: int = 0, cache_key: str | None = None,
-              cache_dir: Path | None = None) -> FisherSurrogate:
+              cache_dir: Path | None = None, vocabulary: Sequence[str] | None = None) -> FromImages:
         if data is None:
-            raise ValueError("the fisher surrogate needs the repair images")
-        return cls(kind, _cached_fisher(kind, data, seed, cache_key, cache_dir))
+            raise ValueError(f"the {cls.name} surrogate needs the repair images")
+        reason = cls.refusal(kind)
+        if reason is not None:
+            raise UsageError(f"--surrogate {cls.name} does not apply to this {kind.about.description}: {reason}")
+        names = cls.vocabulary_for(kind, vocabulary)
+        began = time.perf_counter()
+        constants, cached = _cached(cls.name, names, cls.entry_keys(kind), data, seed, cache_key, cache_dir,
+                                    lambda: cls.estimate(kind, data, seed, names))
+        surrogate = cls(kind, constants, data, seed, names)
+        surrogate.stats = {"surrogate": cls.name, "seconds": round(time.perf_counter() - began, 3),
+                           "constant_bytes": sum(t.numel() * t.element_size() for t in constants.values()),
+                           "images": min(len(data), FISHER_IMAGES), "from_cache": cached,
+                           "vocabulary": _describe_vocabulary(kind, names)}
+        return surrogate
 
-    def __init__(self, kind: Kind, fisher: dict[str, torch.Tensor]) -> None:
+    @classmethod
+    def vocabulary_for(cls, kind: Kind, vocabulary: Sequence[str] | None) -> tuple[str, ...] | None:
+        """The class list ``p`` is over: None (the repair classes) unless open-vocabulary and the kind scores it."""
+        if not cls.open_vocabulary or not scores_vocabulary(kind):
+            return None
+        return reference_vocabulary(kind.classnames, vocabulary)
+
+    @classmethod
+    def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
+                 ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def entry_keys(cls, kind: Kind) -> set[str]:
+        """The tensor names of this surrogate's cache entry (an entry with others is recomputed)."""
+        raise NotImplementedError
+
+    def __init__(self, kind: Kind, constants: dict[str, torch.Tensor], data: Features, seed: int,
+                 vocabulary: tuple[str, ...] | None) -> None:
         self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
-        self.fisher = fisher
+        self.constants = constants
+
+    def displacement(self, kind: Kind) -> torch.Tensor:
+        """``w - w_zs``, flattened over the trainable tensors in ``trainable()`` order."""
+        return torch.cat([(tensor - self.anchors[name]).reshape(-1) for name, tensor in kind.trainable().items()])
+
+
+class FisherSurrogate(FromImages):
+    """Diagonal Fisher at ``w_zs`` of the repair-class softmax: ``0.5 sum_i F_i (w_i - w_zs_i)^2``."""
+
+    name = "fisher"
+
+    @classmethod
+    def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
+                 ) -> dict[str, torch.Tensor]:
+        return fisher_diagonal(kind, data, seed=seed, vocabulary=vocabulary)
+
+    @classmethod
+    def entry_keys(cls, kind: Kind) -> set[str]:
+        return set(kind.trainable())
+
+    def __init__(self, kind: Kind, constants: dict[str, torch.Tensor], data: Features, seed: int,
+                 vocabulary: tuple[str, ...] | None) -> None:
+        super().__init__(kind, constants, data, seed, vocabulary)
+        self.fisher = constants
 
     def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
         return 0.5 * sum((self.fisher[name] * (tensor - self.anchors[name]) ** 2).sum()
                          for name, tensor in kind.trainable().items())
 
 
+class VocabularyFisherSurrogate(FisherSurrogate):
+    """Diagonal Fisher at ``w_zs`` over the reference vocabulary: open-vocabulary curvature, any kind.
+    A kind that scores only its own classes (a linear head, a class-specific prompt) has those as vocabulary."""
+
+    name = "fisher-vocab"
+    open_vocabulary = True
+
+
+class DenseFisherSurrogate(FromImages):
+    """The full Fisher ``E[g g^T]`` at ``w_zs`` over the reference vocabulary: ``0.5 d^T F d``, ``d = w - w_zs``.
+    Only for kinds with at most ``DENSE_LIMIT`` trainable numbers (a CoOp prompt: 2,048 at ViT-B/16)."""
+
+    name = "fisher-dense"
+    open_vocabulary = True
+
+    @classmethod
+    def refusal(cls, kind: Kind) -> str | None:
+        total = kind.num_trainable()
+        if total <= DENSE_LIMIT:
+            return None
+        return (f"a dense Fisher takes at most {DENSE_LIMIT:,} trainable numbers and it has {total:,} "
+                "(kfac fits a linear head, fisher-vocab any kind)")
+
+    @classmethod
+    def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
+                 ) -> dict[str, torch.Tensor]:
+        return {"dense": fisher_dense(kind, data, seed=seed, vocabulary=vocabulary)}
+
+    @classmethod
+    def entry_keys(cls, kind: Kind) -> set[str]:
+        return {"dense"}
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        d = self.displacement(kind)
+        return 0.5 * d @ (self.constants["dense"] @ d)
+
+
+class KFACSurrogate(FromImages):
+    """A linear head's Kronecker-factored Fisher ``G (x) A`` at ``w_zs``: ``0.5 tr(G D A D^T)``, ``D = [W, b] - [W, b]_zs``.
+    A head scores only its own classes, so ``p`` is over the repair classes."""
+
+    name = "kfac"
+
+    @classmethod
+    def refusal(cls, kind: Kind) -> str | None:
+        return None if isinstance(kind, LinearHead) else "K-FAC here is a linear head's factorisation"
+
+    @classmethod
+    def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
+                 ) -> dict[str, torch.Tensor]:
+        return kfac_factors(kind, data, seed=seed)
+
+    @classmethod
+    def entry_keys(cls, kind: Kind) -> set[str]:
+        return {"A", "G"}
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        trainable = kind.trainable()
+        d = trainable["weight"] - self.anchors["weight"]
+        if "bias" in trainable:
+            d = torch.cat([d, (trainable["bias"] - self.anchors["bias"]).unsqueeze(1)], dim=1)
+        return 0.5 * torch.trace(self.constants["G"] @ d @ self.constants["A"] @ d.t())
+
+
+class DistillSurrogate(FromImages):
+    """``KL(p_zs || p_w)`` over the reference vocabulary on up to 64 repair images (a seeded sample), as ZSCL
+    distils for continual learning: label-free, and it keeps the zero-shot *predictions* rather than the weights.
+    ``p_zs`` is computed once per build; each step scores those images over the vocabulary at ``w`` (for a
+    prompt, one text pass over the vocabulary)."""
+
+    name = "distill"
+    open_vocabulary = True
+
+    @classmethod
+    def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
+                 ) -> dict[str, torch.Tensor]:
+        with AtZeroShot(kind), torch.no_grad():
+            logits = vocabulary_logits(kind, chosen_images(data, seed), vocabulary)
+        return {"log_p_zs": F.log_softmax(logits.float(), dim=-1)}
+
+    @classmethod
+    def entry_keys(cls, kind: Kind) -> set[str]:
+        return {"log_p_zs"}
+
+    def __init__(self, kind: Kind, constants: dict[str, torch.Tensor], data: Features, seed: int,
+                 vocabulary: tuple[str, ...] | None) -> None:
+        super().__init__(kind, constants, data, seed, vocabulary)
+        self.images = chosen_images(data, seed)
+        self.vocabulary = vocabulary
+
+    def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
+        log_p_w = F.log_softmax(vocabulary_logits(kind, self.images, self.vocabulary).float(), dim=-1)
+        log_p_zs = self.constants["log_p_zs"]
+        return (log_p_zs.exp() * (log_p_zs - log_p_w)).sum(dim=-1).mean()
+
+
 Surrogate = Callable[[Kind, KindOutput], torch.Tensor]
-SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, FisherSurrogate, L2Surrogate)}
+SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, FisherSurrogate, L2Surrogate,
+                                                         VocabularyFisherSurrogate, DenseFisherSurrogate,
+                                                         KFACSurrogate, DistillSurrogate)}
+
+
+def refusals(kind: Kind) -> dict[str, str]:
+    """Every surrogate this checkpoint cannot use, with the reason: the kind's own and the surrogates'. A kind
+    without a zero-shot point (it refuses ``fisher`` for that) cannot take any term estimated at ``w_zs``."""
+    own = kind.unsupported_surrogates()
+    no_point = own.get("fisher")
+    refused = {}
+    for name, cls in SURROGATES.items():
+        reason = cls.refusal(kind) or (no_point if cls.needs_data else None)
+        if reason is not None:
+            refused[name] = reason
+    return {**refused, **own}
 
 
 def build_surrogate(name: str, kind: Kind, data: Features | None = None, *, seed: int = 0,
-                    cache_key: str | None = None, cache_dir: Path | None = None) -> Surrogate:
-    """The named surrogate for this kind, its constants computed once (the Fisher cached on disk)."""
+                    cache_key: str | None = None, cache_dir: Path | None = None,
+                    vocabulary: Sequence[str] | None = None) -> Surrogate:
+    """The named surrogate for this kind, its constants computed once (data-built ones cached on disk).
+
+    ``vocabulary``: the generic concepts of the reference vocabulary (None: open_clip's 1,000 ImageNet
+    names); only ``fisher-vocab``, ``fisher-dense`` and ``distill`` read it.
+    """
     if name not in SURROGATES:
         raise UsageError(f"unknown surrogate {name!r}; choose one of {', '.join(SURROGATES)}")
-    return SURROGATES[name].build(kind, data, seed=seed, cache_key=cache_key, cache_dir=cache_dir)
+    cls = SURROGATES[name]
+    if not cls.needs_data:
+        return cls.build(kind, data)
+    return cls.build(kind, data, seed=seed, cache_key=cache_key, cache_dir=cache_dir, vocabulary=vocabulary)
 
 
-def fisher_images(count: int, seed: int, limit: int = FISHER_IMAGES) -> torch.Tensor | None:
-    """Which images estimate the Fisher: all up to ``limit``, else a seeded sample of ``limit``.
-
-    One gradient per image costs a backward pass through every class prompt (CoOp, CLIPFit), so
-    a Tiny-ImageNet-sized repair set (1,600 images, 100 classes) would take a quarter of an hour on
-    two cores; a few hundred samples estimate a diagonal expectation well.
-    """
-    if count <= limit:
-        return None
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+def _describe_vocabulary(kind: Kind, vocabulary: tuple[str, ...] | None) -> dict[str, object]:
+    if vocabulary is None:
+        return {"classes": len(kind.classnames), "scope": "the repair classes"}
+    return {"classes": len(vocabulary), "scope": "the repair classes and generic concepts",
+            "sha256": hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()}
 
 
-def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32,
-                    limit: int = FISHER_IMAGES) -> dict[str, torch.Tensor]:
-    """E_x E_{y ~ p_zs(y|x)} [(d log p(y|x) / dw)^2] at ``w_zs``, one gradient per image.
-
-    Labels are drawn from the zero-shot model's own predictions, so no labels are needed.
-    The kind is evaluated at ``w_zs`` and restored afterwards. At most ``limit`` images are used
-    (:func:`fisher_images`).
-    """
-    chosen = fisher_images(len(data), seed, limit)
-    images = data.features if chosen is None else data.features[chosen]
-    saved = kind.snapshot()
-    kind.load_values(kind.zero_shot_values())
-    parameters = kind.trainable()
-    fisher = {name: torch.zeros_like(parameter) for name, parameter in parameters.items()}
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        for start in range(0, len(images), chunk):
-            log_probs = F.log_softmax(kind(images[start:start + chunk]).logits, dim=-1)
-            sampled = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).squeeze(1)
-            for row, label in enumerate(sampled.tolist()):
-                grads = torch.autograd.grad(-log_probs[row, label], list(parameters.values()), retain_graph=True)
-                for name, grad in zip(parameters, grads):
-                    fisher[name] += grad.detach() ** 2
-    finally:
-        kind.load_values(saved)
-    return {name: value / max(len(images), 1) for name, value in fisher.items()}
-
-
-def _cached_fisher(kind: Kind, data: Features, seed: int, cache_key: str | None,
-                   cache_dir: Path | None) -> dict[str, torch.Tensor]:
+def _cached(name: str, vocabulary: tuple[str, ...] | None, keys: set[str], data: Features, seed: int,
+            cache_key: str | None, cache_dir: Path | None,
+            compute: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """``compute()``, or its entry in ``cache_dir/fisher`` (keyed by the run's inputs, the surrogate, the vocabulary)."""
     if cache_key is None or cache_dir is None:
-        return fisher_diagonal(kind, data, seed=seed)
-    digest = hashlib.sha256(json.dumps([FISHER_CACHE_FORMAT, cache_key, seed, FISHER_IMAGES]).encode()).hexdigest()
+        return compute(), False
+    identity: list[object] = [FISHER_CACHE_FORMAT, cache_key, seed, FISHER_IMAGES]
+    if name != "fisher":  # the diagonal's entries keep their names from before the other surrogates existed
+        identity += [name, None if vocabulary is None else hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     path = Path(cache_dir) / "fisher" / f"{digest}.safetensors"
     stored = read_cache_entry(path, device=str(data.features.device))
-    if stored is not None and stored.keys() == kind.trainable().keys():
-        return stored
-    fisher = fisher_diagonal(kind, data, seed=seed)
-    write_cache_entry(path, fisher)
-    return fisher
+    if stored is not None and set(stored) == keys:
+        return stored, True
+    computed = compute()
+    write_cache_entry(path, computed)
+    return computed, False
+
+
+__all__ = ["SURROGATES", "Surrogate", "build_surrogate", "refusals", "fisher_diagonal", "fisher_images",
+           "FISHER_IMAGES", "FeatureSurrogate", "FisherSurrogate", "L2Surrogate", "VocabularyFisherSurrogate",
+           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate"]

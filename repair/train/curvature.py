@@ -1,0 +1,253 @@
+"""Curvature at ``w_zs`` from unlabelled images: per-example gradients, Fisher forms, the reference vocabulary.
+
+The Fisher of a classifier is ``E_x E_{y ~ p_zs(y|x)} [g g^T]`` with ``g = d log p(y|x) / dw`` at ``w_zs``;
+labels are drawn from the zero-shot model's own predictions, so no labels are needed. What ``p`` is
+a distribution over decides which directions count: the repair classes only (what ``fisher`` has always
+done) or a broad *reference vocabulary* (the repair classes plus generic concepts, closer to CLIP's
+open-vocabulary contrastive pretraining). Three forms of the same matrix:
+
+- diagonal: ``E[g^2]``, one number per trainable number (any kind);
+- dense: ``E[g g^T]`` for kinds with few trainable numbers (a CoOp prompt: 2,048 at ViT-B/16);
+- Kronecker-factored (K-FAC) for a linear head: ``E[d d^T] (x) E[x x^T]``, with ``d = p - onehot(y)`` the
+  gradient at the logits and ``x`` the (scaled, bias-augmented) input: the exact structure of a linear
+  layer's Gauss-Newton, exact for one sample.
+
+Per-example gradients come from ``torch.func.vmap(grad(...))`` over the kind's trainable tensors
+(:func:`torch.func.functional_call`); where that cannot trace, a Python loop of backward passes (the
+reference, also used by the tests) gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repair.data.features import Features
+from repair.errors import DataError
+from repair.kinds.base import Kind
+
+FISHER_IMAGES = 64  # the most images one Fisher estimate uses (a seeded sample beyond that)
+DENSE_LIMIT = 8192  # the most trainable numbers a dense Fisher takes (8,192^2 floats = 256 MiB)
+GRADIENT_METHODS = ("auto", "vmap", "loop")
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the reference vocabulary
+
+
+def packaged_vocabulary() -> list[str]:
+    """The 1,000 ImageNet class names open_clip ships (duplicates such as 'crane' kept once)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # lazy: open_clip is a heavy import
+
+    return list(dict.fromkeys(IMAGENET_CLASSNAMES))
+
+
+def read_vocabulary(path: str | Path) -> list[str]:
+    """Concept names from a text file, one per line (blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the vocabulary file ({exc.__class__.__name__})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not names:
+        raise DataError(f"{path}: the vocabulary file has no names (one per line)")
+    return list(dict.fromkeys(names))
+
+
+def reference_vocabulary(classnames: Sequence[str], extra: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The repair classes first (so label ``c < C`` is repair class ``c``), then the generic concepts
+    (``extra``, default :func:`packaged_vocabulary`) not already among them."""
+    generic = packaged_vocabulary() if extra is None else list(extra)
+    return tuple(dict.fromkeys([*classnames, *generic]))
+
+
+def scores_vocabulary(kind: Kind) -> bool:
+    """Whether ``kind`` scores an arbitrary class list (a linear head or a class-specific prompt does not:
+    for them the reference vocabulary is their own classes)."""
+    overridden = type(kind).open_vocabulary_logits is not Kind.open_vocabulary_logits
+    return kind.scores_other_classes() and (kind.input_kind != "pixels" or overridden)
+
+
+def vocabulary_logits(kind: Kind, inputs: torch.Tensor, vocabulary: Sequence[str] | None) -> torch.Tensor:
+    """Logits of ``forward``'s inputs over ``vocabulary`` (None or not scorable: the kind's own classes),
+    differentiable in the trainable tensors."""
+    if vocabulary is None or list(vocabulary) == list(kind.classnames) or not scores_vocabulary(kind):
+        return kind(inputs).logits
+    return kind.open_vocabulary_logits(inputs, list(vocabulary))
+
+
+class _Scores(nn.Module):
+    """The kind's logits over a vocabulary as a module, so :func:`torch.func.functional_call` can swap ``w``."""
+
+    def __init__(self, kind: Kind, vocabulary: Sequence[str] | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.vocabulary = None if vocabulary is None else tuple(vocabulary)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return vocabulary_logits(self.kind, inputs, self.vocabulary)
+
+
+# ----------------------------------------------------------------------------- samples and labels
+
+
+def fisher_images(count: int, seed: int, limit: int = FISHER_IMAGES) -> torch.Tensor | None:
+    """Which images estimate the Fisher: all up to ``limit``, else a seeded sample of ``limit``.
+
+    One gradient per image costs a backward pass through every class prompt (CoOp, CLIPFit), so
+    a Tiny-ImageNet-sized repair set (1,600 images, 100 classes) would take a quarter of an hour on
+    two cores; a few hundred samples estimate a diagonal expectation well.
+    """
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def chosen_images(data: Features, seed: int, limit: int = FISHER_IMAGES) -> torch.Tensor:
+    chosen = fisher_images(len(data), seed, limit)
+    return data.features if chosen is None else data.features[chosen]
+
+
+class AtZeroShot:
+    """Context: the kind evaluated at ``w_zs``, restored to its current values afterwards."""
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+
+    def __enter__(self) -> Kind:
+        self.saved = self.kind.snapshot()
+        self.kind.load_values(self.kind.zero_shot_values())
+        return self.kind
+
+    def __exit__(self, *_: object) -> None:
+        self.kind.load_values(self.saved)
+
+
+@torch.no_grad()
+def sampled_labels(scores: nn.Module, images: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
+    """Labels drawn from the model's own predictions, chunk by chunk from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = []
+    for start in range(0, len(images), chunk):
+        probs = F.softmax(scores(images[start:start + chunk]).float(), dim=-1)
+        labels.append(torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1))
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- per-example gradients
+
+
+def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tensor, *, method: str = "auto",
+                      chunk: int = 32) -> Iterator[dict[str, torch.Tensor]]:
+    """Chunks of ``d(-log p(y|x))/dw`` per image: ``{name: [n, *shape]}`` over the kind's trainable tensors.
+
+    ``vmap`` batches the gradients in one pass per chunk; ``loop`` runs one backward per image (the
+    reference); ``auto`` tries vmap and falls back to the loop where torch.func cannot trace the kind.
+    """
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(GRADIENT_METHODS)}, not {method!r}")
+    use_vmap = method != "loop"
+    for start in range(0, len(images), chunk):
+        x, y = images[start:start + chunk], labels[start:start + chunk].to(images.device)
+        if use_vmap:
+            try:
+                yield _vmap_grads(scores, x, y)
+                continue
+            except Exception as exc:  # noqa: BLE001 - any tracing failure: the loop gives the same numbers
+                if method == "vmap":
+                    raise
+                log.debug("per-example gradients: vmap cannot trace this %s (%s); using the loop",
+                          scores.kind.name, exc)
+                use_vmap = False
+        yield _loop_grads(scores, x, y)
+
+
+def _vmap_grads(scores: _Scores, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    from torch.func import functional_call, grad, vmap
+
+    params = {name: parameter.detach() for name, parameter in scores.kind.trainable().items()}
+
+    def loss(values: dict[str, torch.Tensor], image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        swapped = {f"kind.{name}": value for name, value in values.items()}
+        logits = functional_call(scores, swapped, (image.unsqueeze(0),), strict=False)
+        return -F.log_softmax(logits.float(), dim=-1)[0].gather(0, label.unsqueeze(0)).squeeze(0)
+
+    with torch.enable_grad():
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return {name: value.detach() for name, value in grads.items()}
+
+
+def _loop_grads(scores: _Scores, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    parameters = scores.kind.trainable()
+    out = {name: torch.empty(len(x), *parameter.shape, device=parameter.device) for name, parameter in parameters.items()}
+    with torch.enable_grad():
+        log_probs = F.log_softmax(scores(x).float(), dim=-1)
+        for row, label in enumerate(y.tolist()):
+            grads = torch.autograd.grad(-log_probs[row, label], list(parameters.values()), retain_graph=True)
+            for name, value in zip(parameters, grads):
+                out[name][row] = value.detach()
+    return out
+
+
+# ----------------------------------------------------------------------------- the Fisher, in its forms
+
+
+def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, limit: int = FISHER_IMAGES,
+                    vocabulary: Sequence[str] | None = None, method: str = "auto") -> dict[str, torch.Tensor]:
+    """``E_x E_{y ~ p_zs(y|x)} [(d log p(y|x) / dw)^2]`` at ``w_zs``, one gradient per image.
+
+    ``vocabulary`` None: ``p`` over the repair classes; else over that class list (see
+    :func:`vocabulary_logits`). The kind is evaluated at ``w_zs`` and restored afterwards. At most
+    ``limit`` images are used (:func:`fisher_images`).
+    """
+    images = chosen_images(data, seed, limit)
+    fisher = {name: torch.zeros_like(parameter.detach()) for name, parameter in kind.trainable().items()}
+    with AtZeroShot(kind):
+        scores = _Scores(kind, vocabulary)
+        labels = sampled_labels(scores, images, seed, chunk)
+        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
+            for name, value in grads.items():
+                fisher[name] += (value ** 2).sum(dim=0)
+    return {name: value / max(len(images), 1) for name, value in fisher.items()}
+
+
+def fisher_dense(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, limit: int = FISHER_IMAGES,
+                 vocabulary: Sequence[str] | None = None, method: str = "auto") -> torch.Tensor:
+    """``E[g g^T]`` over all trainable numbers (flattened in ``trainable()`` order): ``[P, P]``."""
+    total = kind.num_trainable()
+    if total > DENSE_LIMIT:
+        raise ValueError(f"a dense Fisher takes at most {DENSE_LIMIT} trainable numbers, not {total}")
+    images = chosen_images(data, seed, limit)
+    device = next(iter(kind.trainable().values())).device
+    matrix = torch.zeros(total, total, device=device)
+    with AtZeroShot(kind):
+        scores = _Scores(kind, vocabulary)
+        labels = sampled_labels(scores, images, seed, chunk)
+        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
+            flat = torch.cat([value.reshape(value.shape[0], -1) for value in grads.values()], dim=1)
+            matrix += flat.t() @ flat
+    return matrix / max(len(images), 1)
+
+
+def kfac_factors(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32,
+                 limit: int = FISHER_IMAGES) -> dict[str, torch.Tensor]:
+    """K-FAC of a linear head ``logits = s W x + b``: ``A = E[u u^T]`` with ``u = [s x, 1]`` (no 1 without a
+    trained bias) and ``G = E[d d^T]`` with ``d = softmax - onehot(y)``, ``y`` sampled at ``w_zs``."""
+    images = chosen_images(data, seed, limit)
+    with AtZeroShot(kind), torch.no_grad():
+        scores = _Scores(kind, None)
+        labels = sampled_labels(scores, images, seed, chunk).to(images.device)
+        probs = F.softmax(scores(images).float(), dim=-1)
+    delta = probs - F.one_hot(labels, probs.shape[1]).to(probs)
+    inputs = kind.scale * images.float()
+    if "bias" in kind.trainable():
+        inputs = torch.cat([inputs, torch.ones(len(inputs), 1, device=inputs.device)], dim=1)
+    count = max(len(images), 1)
+    return {"A": inputs.t() @ inputs / count, "G": delta.t() @ delta / count}
