@@ -83,6 +83,22 @@ ResumeOpt = Annotated[bool, typer.Option(
 DeterministicOpt = Annotated[bool, typer.Option(
     "--deterministic", help="Deterministic kernels only: bit-identical reruns (slower on GPU).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
+VocabularyOpt = Annotated[Optional[Path], typer.Option(
+    "--vocabulary", help="Generic concepts, one per line, for the reference vocabulary of fisher-vocab, "
+                         "fisher-dense, distill and --lam-zs auto [default: open_clip's 1,000 ImageNet names].")]
+
+
+def lam_zs_value(text: Optional[str]) -> float | str | None:
+    """``--lam-zs``: a number >= 0 or ``auto``; anything else is a usage error (exit 2)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number >= 0 or 'auto'") from None
+    if not number >= 0.0:
+        raise typer.BadParameter(f"{text} is not a number >= 0 or 'auto'")
+    return number
 
 
 # ----------------------------------------------------------------------------- the kinds' own options

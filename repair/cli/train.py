@@ -20,6 +20,8 @@ from repair.cli.options import (
     ShotsOpt,
     SurrogateName,
     ValOpt,
+    VocabularyOpt,
+    lam_zs_value,
     value,
     with_flags,
     with_kind_options,
@@ -70,8 +72,11 @@ def repair_command(
     kind: KindOpt = None,
     surrogate: Annotated[Optional[SurrogateName], typer.Option(
         "--surrogate", help="Zero-shot surrogate (default: the kind's, see README).")] = None,
-    lam_zs: Annotated[Optional[float], typer.Option(
-        "--lam-zs", min=0.0, help="Weight of the zero-shot surrogate (default: the kind's, see README).")] = None,
+    lam_zs: Annotated[Optional[str], typer.Option(
+        "--lam-zs", callback=lam_zs_value, metavar="FLOAT|auto",
+        help="Weight of the zero-shot surrogate, or 'auto': chosen on a held-out quarter of the shots "
+             "(default: the kind's, see README).")] = None,
+    vocabulary: VocabularyOpt = None,
     lam_lmc: Annotated[float, typer.Option("--lam-lmc", min=0.0, help="Weight of the path term towards the input.")
                        ] = 1.0,
     path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
@@ -87,7 +92,7 @@ def repair_command(
                                       surrogate=value(surrogate)))  # refuses e.g. --lam-zs inf in one line
     train_and_report("repairing", functools.partial(repair, finetuned, data, out, objective=objective),
                      backbone, data_flags, shots, val_fraction, settings, config=config, kind=value(kind),
-                     kind_options=kind_options, other_classes=other_classes)
+                     kind_options=kind_options, other_classes=other_classes, vocabulary=vocabulary)
 
 
 @app.command("finetune")

@@ -75,10 +75,12 @@ class TrainResult:
     steps: int
     selected_epoch: int | None  # the epoch whose weights were kept, when a validation split was used
     history: list[EpochReport] = field(default_factory=list)
+    # what the workflow decided around the loop: the surrogate's build ("surrogate_build"), lam_zs auto's curve
+    choices: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {"steps": self.steps, "selected_epoch": self.selected_epoch,
-                "history": [asdict(report) for report in self.history]}
+                "history": [asdict(report) for report in self.history], **self.choices}
 
 
 @dataclass
@@ -191,6 +193,9 @@ def train(
     if total_steps == 0:
         return result
     objective = objective.for_kind(kind)
+    if objective.chooses_lam_zs:
+        raise UsageError("lam_zs='auto' is chosen before training (repair.train.select.choose_lam_zs); "
+                         "train() takes a number")
     if surrogate is None and objective.lam_zs != 0.0:
         surrogate = build_surrogate(objective.surrogate, kind, train_set, seed=config.seed)
     parameters = list(kind.trainable().values())

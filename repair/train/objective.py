@@ -3,6 +3,7 @@
     L(w) = CE(w) + lam_zs * S(w, w_zs) + lam_lmc * mean_k CE(w_ft + t_k (w - w_ft))
 
 With both lambdas at 0 this is plain continued fine-tuning (CoOp, a linear probe, CLIPFit).
+``lam_zs = "auto"`` asks the training workflow to choose it on held-out shots (:mod:`repair.train.select`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from repair.kinds.base import Kind
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class Objective:
-    lam_zs: float | None = None  # None: the kind's default (Kind.defaults)
+    lam_zs: float | str | None = None  # None: the kind's default (Kind.defaults); "auto": chosen on held-out shots
     lam_lmc: float = 1.0
     path_points: int = 5
     surrogate: str | None = None  # None: the kind's default (Kind.defaults)
@@ -27,8 +31,12 @@ class Objective:
     def __post_init__(self) -> None:
         if self.surrogate is not None and self.surrogate not in SURROGATES:
             raise UsageError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+        if isinstance(self.lam_zs, str) and self.lam_zs != AUTO:
+            raise UsageError(f"lam_zs must be a number >= 0 or 'auto', not {self.lam_zs!r}")
         for name in ("lam_zs", "lam_lmc"):
             value = getattr(self, name)
+            if value == AUTO and name == "lam_zs":
+                continue
             if value is not None and not 0.0 <= value < float("inf"):
                 raise UsageError(f"{name} must be a finite number >= 0, got {value}")
         if self.path_points < 1:
@@ -40,6 +48,11 @@ class Objective:
             return self  # the common case: called on every training step
         return replace(self, lam_zs=kind.defaults.lam_zs if self.lam_zs is None else self.lam_zs,
                        surrogate=self.surrogate or kind.defaults.surrogate)
+
+    @property
+    def chooses_lam_zs(self) -> bool:
+        """Whether ``lam_zs`` is still to be chosen (``"auto"``): the workflow picks it before training."""
+        return self.lam_zs == AUTO
 
     def path_ts(self) -> torch.Tensor:
         """Midpoints of K equal steps on (0, 1): K=5 gives 0.1, 0.3, 0.5, 0.7, 0.9."""
@@ -70,6 +83,9 @@ def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, label
     data-free ones are built on the fly when it is not given.
     """
     objective = objective.for_kind(kind)
+    if objective.chooses_lam_zs:
+        raise UsageError("lam_zs='auto' is chosen by the repair workflow (repair.train.select.choose_lam_zs) "
+                         "before training; pass a number here")
     wants_path = objective.lam_lmc != 0.0
     output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
     ce = F.cross_entropy(output.logits, labels)

@@ -24,7 +24,9 @@ from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
 from repair.train.loop import ProgressFile, StepReport, TrainConfig, TrainResult, seeded_run, train
 from repair.train.objective import Objective
-from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
+from repair.train.curvature import read_vocabulary
+from repair.train.select import choose_lam_zs
+from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, refusals
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
@@ -66,6 +68,7 @@ class RunInputs:
     data_options: DataOptions
     output_dtype: str = "input"
     source: TensorFile | None = None  # the fine-tuned checkpoint a repair starts from
+    vocabulary: tuple[str, ...] | None = None  # generic concepts of the reference vocabulary (None: packaged)
 
     def fingerprint(self) -> str:
         identity = [self.stage, self.kind.name, self.kind.recorded_options(), self.kind.describe(),
@@ -73,6 +76,8 @@ class RunInputs:
                     self.held_out.manifest_sha256() if self.held_out else None, list(self.templates),
                     self.objective.as_dict(), self.config.as_dict(), self.backbone.visual_fingerprint,
                     self.backbone.text_fingerprint]
+        if self.vocabulary is not None:
+            identity.append(hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest())
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     def progress_file(self, out: Path) -> ProgressFile:
@@ -98,7 +103,8 @@ class RunInputs:
 
 def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
         on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
-    """Encode once, build the zero-shot term once, train, write ``out`` atomically with its record.
+    """Encode once, build the zero-shot term once, choose ``lam_zs`` if asked (``"auto"``), train, write ``out``
+    atomically with its record (the surrogate's build and lam_zs auto's curve in ``result``).
 
     A run that fails removes the progress file it created; an interrupted one (Ctrl-C, SIGTERM)
     keeps it for ``resume=True``.
@@ -111,10 +117,18 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
                    if inputs.held_out is not None else None)
         surrogate = _prepare_surrogate(inputs, train_set)
+        objective, choices = inputs.objective, {}
+        if surrogate is not None and getattr(surrogate, "stats", None):
+            choices["surrogate_build"] = surrogate.stats
         with seeded_run(inputs.config.seed, deterministic):
-            result = train(kind, inputs.objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
+            if objective.chooses_lam_zs:
+                chosen, choices["lam_zs_auto"] = choose_lam_zs(kind, objective, train_set, inputs.config, surrogate,
+                                                               vocabulary=inputs.vocabulary)
+                objective = replace(objective, lam_zs=chosen)
+            result = train(kind, objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
                            on_step=on_step, progress=progress, resume=resume)
-        record = inputs.record(result)
+        result.choices.update(choices)
+        record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
         path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources)
     except (KeyboardInterrupt, Terminated):
@@ -140,14 +154,14 @@ def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
                             inputs.backbone.text_fingerprint, list(dataset.classnames), list(inputs.templates),
                             dataset.file_hashes(), zero_shot.hexdigest()], default=str)
     return build_surrogate(objective.surrogate, kind, train_set, seed=inputs.config.seed, cache_key=cache_key,
-                           cache_dir=inputs.data_options.cache_dir)
+                           cache_dir=inputs.data_options.cache_dir, vocabulary=inputs.vocabulary)
 
 
 def resolve_surrogate(objective: Objective, kind: Kind) -> tuple[Objective, list[str]]:
     """The objective for this checkpoint: a surrogate it cannot use is refused by name (with the ones that
     work); when the caller named none and the kind's default cannot apply, another is used, with a note."""
     resolved = objective.for_kind(kind)
-    unsupported = kind.unsupported_surrogates()
+    unsupported = refusals(kind)
     if resolved.lam_zs == 0.0 or resolved.surrogate not in unsupported:
         return resolved, []
     reason = unsupported[resolved.surrogate]
@@ -193,8 +207,13 @@ def repair(
     resume: bool = False,
     deterministic: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
+    vocabulary: str | Path | None = None,
 ) -> RunOutcome:
     """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file.
+
+    ``objective.lam_zs="auto"`` chooses the zero-shot weight on held-out shots (:mod:`repair.train.select`);
+    ``vocabulary`` is a text file of generic concepts (one per line) replacing the packaged ImageNet names in
+    the reference vocabulary of ``fisher-vocab``, ``fisher-dense``, ``distill`` and ``lam_zs="auto"``.
 
     ``kind_options`` overrides the kind's options (``{"ctx_init": "a photo of a"}``); an option the
     detected kind does not have is refused. A checkpoint recorded for other classes than ``data_dir``'s
@@ -213,6 +232,7 @@ def repair(
                                  recorded_options=record.kind_options if record else None, overrides=kind_options)
         check_kind_output(cls, out, source, options, force, [finetuned])
         templates = load_templates(data_options.templates_file)
+        concepts = tuple(read_vocabulary(vocabulary)) if vocabulary is not None else None
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
         backbone = resolve_backbone(backbone, device, precision)
         check_record_backbone(record, backbone, finetuned)
@@ -220,7 +240,7 @@ def repair(
         check_class_list(record, dataset, finetuned, model, other_classes=other_classes)
         resolved, notes = resolve_surrogate(objective, model)
         inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), resolved,
-                           config, data_options, output_dtype, source)
+                           config, data_options, output_dtype, source, concepts)
         outcome = fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
         outcome.notes.extend(notes)
         return outcome
