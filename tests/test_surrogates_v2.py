@@ -1,0 +1,262 @@
+"""The zero-shot side beyond the diagonal: open-vocabulary, dense and K-FAC Fisher, distillation, lam_zs auto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from repair import DataOptions, repair as run_repair
+from repair.cli.app import app
+from repair.data.features import extract_features, load_pixels
+from repair.data.folders import scan_image_folder
+from repair.errors import UsageError
+from repair.kinds import CLIPFit, CoOpPrompts, LinearHead
+from repair.kinds.linear import LinearOptions
+from repair.train.curvature import (
+    fisher_dense,
+    fisher_diagonal,
+    packaged_vocabulary,
+    read_vocabulary,
+    reference_vocabulary,
+)
+from repair.train.loop import TrainConfig
+from repair.train.objective import Objective
+from repair.train.select import AUTO_GRID, AUTO_TOLERANCE
+from repair.train.surrogates import build_surrogate, refusals
+from repair.workflows.run import resolve_surrogate
+from tests.conftest import BASE, NOVEL
+
+TEMPLATES = ["a photo of a {}."]
+VOCAB = (*BASE, *NOVEL, "dog", "car", "tree")  # a small reference vocabulary keeps the text passes cheap
+runner = CliRunner()
+
+
+def features(backbone, image_dirs, shots=3):
+    dataset = scan_image_folder(image_dirs["train"]).few_shot(shots, seed=0)
+    return dataset, extract_features(backbone, dataset)
+
+
+def moved_prompt(backbone, classnames, seed=0):
+    kind = CoOpPrompts.zero_shot(backbone, classnames, TEMPLATES)
+    with torch.no_grad():
+        kind.ctx.add_(0.05 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(seed)))
+    return kind
+
+
+def linear_head(backbone, classnames, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(len(classnames), backbone.embed_dim, generator=generator)
+    return LinearHead(backbone, weight, torch.randn(len(classnames), generator=generator), classnames, TEMPLATES,
+                      LinearOptions(logit_scale=5.0))
+
+
+def assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), name
+
+
+# ----------------------------------------------------------------------------- per-example gradients
+
+
+@pytest.mark.parametrize("vocabulary", [None, VOCAB])
+def test_vmap_and_loop_fisher_agree_for_a_prompt(backbone, image_dirs, vocabulary):
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    before = kind.snapshot()
+    loop = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=vocabulary, method="loop")
+    vmapped = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=vocabulary, method="vmap")
+    assert float(loop["ctx"].abs().sum()) > 0
+    assert_same(loop, vmapped)
+    assert torch.equal(kind.ctx.detach(), before["ctx"])  # evaluated at w_zs, restored after
+
+
+def test_vmap_and_loop_fisher_agree_for_a_linear_head_and_clipfit(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    head = linear_head(backbone, dataset.classnames)
+    assert_same(fisher_diagonal(head, data, seed=1, method="loop"), fisher_diagonal(head, data, seed=1, method="vmap"))
+    pixels = load_pixels(backbone, dataset)
+    clipfit = CLIPFit.zero_shot(backbone, dataset.classnames, TEMPLATES)
+    loop = fisher_diagonal(clipfit, pixels, seed=1, chunk=4, vocabulary=VOCAB, method="loop")
+    auto = fisher_diagonal(clipfit, pixels, seed=1, chunk=4, vocabulary=VOCAB, method="auto")
+    assert_same(loop, auto, atol=1e-5)
+
+
+def test_auto_gradients_match_the_loop_on_hugging_face_and_batchnorm_towers(hf_backbone, cnn_backbone, image_dirs):
+    dataset, data = features(hf_backbone, image_dirs, shots=2)
+    prompt = CoOpPrompts(hf_backbone, 0.02 * torch.randn(2, hf_backbone.text_width,
+                                                         generator=torch.Generator().manual_seed(0)),
+                         dataset.classnames, TEMPLATES, ctx_init_words(hf_backbone))
+    assert_same(_fisher_at(prompt, data, "loop"), _fisher_at(prompt, data, "auto"))
+    dataset = scan_image_folder(image_dirs["train"]).few_shot(2, seed=0)
+    pixels = load_pixels(cnn_backbone, dataset)
+    clipfit = CLIPFit.zero_shot(cnn_backbone, dataset.classnames, TEMPLATES)
+    assert_same(fisher_diagonal(clipfit, pixels, seed=2, method="loop"),
+                fisher_diagonal(clipfit, pixels, seed=2, method="auto"), atol=1e-5)
+
+
+def ctx_init_words(backbone):
+    from repair.kinds.coop import CoOpOptions
+
+    return CoOpOptions(ctx_init="a photo")
+
+
+def _fisher_at(kind, data, method):
+    return fisher_diagonal(kind, data, seed=2, chunk=3, method=method)
+
+
+def test_an_unknown_gradient_method_is_refused(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    with pytest.raises(ValueError, match="vmap"):
+        fisher_diagonal(linear_head(backbone, dataset.classnames), data, method="jacobian")
+
+
+# ----------------------------------------------------------------------------- dense and K-FAC
+
+
+def test_the_dense_fishers_diagonal_is_the_diagonal_fisher(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    dense = fisher_dense(kind, data, seed=4, vocabulary=VOCAB)
+    diagonal = fisher_diagonal(kind, data, seed=4, vocabulary=VOCAB)
+    assert dense.shape == (kind.num_trainable(), kind.num_trainable())
+    assert torch.allclose(dense, dense.t(), atol=1e-7)
+    assert torch.allclose(dense.diagonal(), diagonal["ctx"].reshape(-1), atol=1e-7, rtol=1e-4)
+    assert float(dense.abs().sum() - dense.diagonal().abs().sum()) > 0  # it does carry off-diagonal curvature
+
+
+def test_kfac_equals_the_dense_fisher_for_one_sample_of_a_linear_head(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    one = type(data)(features=data.features[:1], labels=data.labels[:1])
+    head = linear_head(backbone, dataset.classnames)
+    kfac = build_surrogate("kfac", head, one, seed=5)
+    dense = build_surrogate("fisher-dense", head, one, seed=5)
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        head.load_values({name: value + torch.randn(value.shape, generator=generator)
+                          for name, value in head.zero_shot_values().items()})
+        output = head(data.features)
+        assert torch.allclose(kfac(head, output), dense(head, output), rtol=1e-4, atol=1e-6)
+    # and the matrices: G (x) A in the head's row-major [W | b] order is the dense Fisher, up to that order
+    factors = kfac.constants
+    matrix = torch.kron(factors["G"], factors["A"])
+    classes, width = head.weight.shape
+    order = [c * (width + 1) + j for c in range(classes) for j in range(width)] + \
+            [c * (width + 1) + width for c in range(classes)]
+    assert torch.allclose(matrix[order][:, order], dense.constants["dense"], atol=1e-6, rtol=1e-4)
+
+
+def test_the_dense_fisher_and_kfac_refuse_kinds_they_cannot_take_in_one_line(backbone, image_dirs):
+    dataset, _ = features(backbone, image_dirs)
+    prompt = moved_prompt(backbone, dataset.classnames)
+    with pytest.raises(UsageError, match="--surrogate kfac does not apply.*linear head.*use --surrogate feature or"):
+        resolve_surrogate(Objective(surrogate="kfac", lam_zs=1.0), prompt)
+    assert "fisher-dense" not in refusals(prompt) and "kfac" in refusals(prompt)
+    big = CoOpPrompts(backbone, torch.zeros(len(dataset.classnames), 70, backbone.text_width), dataset.classnames,
+                      TEMPLATES)
+    assert "8,192" in refusals(big)["fisher-dense"]  # more than DENSE_LIMIT numbers (and no zero-shot point)
+    random_init = CoOpPrompts(backbone, torch.zeros(7, backbone.text_width), dataset.classnames, TEMPLATES)
+    assert {"fisher", "fisher-vocab", "distill", "l2"} <= set(refusals(random_init))
+
+
+# ----------------------------------------------------------------------------- vocabulary and distillation
+
+
+def test_the_reference_vocabulary_puts_the_repair_classes_first(tmp_path):
+    packaged = packaged_vocabulary()
+    assert len(packaged) == len(set(packaged)) >= 990 and "goldfish" in packaged
+    vocabulary = reference_vocabulary(["goldfish", "blue"])
+    assert vocabulary[:2] == ("goldfish", "blue") and vocabulary.count("goldfish") == 1
+    path = tmp_path / "concepts.txt"
+    path.write_text("# generic\ndog\n\ncar\ndog\n")
+    assert read_vocabulary(path) == ["dog", "car"]
+    assert reference_vocabulary(["red"], read_vocabulary(path)) == ("red", "dog", "car")
+
+
+def test_distillation_is_zero_at_w_zs_and_pulls_back_to_it(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    surrogate = build_surrogate("distill", kind, data, seed=0, vocabulary=VOCAB[len(BASE):])
+    assert surrogate.constants["log_p_zs"].shape == (len(data), len(VOCAB))
+    assert surrogate.stats["vocabulary"]["classes"] == len(VOCAB)
+    moved = surrogate(kind, kind(data.features))
+    assert float(moved.detach()) > 0
+    (grad,) = torch.autograd.grad(moved, [kind.ctx])
+    assert float((grad * (kind.ctx.detach() - kind.zero_shot_values()["ctx"])).sum()) > 0  # descent heads to w_zs
+    kind.load_values(kind.zero_shot_values())
+    assert abs(float(surrogate(kind, kind(data.features)))) < 1e-6
+
+
+def test_open_vocabulary_terms_on_a_linear_head_use_its_own_classes(backbone, image_dirs):
+    dataset, data = features(backbone, image_dirs)
+    head = linear_head(backbone, dataset.classnames)
+    surrogate = build_surrogate("fisher-vocab", head, data, seed=0)
+    assert surrogate.stats["vocabulary"] == {"classes": len(dataset.classnames), "scope": "the repair classes"}
+    assert_same(surrogate.fisher, fisher_diagonal(head, data, seed=0))
+
+
+def test_new_surrogates_are_cached_on_disk_per_surrogate(backbone, image_dirs, tmp_path):
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    first = build_surrogate("fisher-dense", kind, data, cache_key="k", cache_dir=tmp_path, vocabulary=VOCAB)
+    again = build_surrogate("fisher-dense", kind, data, cache_key="k", cache_dir=tmp_path, vocabulary=VOCAB)
+    assert not first.stats["from_cache"] and again.stats["from_cache"]
+    assert torch.equal(first.constants["dense"], again.constants["dense"])
+    other = build_surrogate("fisher-dense", kind, data, cache_key="k", cache_dir=tmp_path, vocabulary=VOCAB[:-1])
+    assert not other.stats["from_cache"]  # another vocabulary is another entry
+    assert len(list((tmp_path / "fisher").glob("*.safetensors"))) == 2
+
+
+# ----------------------------------------------------------------------------- lam_zs auto
+
+
+def test_lam_zs_auto_picks_on_held_out_shots_and_records_the_curve(tmp_path, backbone, image_dirs):
+    from safetensors.torch import save_file
+
+    dataset = scan_image_folder(image_dirs["train"])
+    weight = torch.randn(len(dataset.classnames), backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    ft = tmp_path / "head.safetensors"
+    save_file({"weight": weight, "bias": torch.zeros(len(dataset.classnames))}, ft)
+    outcome = run_repair(ft, image_dirs["train"], tmp_path / "fixed.safetensors", backbone=backbone,
+                         objective=Objective(lam_zs="auto", surrogate="kfac"), config=TrainConfig(epochs=2, batch_size=8),
+                         data_options=DataOptions(shots=8), kind="linear")
+    record = outcome.record
+    auto = record.result["lam_zs_auto"]
+    assert [point["lam_zs"] for point in auto["curve"]] == list(AUTO_GRID)
+    eligible = [p for p in auto["curve"] if p["base_accuracy"] >= auto["finetuned_base_accuracy"] - AUTO_TOLERANCE]
+    best = max(eligible, key=lambda p: (p["zero_shot_agreement"], p["lam_zs"])) if eligible else {"lam_zs": 0.0}
+    assert record.objective["lam_zs"] == auto["chosen"] == best["lam_zs"]
+    assert auto["held_out_images"] == 2 * len(dataset.classnames)  # a quarter of 8 shots per class
+    assert record.result["surrogate_build"]["surrogate"] == "kfac"
+
+
+def test_lam_zs_auto_on_the_command_line_and_its_one_line_errors(tmp_path, tiny_spec, image_dirs):
+    from safetensors.torch import save_file
+
+    prompt = tmp_path / "prompt.safetensors"
+    save_file({"ctx": 0.02 * torch.randn(4, 32, generator=torch.Generator().manual_seed(0))}, prompt)
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("dog\ncar\n")
+    common = ["--data", image_dirs["train"], "--model", tiny_spec.model, "--shots", "4", "--epochs", "1",
+              "--batch-size", "16"]
+    bad = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", tmp_path / "x.safetensors", *common,
+                                               "--lam-zs", "strong"]])
+    assert bad.exit_code == 2 and "strong" in bad.output and "auto" in bad.output
+    assert "Traceback" not in bad.output
+    missing = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", tmp_path / "y.safetensors", *common,
+                                                   "--vocabulary", tmp_path / "nowhere.txt"]])
+    assert missing.exit_code == 6 and len(missing.output.strip().splitlines()) == 1, missing.output
+    out = tmp_path / "fixed.safetensors"
+    good = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", out, *common, "--lam-zs", "auto",
+                                                "--surrogate", "distill", "--vocabulary", concepts,
+                                                "--ctx-init", "a photo of a", "--json"]])
+    assert good.exit_code == 0, good.output
+    record = json.loads(good.stdout)
+    assert record["objective"]["lam_zs"] == record["result"]["lam_zs_auto"]["chosen"]
+    assert record["result"]["lam_zs_auto"]["agreement_classes"] == len(BASE) + 2
+    assert record["result"]["surrogate_build"]["vocabulary"]["classes"] == len(BASE) + 2
+    again = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", out, *common, "--lam-zs", "auto"]])
+    assert again.exit_code == 8  # never overwrites without --force
