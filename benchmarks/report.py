@@ -165,16 +165,21 @@ def bench_markdown(bench: dict[str, object]) -> str:
              "the same images encoded by the same encoder). "
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
              "Protocol per kind (repair runs the same schedule from the fine-tuned checkpoint):", "",
-             "| kind | epochs | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]
+             "| kind | schedule | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]
     for kind, p in plan["protocol"].items():
         lams = ", ".join(f"{name} {value:g}" for name, value in p["lam_zs"].items())
-        lines.append(f"| {kind} | {p['epochs']} | {p['lr']} | {p['batch_size']} | {p['shots']} | {lams} | "
+        schedule = f"{p['steps']} steps" if p.get("steps") else f"{p['epochs']} epochs"
+        lines.append(f"| {kind} | {schedule} | {p['lr']} | {p['batch_size']} | {p['shots']} | {lams} | "
                      f"{p['lam_lmc']} |")
     lines.append("")
     if proxy:
         lines += ["Proxy CLIP zero-shot (clean images, one template): " + ", ".join(
             f"{name} {value:.1f}" for name, value in proxy["zero_shot"].items())
-            + f"; pretrained in {proxy['stats']['train_s'] / 60:.1f} min.", ""]
+            + f"; heads aligned in {proxy['stats']['train_s'] / 60:.1f} min.", ""]
+    left_out = plan.get("left_out") or []
+    if left_out:
+        lines += ["Left out for cost (`--include-left-out` runs them): " +
+                  ", ".join(f"{kind_title(kind)} on {where}" for where, kind in left_out) + ".", ""]
     lines += ["HM in % (mean over seeds); the best repair of each task in bold:", ""]
     lines += summary_markdown(bench) + ["", "![HM per method](results/hm.png)", ""]
     lines += base_to_novel_markdown(bench) + shifted_markdown(bench, "domain") + shifted_markdown(bench, "robustness")
