@@ -1,7 +1,7 @@
 """Choose lam_zs per kind and surrogate on the validation split (never the test set).
 
 Fine-tunes once per seed, repairs that checkpoint with every (surrogate, lam_zs) of the grid,
-and prints the mean validation base / novel / HM. The chosen values go into ``run.PROTOCOL``.
+and prints the mean validation base / novel / HM. The chosen values go into ``run.SCRATCH_PROTOCOL`` (the sweep runs the scratch proxy's protocol).
 
     python -m benchmarks.lam_sweep coop cifar10 --grid feature=3,10,30 fisher=2,5,10 l2=1,5
     python -m benchmarks.lam_sweep linear cifar10 --suite robustness --grid l2=1,5
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.proxy import ProxyConfig, ensure_proxy
-from benchmarks.run import DEFAULT_DATA_ROOT, PROTOCOL, fit_and_repair
+from benchmarks.run import DEFAULT_DATA_ROOT, SCRATCH_PROTOCOL as PROTOCOL, fit_and_repair
 from benchmarks.splits import missing_datasets
 from benchmarks.tasks import Sizes, base_to_novel_task, robustness_task
 from repair import evaluate
