@@ -20,6 +20,7 @@ reference, also used by the tests) gives the same numbers.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -158,7 +159,10 @@ def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tenso
         x, y = images[start:start + chunk], labels[start:start + chunk].to(images.device)
         if use_vmap:
             try:
-                yield _vmap_grads(scores, x, y)
+                with warnings.catch_warnings():  # torch's note that CPU attention has no batching rule yet
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                    grads = _vmap_grads(scores, x, y)
+                yield grads
                 continue
             except Exception as exc:  # noqa: BLE001 - any tracing failure: the loop gives the same numbers
                 if method == "vmap":

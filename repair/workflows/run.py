@@ -119,7 +119,9 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         surrogate = _prepare_surrogate(inputs, train_set)
         objective, choices = inputs.objective, {}
         if surrogate is not None and getattr(surrogate, "stats", None):
-            choices["surrogate_build"] = surrogate.stats
+            # only what the inputs decide: the build time and a cache hit differ between identical runs
+            choices["surrogate_build"] = {key: value for key, value in surrogate.stats.items()
+                                          if key not in ("seconds", "from_cache")}
         with seeded_run(inputs.config.seed, deterministic):
             if objective.chooses_lam_zs:
                 chosen, choices["lam_zs_auto"] = choose_lam_zs(kind, objective, train_set, inputs.config, surrogate,
