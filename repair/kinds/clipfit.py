@@ -22,7 +22,8 @@ from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
 from repair.kinds.base import logit_scale_option, model_key, option
-from repair.model.backbone import Backbone, ImageEncoder
+from repair.model.backbone import Backbone, ImageEncoder, TemplatePrompts
+from repair.model.shared_prefix import CLASS_CHUNK
 
 # By name alone (detection and inspect, without a model): each text block's feed-forward output bias
 # (CLIP: mlp.c_proj; BERT-like Hugging Face towers: output.dense) and image normalisation layers.
@@ -64,6 +65,9 @@ class CLIPFit(Kind):
         trained_tensors="`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm (any wrapper prefix)",
         scores_unseen_classes=True)  # its text tower encodes any class name
     defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # README "Defaults"
+    shared_prefix: bool = True  # each template's words before the class encoded once (repair.model.shared_prefix)
+    text_chunk_size: int | None = CLASS_CHUNK  # classes per checkpointed text chunk; None: all at once
+    cache_ft_images: bool = True  # the path term's image features at w_ft: computed once per image
 
     def __init__(self, backbone: Backbone, values: dict[str, torch.Tensor], classnames: Sequence[str],
                  templates: Sequence[str], options: CLIPFitOptions | None = None, *, file_keys: dict[str, str] | None = None,
@@ -85,7 +89,8 @@ class CLIPFit(Kind):
         self.ft = {name: values[name].detach().to(backbone.device, torch.float32).clone() for name in names}
         self.zs = {name: pretrained[name].detach().float().clone() for name in names}
         self.tuned = [name for name in names if not torch.equal(self.ft[name], self.zs[name])]
-        self._prompts: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompts: dict[tuple[tuple[str, ...], bool], list[TemplatePrompts]] = {}
+        self._ft_images: dict[bytes, torch.Tensor] = {}  # image content digest -> normalised feature at w_ft
         with torch.no_grad():
             self.ft_text = self._class_features(self.ft, self.classnames)
             self.zs_text = backbone.zero_shot_classifier(self.classnames, self.templates)
@@ -142,20 +147,18 @@ class CLIPFit(Kind):
         image = {name.removeprefix("visual."): v for name, v in values.items() if name.startswith("visual.")}
         return text, image
 
-    def _tokens(self, classnames: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(classnames)
+    def _prompts_for(self, classnames: Sequence[str]) -> list[TemplatePrompts]:
+        """Each template's captions of these classes as token ids: built once per class list."""
+        key = (tuple(classnames), self.shared_prefix)
         if key not in self._prompts:
-            captions = [template.format(name) for name in key for template in self.templates]
-            self._prompts[key] = self.backbone.text.cut(self.backbone.tokenize(captions))
+            self._prompts[key] = self.backbone.template_prompts(key[0], self.templates, share_prefixes=key[1])
         return self._prompts[key]
 
     def _class_features(self, values: dict[str, torch.Tensor], classnames: Sequence[str]) -> torch.Tensor:
         """[C, E] normalised template-mean class features with the given text biases."""
         text_params, _ = self._split(values)
-        tokens, pooling = self._tokens(classnames)
-        text = self.backbone.text
-        features = text.encode_embeddings(text.embed(tokens), pooling, text_params).float()
-        features = F.normalize(features, dim=-1).view(len(classnames), len(self.templates), -1)
+        features = self.backbone.encode_template_prompts(self._prompts_for(classnames), text_params,
+                                                         self.text_chunk_size)
         return F.normalize(features.mean(dim=1), dim=-1)
 
     def _image_features(self, values: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
@@ -194,12 +197,28 @@ class CLIPFit(Kind):
 
     def _feature_path(self, pixels: torch.Tensor, images: torch.Tensor, text: torch.Tensor,
                       path_ts: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            images_ft = self._image_features(self.ft, pixels)
+        images_ft = self._finetuned_image_features(pixels)
         ts = path_ts.to(images).view(-1, 1, 1)
         path_images = F.normalize(images_ft + ts * (images - images_ft), dim=-1)
         path_text = F.normalize(self.ft_text + ts * (text - self.ft_text), dim=-1)
         return self.scale * torch.einsum("kbe,kce->kbc", path_images, path_text)
+
+    def _finetuned_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features at ``w_ft``: constants of the path term, so each image is encoded once per run.
+
+        Keyed by the pixels' content, so the same image in another batch (or augmented
+        differently) is never confused with another; only new images run through the tower.
+        """
+        if not self.cache_ft_images:
+            with torch.no_grad():
+                return self._image_features(self.ft, pixels)
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixels.detach()]
+        missing = [row for row, key in enumerate(keys) if key not in self._ft_images]
+        if missing:
+            with torch.no_grad():
+                computed = self._image_features(self.ft, pixels[missing])
+            self._ft_images.update((keys[row], feature) for row, feature in zip(missing, computed))
+        return torch.stack([self._ft_images[key] for key in keys])
 
     def _weight_path(self, pixels: torch.Tensor, values: dict[str, torch.Tensor],
                      path_ts: torch.Tensor) -> torch.Tensor:

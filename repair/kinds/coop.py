@@ -29,6 +29,7 @@ from repair.io import TensorFile
 from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
 from repair.kinds.base import logit_scale_option, option
 from repair.model.backbone import Backbone
+from repair.model.shared_prefix import CLASS_CHUNK
 
 DEFAULT_CTX_INIT = "a photo of a"
 PLACEHOLDER = "X"
@@ -157,6 +158,8 @@ class CoOpPrompts(Kind):
         title="CoOp", description="CoOp soft prompt", trained_tensors="`ctx` [n_ctx, width] or [n_cls, n_ctx, width]",
         scores_unseen_classes=True)  # a shared context prompts any class name (class-specific ones: see can_score)
     defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=10.0)  # README "Defaults"
+    shared_prefix: bool = True  # encode [SOS][ctx] once for all classes (exact; see repair.model.shared_prefix)
+    text_chunk_size: int | None = CLASS_CHUNK  # classes per checkpointed text chunk; None: all at once
 
     def __init__(self, backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str],
                  templates: Sequence[str], options: CoOpOptions | None = None, *, ctx_key: str = "ctx") -> None:
@@ -240,12 +243,20 @@ class CoOpPrompts(Kind):
 
     def _text_features(self, ctx: torch.Tensor, bank: PromptBank) -> torch.Tensor:
         """Normalised class features for one or a stack of contexts: [..., C, E]."""
+        text = self.backbone.text
+        if self.shared_prefix and not self.class_specific and bank.order is None:
+            leading = ctx.shape[:-2]  # [SOS][ctx] is the same for every class: the tower may encode it once
+            contexts = ctx.reshape(-1, *ctx.shape[-2:])
+            start = bank.prefix[:1].expand(len(contexts), -1, -1).to(contexts)
+            features = text.encode_prompts(torch.cat([start, contexts], dim=1), bank.suffix, bank.pooling,
+                                           chunk_size=self.text_chunk_size).float()
+            return F.normalize(features, dim=-1).reshape(*leading, bank.num_classes, -1)
         prompts = bank.assemble(ctx, self.class_specific)
         leading = prompts.shape[:-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         repeats = flat.shape[0] // bank.num_classes
         pooling = bank.pooling.repeat(repeats, *([1] * (bank.pooling.dim() - 1)))
-        features = self.backbone.text.encode_embeddings(flat, pooling).float()
+        features = text.encode_rows(flat, pooling, chunk_size=self.text_chunk_size).float()
         return F.normalize(features, dim=-1).reshape(*leading, bank.num_classes, -1)
 
     def class_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError, InputFileError, MergetuneError, WeightsUnavailableError
+from repair.model.shared_prefix import CLASS_CHUNK, common_prefix_length, encode_shared_prefix, in_class_chunks
+from repair.model.shared_prefix import supports_shared_prefix
 from repair.record import BackboneIdentity
 
 RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
@@ -142,9 +145,30 @@ class Backbone:
     @torch.no_grad()
     def zero_shot_classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """[n_cls, embed_dim] class features: the normalised mean over templates, as in CLIP."""
-        captions = [template.format(name) for name in classnames for template in templates]
-        features = self.encode_texts(captions).view(len(classnames), len(templates), -1)
+        features = self.encode_template_prompts(self.template_prompts(classnames, templates))
         return F.normalize(features.mean(dim=1), dim=-1)
+
+    def template_prompts(self, classnames: Sequence[str], templates: Sequence[str],
+                         share_prefixes: bool = True) -> list[TemplatePrompts]:
+        """Every template's captions of these classes, split where they stop sharing tokens."""
+        prompts = []
+        for template in templates:
+            tokens, pooling = self.text.cut(self.tokenize([template.format(name) for name in classnames]))
+            shared = self.text.shared_prefix_length(tokens, pooling) if share_prefixes else 0
+            prompts.append(TemplatePrompts(tokens[:1, :shared], tokens[:, shared:], pooling))
+        return prompts
+
+    def encode_template_prompts(self, prompts: Sequence[TemplatePrompts],
+                                parameters: dict[str, torch.Tensor] | None = None,
+                                chunk_size: int | None = CLASS_CHUNK) -> torch.Tensor:
+        """[C, T, embed_dim] normalised caption features, each template's shared words encoded once.
+
+        ``parameters`` replaces text-tower tensors (names relative to ``text.module``), as CLIPFit needs.
+        """
+        text = self.text
+        features = [text.encode_prompts(text.embed(template.prefix), text.embed(template.suffix), template.pooling,
+                                        parameters, chunk_size)[0] for template in prompts]
+        return F.normalize(torch.stack(features, dim=1).float(), dim=-1)
 
     @property
     def image_encoder(self) -> ImageEncoder:
@@ -165,6 +189,14 @@ class ImageEncoder:
 
     fingerprint: str
     encode: Callable[[torch.Tensor], torch.Tensor]
+
+
+class TemplatePrompts(NamedTuple):
+    """One template's captions of a class list as token ids, split where they stop sharing tokens."""
+
+    prefix: torch.Tensor  # [1, P] the ids every caption starts with (none for a bidirectional tower)
+    suffix: torch.Tensor  # [C, S] each caption's remaining ids
+    pooling: torch.Tensor  # what the tower pools the whole [C, P + S] captions with
 
 
 class TextTower:
@@ -197,6 +229,33 @@ class TextTower:
         """Names (in ``module``) of each block's feed-forward output bias: CLIPFit's text side."""
         ...
 
+    def shared_prefix_length(self, tokens: torch.Tensor, pooling: torch.Tensor) -> int:
+        """How many leading positions of these (cut) prompts :meth:`encode_prompts` may encode once: 0 here,
+        since a bidirectional tower's prefix states depend on what follows."""
+        return 0
+
+    def encode_prompts(self, prefix: torch.Tensor, suffix: torch.Tensor, pooling: torch.Tensor,
+                       parameters: dict[str, torch.Tensor] | None = None,
+                       chunk_size: int | None = CLASS_CHUNK) -> torch.Tensor:
+        """Features of every prompt ``cat(prefix[g], suffix[c])``: [G, C, output_dim], unnormalised.
+
+        ``pooling`` is what :meth:`encode_embeddings` takes for the C whole prompts. This plain
+        version concatenates; the native causal tower encodes the prefix once instead.
+        """
+        groups, classes = prefix.shape[0], suffix.shape[0]
+        prompts = torch.cat([prefix.unsqueeze(1).expand(-1, classes, -1, -1),
+                             suffix.unsqueeze(0).expand(groups, -1, -1, -1)], dim=2).flatten(0, 1)
+        features = self.encode_rows(prompts, pooling.repeat(groups, *([1] * (pooling.dim() - 1))), parameters,
+                                    chunk_size)
+        return features.unflatten(0, (groups, classes))
+
+    def encode_rows(self, embeddings: torch.Tensor, pooling: torch.Tensor,
+                    parameters: dict[str, torch.Tensor] | None = None,
+                    chunk_size: int | None = CLASS_CHUNK) -> torch.Tensor:
+        """:meth:`encode_embeddings` in chunks of rows (checkpointed under autograd), so memory stays bounded."""
+        return in_class_chunks(lambda rows, rows_pooling: self.encode_embeddings(rows, rows_pooling, parameters),
+                               embeddings, pooling, chunk_size)
+
 
 class NativeTextTower(TextTower):
     """open_clip's own CLIP text transformer: causal, pooled at the end-of-text token."""
@@ -228,6 +287,22 @@ class NativeTextTower(TextTower):
     def ffn_output_biases(self) -> list[str]:
         return [name for name, _ in self.module.named_parameters()
                 if re.fullmatch(r"resblocks\.\d+\.mlp\.c_proj\.bias", name)]
+
+    @cached_property
+    def shares_prefixes(self) -> bool:
+        return supports_shared_prefix(self.model)
+
+    def shared_prefix_length(self, tokens: torch.Tensor, pooling: torch.Tensor) -> int:
+        if not self.shares_prefixes:
+            return 0
+        return min(common_prefix_length(tokens), int(pooling.min()))  # every end-of-text stays in a suffix
+
+    def encode_prompts(self, prefix: torch.Tensor, suffix: torch.Tensor, pooling: torch.Tensor,
+                       parameters: dict[str, torch.Tensor] | None = None,
+                       chunk_size: int | None = CLASS_CHUNK) -> torch.Tensor:
+        if not self.shares_prefixes or prefix.shape[1] == 0:
+            return super().encode_prompts(prefix, suffix, pooling, parameters, chunk_size)
+        return encode_shared_prefix(self.model, prefix, suffix, pooling - prefix.shape[1], parameters, chunk_size)
 
 
 class HFTextTower(TextTower):
