@@ -151,11 +151,11 @@ class LinearHead(Kind):
     def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
         logits = self.scale * inputs @ self.weight.t() + self.bias
         path_logits = None
-        if path_ts is not None:
+        if path_ts is not None:  # logits are linear in (W, b): along the path they interpolate the endpoints'
+            with torch.no_grad():
+                logits_ft = self.scale * inputs @ self.weight_ft.t() + self.bias_ft
             ts = path_ts.to(inputs).view(-1, 1, 1)
-            weights = self.weight_ft + ts * (self.weight - self.weight_ft)
-            biases = self.bias_ft + ts[:, :, 0] * (self.bias - self.bias_ft)
-            path_logits = self.scale * torch.einsum("bd,kcd->kbc", inputs, weights) + biases[:, None, :]
+            path_logits = logits_ft + ts * (logits - logits_ft)
         return KindOutput(logits=logits, path_logits=path_logits, class_features=F.normalize(self.weight, dim=-1))
 
     def logits_for(self, features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
