@@ -85,6 +85,10 @@ class TowersConfig:
     # keep every ImageNet name in the KL's label space (False: drop the names of novel classes and their
     # kinds too; measured: Caltech-101 novel 22 % instead of 37 %, Tiny-ImageNet novel 9 % instead of 21 %)
     distill_all_names: bool = True
+    # which pictures carry captions in the contrastive term: "benchmark" (the CIFAR-10 and Tiny-ImageNet
+    # base classes' pretrain files) or "imagenet" (only the imagenet_samples pictures; the benchmark's
+    # base images are then distillation-only, so 16 shots of a base class have something to teach)
+    captions: str = "benchmark"
     min_logit_scale: float = 10.0
     max_logit_scale: float = 100.0
     seed: int = 0
@@ -489,6 +493,20 @@ def near_duplicates(candidates: torch.Tensor, references: torch.Tensor, threshol
 # --------------------------------------------------------------------------- build
 
 
+def caption_classes(data_root: Path, files: dict[str, dict[str, list[Path]]], config: TowersConfig
+                    ) -> tuple[list[str], list[list[str]] | None]:
+    """The contrastive term's classes, and their caption names (None: each class's own synonyms)."""
+    if config.captions == "benchmark":
+        return list(files["contrastive"]), None
+    if config.captions != "imagenet":
+        raise ValueError(f"captions must be 'benchmark' or 'imagenet', not {config.captions!r}")
+    imagenet = json.loads((data_root / "imagenet_samples" / "classes.json").read_text())
+    index_of = {entry["wnid"]: entry["index"] for entry in imagenet}
+    names = imagenet_names()
+    classes = [name for name in files["distill"] if name.startswith("imagenet:")]
+    return classes, [[names[index_of[name.split(":", 1)[1]]]] for name in classes]
+
+
 def input_fingerprint(data_root: Path, config: TowersConfig) -> str:
     """Code and split versions, config, weight packages and every dataset manifest the proxy reads."""
     digest = hashlib.sha256(json.dumps({"version": TOWERS_VERSION, "splits": splits.SPLITS_VERSION,
@@ -512,8 +530,8 @@ def build(data_root: Path, out: Path, config: TowersConfig, fingerprint: str = "
     limit = config.per_class_limit
 
     files = splits.alignment_files(data_root)
-    contrastive_names = list(files["contrastive"])
     distill_paths, distill_labels, distill_names = flatten(files["distill"], limit)
+    contrastive_names, caption_groups = caption_classes(data_root, files, config)
     label_of = {name: index for index, name in enumerate(contrastive_names)}
     labels = torch.tensor([label_of.get(distill_names[label], -1) for label in distill_labels])
     feats, teacher = trunk_features(trunk, distill_paths, data_root, config.image_size, cache, log)
@@ -535,7 +553,8 @@ def build(data_root: Path, out: Path, config: TowersConfig, fingerprint: str = "
     encoder = TextEncoder(config.context_length)
     synonyms = class_synonyms(data_root)
     templates = ALIGN_TEMPLATES[:config.templates]
-    class_text = template_features(encoder, [synonyms.get(n, [n]) for n in contrastive_names], cache, templates)
+    class_text = template_features(encoder, caption_groups or [synonyms.get(n, [n]) for n in contrastive_names],
+                                   cache, templates)
     imagenet_text = template_features(encoder, [[n] for n in imagenet_names()], cache, templates)
     conflicts = splits.novel_conflicts(data_root)
     keep = torch.tensor([config.distill_all_names or i not in conflicts for i in range(1000)])
@@ -643,12 +662,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=TowersConfig.epochs)
     parser.add_argument("--per-class-limit", type=int, default=None)
+    parser.add_argument("--captions", choices=("benchmark", "imagenet"), default=TowersConfig.captions,
+                        help="which pictures carry captions in the contrastive term (TowersConfig.captions)")
     args = parser.parse_args(argv)
     missing = splits.missing_datasets(args.data_root, ("cifar10", "tiny_imagenet", "caltech101", "pacs",
                                                        "imagenet_samples"))
     if missing:
         parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
-    config = replace(TowersConfig(), epochs=args.epochs, per_class_limit=args.per_class_limit)
+    config = replace(TowersConfig(), epochs=args.epochs, per_class_limit=args.per_class_limit, captions=args.captions)
     print(ensure_towers(args.data_root, args.out.expanduser().resolve(), config))
 
 

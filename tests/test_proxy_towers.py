@@ -133,6 +133,19 @@ def test_alignment_never_sees_evaluation_files_or_novel_classes():
 
 
 @needs_data
+def test_imagenet_captions_leave_the_benchmark_base_classes_uncaptioned():
+    files = splits.alignment_files(DATA_ROOT)
+    classes, captions = towers.caption_classes(DATA_ROOT, files, towers.TowersConfig(captions="imagenet"))
+    assert classes and all(name.startswith("imagenet:") for name in classes)
+    assert set(classes) <= set(files["distill"])  # the same pictures, so the same disjointness
+    names = set(towers.imagenet_names())
+    assert len(captions) == len(classes) and all(group[0] in names for group in captions)
+    assert towers.caption_classes(DATA_ROOT, files, towers.TowersConfig()) == (list(files["contrastive"]), None)
+    with pytest.raises(ValueError, match="captions must be"):
+        towers.caption_classes(DATA_ROOT, files, towers.TowersConfig(captions="all"))
+
+
+@needs_data
 def test_cross_dataset_collisions_are_excluded():
     """Tiny-ImageNet base classes that are CIFAR/Caltech novel concepts never reach the alignment."""
     contrastive = splits.alignment_files(DATA_ROOT)["contrastive"]
