@@ -1,22 +1,31 @@
-"""``mergetune eval --nproc N``: the same command as N ranks under torchrun on this machine.
+"""``mergetune eval --nproc N``: the same command as N ranks under torchrun, on one machine or several.
 
-``python -m repair.cli.launch ARGS`` is one rank of ``mergetune ARGS``. It initialises the
-process group, keeps ranks other than 0 quiet and records each rank's exit code, because
-torchrun itself turns every failure into exit 1 and a traceback, which would break the
-documented exit codes (a failed gate must still exit 11).
+Under torchrun, ``python -m repair.cli.launch ARGS`` is one rank of ``mergetune ARGS``. It
+initialises the process group, keeps ranks other than 0 quiet and records each rank's exit
+code, because torchrun itself turns every failure into exit 1 and a traceback, which would
+break the documented exit codes (a failed gate must still exit 11).
+
+Started by hand, ``python -m repair.cli.launch TORCHRUN_OPTIONS -- ARGS`` is one machine's
+share of a multi-machine run: it starts torchrun with those options (``--nnodes``,
+``--rdzv-endpoint``, ...) and exits with the documented code, as ``--nproc`` does locally.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from repair.data.group import init_from_env, rank_and_world
-from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED
+from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 
 LAUNCH_DIR_ENV = "MERGETUNE_LAUNCH_DIR"  # set by launch(): where ranks leave exit codes and logs
 
@@ -29,19 +38,65 @@ def launch(nproc: int, argv: list[str]) -> int:
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
+    options = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    return _run_torchrun(options, argv, nproc)
+
+
+def launch_node(argv: list[str]) -> int:
+    """``python -m repair.cli.launch TORCHRUN_OPTIONS -- ARGS``: this machine's ranks of a multi-machine run.
+
+    Every machine runs the same line (its own ``--node-rank`` with a static rendezvous). The machine
+    holding rank 0 prints the report; each machine exits with the code its ranks recorded.
+    """
+    options, command = _split_at_separator(argv)
+    return _run_torchrun(options, command, _processes_per_node(options))
+
+
+def _run_torchrun(options: list[str], argv: list[str], nproc: int) -> int:
+    """torchrun OPTIONS -m repair.cli.launch ARGV, its ranks' exit codes collected in a folder of this machine."""
     with tempfile.TemporaryDirectory(prefix="mergetune-launch-") as folder:
         env = {**os.environ, LAUNCH_DIR_ENV: folder}
         # torchrun would otherwise pin every rank to one thread, and say so on stderr
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                   "-m", "repair.cli.launch", *argv]
-        with subprocess.Popen(command, env=env) as process:
+        command = [sys.executable, "-m", "torch.distributed.run", *options, "-m", "repair.cli.launch", *argv]
+        with subprocess.Popen(command, env=env) as process, _passing_sigterm_to(process):
             try:
                 returncode = process.wait()
             except KeyboardInterrupt:  # the ranks got the same Ctrl-C: let torchrun wind them down
                 returncode = process.wait()
-        return _exit_code(Path(folder), nproc, returncode)
+        return _exit_code(Path(folder), returncode)
+
+
+@contextlib.contextmanager
+def _passing_sigterm_to(process: subprocess.Popen) -> Iterator[None]:
+    """While torchrun runs, a SIGTERM for us goes to it: it stops the ranks, which record 143, rather
+    than this process dying alone and leaving them running."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be set there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _split_at_separator(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``TORCHRUN_OPTIONS -- ARGS`` -> (options, args); a bare ``--`` keeps option values and
+    command names apart (``--rdzv-id eval`` stays an option)."""
+    if "--" not in argv:
+        raise ValueError("expected TORCHRUN_OPTIONS -- COMMAND ARGS")
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def _processes_per_node(options: list[str]) -> int:
+    """``--nproc-per-node`` among torchrun's options, to share the cores; 1 (torchrun's default)
+    when absent or not a number (``auto``, ``gpu``)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--nproc-per-node", "--nproc_per_node", default="1")
+    value = parser.parse_known_args(options)[0].nproc_per_node
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def _free_port() -> int:
@@ -50,21 +105,34 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _exit_code(folder: Path, nproc: int, returncode: int) -> int:
+def _exit_code(folder: Path, returncode: int) -> int:
+    """Rank 0's recorded code, unless it only crashed (exit 1) because another rank stopped with a
+    refusal of its own (its connection closed); else the first failing rank's, with its log; else torchrun's.
+
+    Ranks record under their global rank, so on a machine without rank 0 (``rank2.exit``,
+    ``rank3.exit`` ...) the code is still that of the ranks there.
+    """
+    failed = {rank: code for rank, code in _recorded_codes(folder).items() if code}
+    refusals = [rank for rank, code in failed.items() if code != EXIT_INTERNAL]
+    if 0 in failed and (failed[0] != EXIT_INTERNAL or not refusals):
+        return failed[0]  # rank 0 explained it itself
+    if not failed:
+        return returncode
+    cause = refusals[0] if refusals else next(iter(failed))
+    log = folder / f"rank{cause}.log"
+    if log.is_file():
+        sys.stderr.write(f"rank {cause} failed:\n{log.read_text(errors='replace')}")
+    return failed[cause]
+
+
+def _recorded_codes(folder: Path) -> dict[int, int]:
+    """{global rank: exit code} of the ranks that recorded one here, in rank order."""
     codes = {}
-    for rank in range(nproc):
-        recorded = folder / f"rank{rank}.exit"
-        if recorded.is_file():
-            codes[rank] = int(recorded.read_text())
-    if codes.get(0):
-        return codes[0]
-    for rank, code in codes.items():
-        if code:
-            log = folder / f"rank{rank}.log"
-            if log.is_file():
-                sys.stderr.write(f"rank {rank} failed:\n{log.read_text(errors='replace')}")
-            return code
-    return returncode
+    for recorded in folder.glob("rank*.exit") if folder.is_dir() else ():
+        match = re.fullmatch(r"rank(\d+)\.exit", recorded.name)
+        if match:
+            codes[int(match.group(1))] = int(recorded.read_text())
+    return dict(sorted(codes.items()))
 
 
 def _run_worker(argv: list[str]) -> int:
@@ -72,38 +140,55 @@ def _run_worker(argv: list[str]) -> int:
 
     Returns what torchrun should see: 0 for the CLI's handled refusals (every rank meets the
     same one, and rank 0 already said it in one line), the real code for crashes (exit 1), so
-    that torchrun stops the other ranks at once.
+    that torchrun stops the other ranks at once. Under a bare torchrun (no launcher to read the
+    recorded code) every failure is returned as it is: torchrun's exit 1 beats a failed gate's 0.
     """
-    rank, _ = rank_and_world()
+    from repair.cli.app import TERMINATED, _terminate  # typer and rich: quick, unlike torch
+
+    signal.signal(signal.SIGTERM, _terminate)  # from the first moment, as `mergetune` does: imports take a while
+    rank = _rank_from_env()
     folder = os.environ.get(LAUNCH_DIR_ENV)
     if rank != 0:
         _redirect_output(os.path.join(folder, f"rank{rank}.log") if folder else os.devnull)
     code = EXIT_INTERNAL
     try:
-        init_from_env()
         from repair.cli.app import app
+        from repair.data.group import init_from_env
 
+        init_from_env()
         app(args=argv, prog_name="mergetune")  # click would name us after this module otherwise
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL)
-    except KeyboardInterrupt:  # before the CLI could catch it, e.g. while importing
+    except Terminated:  # before the CLI could catch it, e.g. while importing
+        code = EXIT_TERMINATED
+        sys.stderr.write(TERMINATED + "\n")
+    except KeyboardInterrupt:  # the same, for Ctrl-C
         code = EXIT_INTERRUPTED
         raise
     finally:
         if folder:
             Path(folder, f"rank{rank}.exit").write_text(str(code))
-    return code if code == EXIT_INTERNAL else 0
+    return code if code == EXIT_INTERNAL or not folder else 0
 
 
-def _redirect_output(path: str) -> None:
-    """Point this process's stdout and stderr (file descriptors, so every writer) at ``path``."""
+def _rank_from_env() -> int:
+    """torchrun's RANK, read before torch is imported (that takes seconds, and SIGTERM may come first)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _redirect_output(log: str) -> None:
+    """Send this rank's stdout (file descriptors, so every writer) nowhere and its stderr to ``log``:
+    its report would repeat rank 0's, its errors may be the ones to show."""
     sys.stdout.flush()
     sys.stderr.flush()
-    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(target, 1)
-    os.dup2(target, 2)
-    os.close(target)
+    for descriptor, path in ((1, os.devnull), (2, log)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, descriptor)
+        os.close(target)
 
 
 def without_option(argv: list[str], option: str) -> list[str]:
@@ -120,5 +205,12 @@ def without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+def main(argv: list[str]) -> int:
+    """A rank when torchrun started us (it sets LOCAL_RANK), else a machine's launcher if given ``--``."""
+    if "LOCAL_RANK" not in os.environ and "--" in argv:
+        return launch_node(argv)
+    return _run_worker(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(_run_worker(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
