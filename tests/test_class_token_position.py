@@ -12,13 +12,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import repair
-from repair.cli.app import app
 from repair.kinds.coop import ClassTokenPosition, CoOpOptions, CoOpPrompts, init_context
+from cli_helpers import fast, invoke
 
-runner = CliRunner()
 WORDS = "a photo of a"
 TEMPLATE = "a photo of a {}."
 
@@ -82,16 +80,6 @@ def test_the_hugging_face_tower_reads_the_same_arrangements(hf_backbone, positio
         ours = prompts.class_features()
     reference = hf_backbone.encode_texts([sentence(name, position) for name in classnames])
     assert torch.allclose(ours, reference, atol=1e-5)
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
-
-
-def fast(tiny_spec):
-    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
 
 
 def test_the_position_is_recorded_and_declared_for_files_that_do_not_record_it(tmp_path, tiny_spec, image_dirs):

@@ -9,18 +9,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from repair.cli.app import app
 from repair.errors import EXIT_CODES
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
+from cli_helpers import invoke
 
 
 def model_args(tiny_spec):

@@ -7,21 +7,7 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from repair.cli.app import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
-
-
-def fast(tiny_spec):
-    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
+from cli_helpers import fast, invoke
 
 
 def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny_spec, image_dirs):

@@ -13,17 +13,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from typer.testing import CliRunner
 
 import repair
-from repair.cli.app import app
 from repair.kinds import detect_kind, load_kind
 from repair.kinds.clipfit import CLIPFit, clipfit_names
 from repair.kinds.encoder import FullImageEncoder, ImageEncoderOptions
 from repair.kinds.projector import VisualProjector
 from repair.synthetic import TINY_CONFIG
+from cli_helpers import fast, invoke
 
-runner = CliRunner()
 CLASSES = ["blue", "green", "red", "yellow"]
 TEMPLATES = ["a photo of a {}."]
 
@@ -47,16 +45,6 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.image_encoder = image_encoder
         self.classification_head = classification_head
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
-
-
-def fast(tiny_spec):
-    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
 
 
 def tuned_clip(backbone, seed=1):

@@ -13,27 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 import repair
-from repair.cli.app import app
 from repair.kinds import load_kind
 from repair.kinds.lora import LoRA
 from repair.synthetic import TINY_CONFIG
+from cli_helpers import fast, invoke
 
-runner = CliRunner()
 TEMPLATES = ["a photo of a {}."]
 CLASSES = ["blue", "green", "red", "yellow"]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
-
-
-def fast(tiny_spec):
-    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
 
 
 def clip_lora_file(path, *, encoder="both", projs=("q_proj", "v_proj", "proj"), layers=2, seed=1, scale=0.2):

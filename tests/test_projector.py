@@ -7,25 +7,13 @@ import json
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import repair
-from repair.cli.app import app
 from repair.kinds import load_kind
 from repair.kinds.projector import VisualProjector
+from cli_helpers import fast, invoke
 
-runner = CliRunner()
 CLASSES = ["blue", "green", "red", "yellow"]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output
-    return result
-
-
-def fast(tiny_spec):
-    return ["--model", tiny_spec.model, "--epochs", "1", "--shots", "4", "--batch-size", "8", "--no-cache", "-q"]
 
 
 def test_it_scores_as_open_clip_does_with_that_projection(tmp_path, backbone):
