@@ -166,3 +166,22 @@ def test_zero_shot_classifier_equals_encoding_every_caption(tower, request):
     per_caption = backbone.encode_texts(captions).view(len(names), len(TEMPLATES), -1).mean(dim=1)
     expected = torch.nn.functional.normalize(per_caption, dim=-1)
     assert torch.allclose(backbone.zero_shot_classifier(names, TEMPLATES), expected, atol=ATOL)
+
+
+def test_per_example_gradients_through_chunks_equal_the_loop(prompts):
+    from repair.train.curvature import per_example_grads
+
+    class Scores(torch.nn.Module):  # what the Fisher builds differentiate: the kind's logits
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, features):
+            return self.kind(features).logits
+
+    features = torch.nn.functional.normalize(torch.randn(3, prompts.backbone.embed_dim), dim=-1)
+    labels = torch.tensor([0, 3, 4])
+    prompts.text_chunk_size = 2  # checkpointed chunks under autograd; plain chunks under torch.func
+    vmapped = next(per_example_grads(Scores(prompts), features, labels, method="vmap"))["ctx"]
+    looped = next(per_example_grads(Scores(prompts), features, labels, method="loop"))["ctx"]
+    assert torch.allclose(vmapped, looped, atol=ATOL)

@@ -88,13 +88,23 @@ def in_class_chunks(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """
     if chunk_size is None or len(rows) <= chunk_size:
         return encode(rows, pooling)
-    training = torch.is_grad_enabled()
+    training = torch.is_grad_enabled() and not _under_torch_func()
     parts = []
     for start in range(0, len(rows), chunk_size):
         chunk, chunk_pooling = rows[start:start + chunk_size], pooling[start:start + chunk_size]
         parts.append(checkpoint(encode, chunk, chunk_pooling, use_reentrant=False) if training
                      else encode(chunk, chunk_pooling))
     return torch.cat(parts, dim=dim)
+
+
+def _under_torch_func() -> bool:
+    """Inside a torch.func transform (the Fisher's ``vmap(grad)``), which cannot run checkpointed code:
+    there the chunks bound the forward pass only."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # another torch layout: assume plain autograd
+        return False
+    return peek_interpreter_stack() is not None
 
 
 # ---------------------------------------------------------------------------------------- the layers
