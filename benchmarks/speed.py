@@ -734,8 +734,8 @@ def _floor_table(report: dict) -> list[str]:
              "ours in one process, medians; both take the same SGD update). Goals: " +
              ", ".join(f"{kind} ≤ {goal}x" for kind, goal in goals.items()) + ".", ""]
     lines += [f"- {kind} floor: {text}." for kind, text in FLOORS.items() if any(r["kind"] == kind for r in rows)]
-    header = ["kind", "classes", "precision", "our step (s)", "floor (s)", "step / floor", "goal", "met"]
-    cells = [[row["kind"], str(row["classes"]), _precision(row), f"{row['step_seconds']:.4f}",
+    header = ["kind", "classes", "batch", "precision", "our step (s)", "floor (s)", "step / floor", "goal", "met"]
+    cells = [[row["kind"], str(row["classes"]), str(row["batch"]), _precision(row), f"{row['step_seconds']:.4f}",
               f"{row['floor_seconds']:.4f}", f"{row['ratio']:.2f}x", f"≤ {row['goal']}x",
               "yes" if row["goal_met"] else "no"] for row in rows]
     return lines + [""] + _with_gpu(header, cells, rows, "ours", "floor")
