@@ -103,7 +103,7 @@ def _v2_report() -> dict:
 def test_speed_markdown_renders_floors_cache_memory_and_scale_out():
     text = speed.speed_markdown(_v2_report())
     assert "| coop | 10 | 32 | fp32 | 0.1000 | 0.2000 | 0.50x | ≤ 0.6x | yes |" in text
-    assert "| linear | 10 | fp32 | 0.1000 | 0.2000 | 3.00x | ≤ 1.2x | no |" in text
+    assert "| linear | 10 | 32 | fp32 | 0.1000 | 0.2000 | 3.00x | ≤ 1.2x | no |" in text
     assert "coop ≤ 0.6x" in text and "clipfit ≤ 1.3x" in text
     assert "| batch 32 | 10 | fp32 | 30.000 | 22.000 | 1.36x |" in text
     assert "| coop | 1,000 | fp32 | chunks of 64 (default) | 800 | 1,300 | 500 |" in text
