@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from repair.cli.launch import free_port
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers5"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaleout.json"
@@ -60,16 +61,10 @@ def _timed_run(nproc: int, worker: list[str], result: Path) -> dict[str, object]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "benchmarks.scaleout", "--worker", str(result), *worker]
     subprocess.run(command, env=env, check=True, timeout=RUN_TIMEOUT_S)
     return json.loads(result.read_text())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _worker(args: argparse.Namespace) -> None:

@@ -171,11 +171,11 @@ def test_the_machine_launcher_splits_torchrun_options_from_the_command():
 
 def _torchrun(args: list[str]) -> None:
     """``torchrun --nproc_per_node 2`` on 127.0.0.1, killed with its whole process group if it overruns."""
-    from repair.cli.launch import _free_port
+    from repair.cli.launch import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -244,10 +244,10 @@ def test_eval_on_two_processes_reports_what_one_process_does(tmp_path, tiny_spec
 def test_two_machines_report_what_one_process_does(tmp_path, tiny_spec, image_dirs, backbone):
     """Two "machines" (two launchers, one rank each) meet through a c10d rendezvous on 127.0.0.1;
     the one torchrun gives rank 0 prints the report, the other prints nothing, both exit 0."""
-    from repair.cli.launch import _free_port
+    from repair.cli.launch import free_port
 
     ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
-    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", tmp_path.name]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", tmp_path.name]
     nodes = _two_machines(tmp_path, lambda node: rendezvous, args)
     assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
     reports = [node.stdout for node in nodes if node.stdout.strip()]
@@ -258,9 +258,9 @@ def test_two_machines_report_what_one_process_does(tmp_path, tiny_spec, image_di
 def test_two_machines_keep_the_documented_exit_code(tmp_path):
     """Static rendezvous (``--master-addr``, ``--node-rank``): machine 0 holds rank 0; both machines exit 3
     for a missing checkpoint (not torchrun's 1) and each says so once."""
-    from repair.cli.launch import _free_port
+    from repair.cli.launch import free_port
 
-    port = str(_free_port())
+    port = str(free_port())
     nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
                                                   "--master-port", port],
                           ["inspect", str(tmp_path / "missing.safetensors")])

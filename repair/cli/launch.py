@@ -38,7 +38,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
-    options = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    options = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     return _run_torchrun(options, argv, nproc)
 
 
@@ -99,7 +99,8 @@ def _processes_per_node(options: list[str]) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a one-machine rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

@@ -30,7 +30,7 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError, InputFileError, MergetuneError, WeightsUnavailableError
 from repair.model.shared_prefix import CLASS_CHUNK, common_prefix_length, encode_shared_prefix, in_class_chunks
-from repair.model.shared_prefix import supports_shared_prefix
+from repair.model.shared_prefix import project_text, supports_shared_prefix
 from repair.record import BackboneIdentity
 
 RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
@@ -399,9 +399,7 @@ def encode_token_embeddings(model: nn.Module, embeddings: torch.Tensor, eot: tor
     else:
         x = model.transformer(x, attn_mask=mask)
     x = model.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
-    projection = model.text_projection
-    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+    return project_text(model, x[torch.arange(x.shape[0], device=x.device), eot])
 
 
 def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
     x_suffix = suffix.to(dtype) + positions[length:length + suffix.shape[1]]
 
     def pool(hidden: torch.Tensor) -> torch.Tensor:  # [G, c, width] at end-of-text -> [G, c, embed_dim]
-        return _project(model, model.ln_final(hidden))
+        return project_text(model, model.ln_final(hidden))
 
     if chunk_size is None or len(suffix) <= chunk_size:  # prefix and suffix rows share every matrix product
         return pool(_layers(model.transformer, x_suffix, suffix_eot, parameters, x_prefix=x_prefix)[1])
@@ -214,8 +214,6 @@ def _attend_after_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 # ---------------------------------------------------------------------------------------- one block, by hand
 
-# ---------------------------------------------------------------------------------------- one block, by hand
-
 def _qkv(block: ResidualAttentionBlock, x: torch.Tensor, weights: Overrides) -> torch.Tensor:
     """The attention's input projection of rows [N, width]: queries, keys and values side by side [N, 3 width]."""
     attention = block.attn
@@ -259,6 +257,7 @@ def _call(module: nn.Module, weights: Overrides, name: str, x: torch.Tensor) -> 
     return torch.func.functional_call(module, swapped, (x,)) if swapped else module(x)
 
 
-def _project(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+def project_text(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The text tower's output projection (a matrix, or an ``nn.Linear`` in some open_clip configs)."""
     projection = model.text_projection
     return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
