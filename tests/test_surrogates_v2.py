@@ -74,6 +74,18 @@ def test_vmap_and_loop_fisher_agree_for_a_prompt(backbone, image_dirs, vocabular
     assert torch.equal(kind.ctx.detach(), before["ctx"])  # evaluated at w_zs, restored after
 
 
+def test_a_large_vocabulary_takes_smaller_gradient_chunks_with_the_same_fisher(backbone, image_dirs, monkeypatch):
+    from repair.train import curvature
+
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    whole = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=VOCAB, method="vmap")
+    monkeypatch.setattr(curvature, "GRADIENT_PAIRS", 2 * len(VOCAB))  # two images per chunk
+    assert curvature.gradient_chunk(kind, VOCAB, 5) == 2 and curvature.gradient_chunk(kind, VOCAB[:1], 5) == 5
+    assert curvature.gradient_chunk(kind, VOCAB * 100, 5) == 1  # never zero
+    assert_same(whole, fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=VOCAB, method="vmap"))
+
+
 def test_vmap_and_loop_fisher_agree_for_a_linear_head_and_clipfit(backbone, image_dirs):
     dataset, data = features(backbone, image_dirs)
     head = linear_head(backbone, dataset.classnames)

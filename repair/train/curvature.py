@@ -34,6 +34,9 @@ from repair.kinds.base import Kind
 
 FISHER_IMAGES = 64  # the most images one Fisher estimate uses (a seeded sample beyond that)
 DENSE_LIMIT = 8192  # the most trainable numbers a dense Fisher takes (8,192^2 floats = 256 MiB)
+# image x class-prompt pairs in one vmap chunk of per-example gradients: the batched backward carries one
+# cotangent per pair through the text tower (32 images x 1,005 vocabulary prompts took 16 GiB on the proxy)
+GRADIENT_PAIRS = 2048
 GRADIENT_METHODS = ("auto", "vmap", "loop")
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,13 @@ def fisher_images(count: int, seed: int, limit: int = FISHER_IMAGES) -> torch.Te
     if count <= limit:
         return None
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def gradient_chunk(kind: Kind, vocabulary: Sequence[str] | None, chunk: int) -> int:
+    """Images per chunk of per-example gradients, so that chunk x scored classes stays within
+    :data:`GRADIENT_PAIRS`: the same work in more, smaller passes when the vocabulary is large."""
+    classes = len(vocabulary) if vocabulary is not None else len(kind.classnames)
+    return max(1, min(chunk, GRADIENT_PAIRS // max(classes, 1)))
 
 
 def chosen_images(data: Features, seed: int, limit: int = FISHER_IMAGES) -> torch.Tensor:
@@ -216,7 +226,8 @@ def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 3
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
-        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
+        for grads in per_example_grads(scores, images, labels, method=method,
+                                       chunk=gradient_chunk(kind, vocabulary, chunk)):
             for name, value in grads.items():
                 fisher[name] += (value ** 2).sum(dim=0)
     return {name: value / max(len(images), 1) for name, value in fisher.items()}
@@ -234,7 +245,8 @@ def fisher_dense(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, 
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
-        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
+        for grads in per_example_grads(scores, images, labels, method=method,
+                                       chunk=gradient_chunk(kind, vocabulary, chunk)):
             flat = torch.cat([value.reshape(value.shape[0], -1) for value in grads.values()], dim=1)
             matrix += flat.t() @ flat
     return matrix / max(len(images), 1)
