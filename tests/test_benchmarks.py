@@ -106,8 +106,8 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     from benchmarks.tasks import Sizes
 
     short = run.KindProtocol(epochs=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0}, shots=2)
-    by_steps = run.KindProtocol(epochs=0, steps=3, batch_size=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0},
-                                shots=2)
+    by_steps = run.KindProtocol(epochs=0, steps=3, batch_size=2, lr=0.05,
+                                lam_zs={"feature": 1.0, "l2": 1.0, "kfac": 1.0}, shots=2)
     assert by_steps.epochs_for(images=4) == 2 and by_steps.train_config(1, images=4).warmup_epochs == 0
     plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), domain_kinds=("linear",),
                     robustness_kinds=("linear",), surrogates=("feature", "l2"), style="blur",
@@ -120,7 +120,8 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     hms = [block["per_seed"][seed]["fine-tuned"]["hm"] for seed in (1, 2)]
     assert block["summary"]["fine-tuned"]["hm_mean"] == pytest.approx(sum(hms) / 2)
     assert set(block["checks"]["repaired"]) == {"repaired (feature)", "repaired (l2)"}
-    assert set(block["val_per_seed"][1]) == {"zero-shot", "fine-tuned"} and "phenomenon" in block["val_checks"]
+    assert set(block["val_per_seed"][1]) == methods and "phenomenon" in block["val_checks"]  # defaults choose on val
+    assert "repaired (kfac)" in result["robustness"]["cifar10"]["linear"]["summary"]  # Plan.kind_surrogates
     robust = result["robustness"]["cifar10"]["linear"]["per_seed"][1]
     assert set(robust["fine-tuned"]["novel_sets"]) == set(shifts.CORRUPTIONS)
     assert robust["fine-tuned"]["shifted"] == pytest.approx(
