@@ -64,25 +64,99 @@ def blocks(bench: dict[str, object], suite: str) -> list[tuple[str, str, dict]]:
             if kind in results[dataset]]
 
 
-METHODS = ("zero-shot", "fine-tuned", "repaired (feature)", "repaired (fisher)", "repaired (l2)", "wise-ft",
-           "ensemble")
+def all_blocks(bench: dict[str, object]) -> list[tuple[str, str, str, str, str, dict]]:
+    """(suite, label, metric, dataset, kind, block) of every task, in the report's order."""
+    return [(suite, label, metric, dataset, kind, block) for suite, label, metric, _, _ in SUITES
+            for dataset, kind, block in blocks(bench, suite)]
+
+
+def methods_of(bench: dict[str, object]) -> list[str]:
+    """Every method any task measured, in reading order."""
+    seen = {method: row for *_, block in all_blocks(bench) for method, row in block["summary"].items()}
+    return [method for method, _ in ordered(seen)]
 
 
 def summary_markdown(bench: dict[str, object]) -> list[str]:
     """One line per task: HM of every method (mean over seeds), the best repair in bold."""
+    methods = methods_of(bench)
     lines = ["| suite | dataset | kind | fine-tuning: base / novel (or shifted) change | forgets? | " +
-             " | ".join(METHODS) + " |", "|---|---|---|---|---|" + "---|" * len(METHODS)]
-    for suite, label, metric, _, _ in SUITES:
-        for dataset, kind, block in blocks(bench, suite):
-            summary, check = block["summary"], block["checks"]
-            hms = {m: summary[m]["hm_mean"] for m in METHODS if m in summary and summary[m].get("hm_mean") is not None}
-            best = max((m for m in hms if m.startswith("repaired")), key=hms.get, default=None)
-            cells = [("**{:.1f}**" if m == best else "{:.1f}").format(hms[m]) if m in hms else "n/a"
-                     for m in METHODS]
-            change = f"{_signed(check['base_gain'])} / {_signed(_negated(check[f'{metric}_drop']))}"
-            lines.append(f"| {label} | {dataset} | {kind_title(kind)} | {change} | "
-                         f"{'yes' if check['phenomenon'] else 'no'} | " + " | ".join(cells) + " |")
+             " | ".join(methods) + " |", "|---|---|---|---|---|" + "---|" * len(methods)]
+    for suite, label, metric, dataset, kind, block in all_blocks(bench):
+        summary, check = block["summary"], block["checks"]
+        hms = {m: summary[m]["hm_mean"] for m in methods if m in summary and summary[m].get("hm_mean") is not None}
+        best = max((m for m in hms if m.startswith("repaired")), key=hms.get, default=None)
+        cells = [("**{:.1f}**" if m == best else "{:.1f}").format(hms[m]) if m in hms else "n/a"
+                 for m in methods]
+        change = f"{_signed(check['base_gain'])} / {_signed(_negated(check[f'{metric}_drop']))}"
+        lines.append(f"| {label} | {dataset} | {kind_title(kind)} | {change} | "
+                     f"{'yes' if check['phenomenon'] else 'no'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def phenomenon_count(bench: dict[str, object]) -> str:
+    """'Fine-tuning forgets on N of M tasks (test; validation: K)' with the tasks named."""
+    tasks = all_blocks(bench)
+    shown = [f"{dataset} {kind_title(kind)}" for _, _, _, dataset, kind, block in tasks if block["checks"]["phenomenon"]]
+    on_val = sum(bool((block.get("val_checks") or {}).get("phenomenon")) for *_, block in tasks)
+    return (f"Fine-tuning forgets (base or ID ≥ +3, novel or shifted ≤ −2 against zero-shot) on {len(shown)} of "
+            f"{len(tasks)} tasks on test ({', '.join(shown) or 'none'}) and on {on_val} on validation.")
+
+
+DO_NO_HARM = 0.5  # the most HM a default may cost on any task (the surrogate issue's rule)
+
+
+def _hm_gains(block: dict[str, object], split: str) -> dict[str, float]:
+    """HM of each repair minus the fine-tuned model's, mean over seeds, on ``split`` ('val' or 'test')."""
+    per_seed = block["val_per_seed"] if split == "val" else block["per_seed"]
+    gains: dict[str, list[float]] = {}
+    for rows in per_seed.values():
+        fine = (rows.get("fine-tuned") or {}).get("hm")
+        for method, row in rows.items():
+            if method.startswith("repaired") and fine is not None and row.get("hm") is not None:
+                gains.setdefault(method, []).append(row["hm"] - fine)
+    return {method: sum(values) / len(values) for method, values in gains.items()}
+
+
+def default_choices(bench: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Per kind: every repair's HM gain over fine-tuned (mean over tasks and worst task) on validation and on
+    test, and the candidate the do-no-harm rule picks on validation (None: no fixed setting meets it)."""
+    by_kind: dict[str, list[dict[str, object]]] = {}
+    for *_, kind, block in all_blocks(bench):
+        if "val_per_seed" in block:
+            by_kind.setdefault(kind, []).append({split: _hm_gains(block, split) for split in ("val", "test")})
+    choices = {}
+    for kind, tasks in by_kind.items():
+        candidates = {}
+        for method in sorted({m for task in tasks for m in task["val"]}):
+            row = {}
+            for split in ("val", "test"):
+                gains = [task[split][method] for task in tasks if method in task[split]]
+                row[split] = {"mean": sum(gains) / len(gains), "worst": min(gains), "tasks": len(gains)}
+            candidates[method] = row
+        eligible = [m for m, row in candidates.items() if row["val"]["tasks"] == len(tasks)
+                    and row["val"]["mean"] > 0 and row["val"]["worst"] >= -DO_NO_HARM]
+        chosen = max(eligible, key=lambda m: candidates[m]["val"]["mean"], default=None)
+        choices[kind] = {"tasks": len(tasks), "candidates": candidates, "chosen": chosen}
+    return choices
+
+
+def defaults_markdown(bench: dict[str, object]) -> list[str]:
+    lines = ["### Choosing the defaults (validation, then test)", "",
+             "Per kind, each repair's HM minus the fine-tuned model's, mean over that kind's tasks and the worst "
+             f"task (means over seeds). The rule: on validation, the candidate with the largest mean gain among "
+             f"those that gain on average and cost at most {DO_NO_HARM} HM on every task; test shows whether it "
+             "held.", "",
+             "| kind | repaired with | validation: mean / worst | test: mean / worst | chosen on validation |",
+             "|---|---|---|---|---|"]
+    for kind, choice in default_choices(bench).items():
+        for method, row in choice["candidates"].items():
+            val, test = row["val"], row["test"]
+            lines.append(f"| {kind_title(kind)} ({choice['tasks']} tasks) | {method.removeprefix('repaired ').strip('()')}"
+                         f" | {_signed(val['mean'])} / {_signed(val['worst'])} | {_signed(test['mean'])} / "
+                         f"{_signed(test['worst'])} | {'**yes**' if method == choice['chosen'] else ''} |")
+        if choice["chosen"] is None:
+            lines.append(f"| {kind_title(kind)} | none meets the rule on validation | | | |")
+    return lines + [""]
 
 
 def _negated(value: float | None) -> float | None:
@@ -180,8 +254,9 @@ def bench_markdown(bench: dict[str, object]) -> str:
     if left_out:
         lines += ["Left out for cost (`--include-left-out` runs them): " +
                   ", ".join(f"{kind_title(kind)} on {where}" for where, kind in left_out) + ".", ""]
-    lines += ["HM in % (mean over seeds); the best repair of each task in bold:", ""]
+    lines += [phenomenon_count(bench), "", "HM in % (mean over seeds); the best repair of each task in bold:", ""]
     lines += summary_markdown(bench) + ["", "![HM per method](results/hm.png)", ""]
+    lines += defaults_markdown(bench)
     lines += base_to_novel_markdown(bench) + shifted_markdown(bench, "domain") + shifted_markdown(bench, "robustness")
     return "\n".join(lines) + "\n"
 

@@ -77,7 +77,11 @@ class KindProtocol:
         return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=warmup, seed=seed)
 
     def objective(self, surrogate: str) -> Objective:
-        return Objective(lam_zs=self.lam_zs[surrogate], lam_lmc=self.lam_lmc, surrogate=surrogate)
+        """``name`` at this protocol's lam_zs, or ``name:auto`` with lam_zs chosen on held-out shots."""
+        name, _, lam = surrogate.partition(":")
+        if lam not in ("", "auto"):
+            raise ValueError(f"a benchmarked repair is 'surrogate' or 'surrogate:auto', not {surrogate!r}")
+        return Objective(lam_zs=lam or self.lam_zs[name], lam_lmc=self.lam_lmc, surrogate=name)
 
 
 # The scratch proxy's protocol: lam_zs per kind and surrogate, the best validation HM (seeds 1 and 2,
@@ -165,8 +169,8 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
 
 
 def _file_stem(name: str) -> str:
-    """'repaired (fisher)' -> 'repaired-fisher'; 'l2 5' -> 'l2-5'."""
-    return "-".join(name.replace("(", " ").replace(")", " ").split())
+    """'repaired (fisher)' -> 'repaired-fisher'; 'l2 5' -> 'l2-5'; 'repaired (l2:auto)' -> 'repaired-l2-auto'."""
+    return "-".join(name.replace("(", " ").replace(")", " ").replace(":", " ").split())
 
 
 def plan_repairs(kind: str, plan: Plan) -> dict[str, Objective]:
@@ -421,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="*", default=None, help="base-to-novel kinds (coop, clipfit)")
     parser.add_argument("--domain-kinds", nargs="*", default=None, help="PACS domain-shift kinds")
     parser.add_argument("--robustness-kinds", nargs="*", default=None, help="corruption-suite kinds")
-    parser.add_argument("--surrogates", nargs="+", default=None)
+    parser.add_argument("--surrogates", nargs="+", default=None,
+                        help="repairs to run: surrogate names at the protocol's lam_zs, or NAME:auto")
     parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
                         "(quick runs: quick.json)")

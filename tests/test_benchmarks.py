@@ -111,7 +111,8 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     assert by_steps.epochs_for(images=4) == 2 and by_steps.train_config(1, images=4).warmup_epochs == 0
     plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), domain_kinds=("linear",),
                     robustness_kinds=("linear",), surrogates=("feature", "l2"), style="blur",
-                    sizes=Sizes(val=3, test=4, shifted_test=2), protocol={"coop": short, "linear": by_steps})
+                    sizes=Sizes(val=3, test=4, shifted_test=2), protocol={"coop": short, "linear": by_steps},
+                    kind_surrogates={"linear": ("kfac", "l2:auto")})
     result = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None)
     block = result["base_to_novel"]["flowers5"]["coop"]
     methods = {"zero-shot", "fine-tuned", "repaired (feature)", "repaired (l2)", "wise-ft", "ensemble"}
@@ -121,7 +122,8 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     assert block["summary"]["fine-tuned"]["hm_mean"] == pytest.approx(sum(hms) / 2)
     assert set(block["checks"]["repaired"]) == {"repaired (feature)", "repaired (l2)"}
     assert set(block["val_per_seed"][1]) == methods and "phenomenon" in block["val_checks"]  # defaults choose on val
-    assert "repaired (kfac)" in result["robustness"]["cifar10"]["linear"]["summary"]  # Plan.kind_surrogates
+    linear = result["robustness"]["cifar10"]["linear"]["summary"]  # Plan.kind_surrogates: only linear heads
+    assert {"repaired (kfac)", "repaired (l2:auto)"} <= set(linear) and "repaired (kfac)" not in block["summary"]
     robust = result["robustness"]["cifar10"]["linear"]["per_seed"][1]
     assert set(robust["fine-tuned"]["novel_sets"]) == set(shifts.CORRUPTIONS)
     assert robust["fine-tuned"]["shifted"] == pytest.approx(
