@@ -117,13 +117,22 @@ def _hm_gains(block: dict[str, object], split: str) -> dict[str, float]:
     return {method: sum(values) / len(values) for method, values in gains.items()}
 
 
-def default_choices(bench: dict[str, object]) -> dict[str, dict[str, object]]:
+def default_choices(bench: dict[str, object], extra: list[dict[str, object]] = ()) -> dict[str, dict[str, object]]:
     """Per kind: every repair's HM gain over fine-tuned (mean over tasks and worst task) on validation and on
-    test, and the candidate the do-no-harm rule picks on validation (None: no fixed setting meets it)."""
-    by_kind: dict[str, list[dict[str, object]]] = {}
-    for *_, kind, block in all_blocks(bench):
-        if "val_per_seed" in block:
-            by_kind.setdefault(kind, []).append({split: _hm_gains(block, split) for split in ("val", "test")})
+    test, and the candidate the do-no-harm rule picks on validation (None: no fixed setting meets it).
+
+    ``extra`` runs (same seeds, so the same fine-tuned checkpoints) add candidates to the tasks they cover."""
+    tasks_of: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
+    for run in (bench, *extra):
+        for suite, _, _, dataset, kind, block in all_blocks(run):
+            if "val_per_seed" not in block or run is not bench and (suite, dataset, kind) not in tasks_of:
+                continue
+            task = tasks_of.setdefault((suite, dataset, kind), {"val": {}, "test": {}})
+            for split in ("val", "test"):
+                task[split].update(_hm_gains(block, split))
+    by_kind: dict[str, list[dict[str, dict[str, float]]]] = {}
+    for (_, _, kind), task in tasks_of.items():
+        by_kind.setdefault(kind, []).append(task)
     choices = {}
     for kind, tasks in by_kind.items():
         candidates = {}
@@ -140,19 +149,21 @@ def default_choices(bench: dict[str, object]) -> dict[str, dict[str, object]]:
     return choices
 
 
-def defaults_markdown(bench: dict[str, object]) -> list[str]:
+def defaults_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()) -> list[str]:
     lines = ["### Choosing the defaults (validation, then test)", "",
              "Per kind, each repair's HM minus the fine-tuned model's, mean over that kind's tasks and the worst "
              f"task (means over seeds). The rule: on validation, the candidate with the largest mean gain among "
              f"those that gain on average and cost at most {DO_NO_HARM} HM on every task; test shows whether it "
-             "held.", "",
+             "held. Candidates a task did not measure make it ineligible (the table counts the tasks behind each "
+             "mean). Extra candidates come from `results/surrogates-*.json` (the same seeds and fine-tuned "
+             "checkpoints).", "",
              "| kind | repaired with | validation: mean / worst | test: mean / worst | chosen on validation |",
              "|---|---|---|---|---|"]
-    for kind, choice in default_choices(bench).items():
+    for kind, choice in default_choices(bench, extra).items():
         for method, row in choice["candidates"].items():
             val, test = row["val"], row["test"]
-            lines.append(f"| {kind_title(kind)} ({choice['tasks']} tasks) | {method.removeprefix('repaired ').strip('()')}"
-                         f" | {_signed(val['mean'])} / {_signed(val['worst'])} | {_signed(test['mean'])} / "
+            lines.append(f"| {kind_title(kind)} | {method.removeprefix('repaired ').strip('()')} ({val['tasks']} of "
+                         f"{choice['tasks']} tasks) | {_signed(val['mean'])} / {_signed(val['worst'])} | {_signed(test['mean'])} / "
                          f"{_signed(test['worst'])} | {'**yes**' if method == choice['chosen'] else ''} |")
         if choice["chosen"] is None:
             lines.append(f"| {kind_title(kind)} | none meets the rule on validation | | | |")
@@ -227,7 +238,7 @@ def shifted_markdown(bench: dict[str, object], suite: str) -> list[str]:
     return lines
 
 
-def bench_markdown(bench: dict[str, object]) -> str:
+def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()) -> str:
     plan, proxy = bench["plan"], bench.get("proxy")
     backbone = "the proxy CLIP" if proxy else bench["backbone"]["model"]
     lines = ["## Repair benchmark", "",
@@ -256,17 +267,18 @@ def bench_markdown(bench: dict[str, object]) -> str:
                   ", ".join(f"{kind_title(kind)} on {where}" for where, kind in left_out) + ".", ""]
     lines += [phenomenon_count(bench), "", "HM in % (mean over seeds); the best repair of each task in bold:", ""]
     lines += summary_markdown(bench) + ["", "![HM per method](results/hm.png)", ""]
-    lines += defaults_markdown(bench)
+    lines += defaults_markdown(bench, extra)
     lines += base_to_novel_markdown(bench) + shifted_markdown(bench, "domain") + shifted_markdown(bench, "robustness")
     return "\n".join(lines) + "\n"
 
 
-def results_markdown(bench: dict[str, object] | None, speed: dict[str, object] | None) -> str:
+def results_markdown(bench: dict[str, object] | None, speed: dict[str, object] | None,
+                     extra: list[dict[str, object]] = ()) -> str:
     from benchmarks.speed import speed_markdown
 
     parts = ["# Benchmark results", ""]
     if bench:
-        parts.append(bench_markdown(bench))
+        parts.append(bench_markdown(bench, extra))
     if speed:
         parts.append(speed_markdown(speed))
     return "\n".join(parts)
@@ -315,7 +327,8 @@ def write_results(markdown: Path = MARKDOWN, bench_json: Path = RESULTS / "lates
                   speed_json: Path = RESULTS / "speed.json", chart: Path = CHART) -> None:
     """RESULTS.md from whichever result files exist (and the chart from the repair benchmark)."""
     bench, speed = _load(bench_json), _load(speed_json)
-    markdown.write_text(results_markdown(bench, speed))
+    extra = [json.loads(path.read_text()) for path in sorted(bench_json.parent.glob("surrogates-*.json"))]
+    markdown.write_text(results_markdown(bench, speed, extra))
     if bench:
         hm_chart(bench, chart)
 

@@ -163,3 +163,35 @@ def test_scripts_refuse_a_data_root_without_the_datasets_in_one_line(module, arg
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.endswith("folder (see benchmarks/README.md, --data-root)") and "cifar10" in error
     assert not (tmp_path / "unused").exists()
+
+
+def _synthetic_bench(hms_by_dataset: dict[str, dict[str, tuple[float, float]]]) -> dict:
+    """A benchmark JSON with CoOp base-to-novel blocks: per dataset, method -> (validation HM, test HM)."""
+    def rows(split: int) -> dict:
+        return {1: {method: {"hm": pair[split]} for method, pair in methods.items()}}
+
+    results = {}
+    for dataset, methods in hms_by_dataset.items():
+        results[dataset] = {"coop": {"val_per_seed": rows(0), "per_seed": rows(1), "summary": {},
+                                     "checks": {"phenomenon": False}}}
+    return {"plan": {"datasets": list(hms_by_dataset), "b2n_kinds": ["coop"]}, "base_to_novel": results}
+
+
+def test_defaults_rule_picks_the_best_validation_gain_that_never_costs_more_than_half_a_point():
+    from benchmarks import report
+
+    bench = _synthetic_bench({
+        "a": {"fine-tuned": (50, 50), "repaired (x)": (53, 40), "repaired (y)": (51, 52)},
+        "b": {"fine-tuned": (60, 60), "repaired (x)": (59.4, 61), "repaired (y)": (60.1, 59)},
+    })
+    choice = report.default_choices(bench)["coop"]
+    assert choice["candidates"]["repaired (x)"]["val"] == pytest.approx({"mean": 1.2, "worst": -0.6, "tasks": 2})
+    assert choice["chosen"] == "repaired (y)"  # x gains more on average but costs 0.6 on task b
+    assert choice["candidates"]["repaired (y)"]["test"]["worst"] == pytest.approx(-1.0)  # test is only reported
+    extra = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (z)": (52, 52)},
+                              "b": {"fine-tuned": (60, 60), "repaired (z)": (62, 61)},
+                              "c": {"fine-tuned": (1, 1), "repaired (z)": (90, 90)}})  # c: not a task of the run
+    merged = report.default_choices(bench, [extra])["coop"]
+    assert merged["chosen"] == "repaired (z)" and merged["tasks"] == 2
+    partial = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (w)": (70, 70)}})
+    assert report.default_choices(bench, [partial])["coop"]["chosen"] == "repaired (y)"  # w lacks task b
