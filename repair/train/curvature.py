@@ -157,7 +157,8 @@ def sampled_labels(scores: nn.Module, images: torch.Tensor, seed: int, chunk: in
 
 def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tensor, *, method: str = "auto",
                       chunk: int = 32) -> Iterator[dict[str, torch.Tensor]]:
-    """Chunks of ``d(-log p(y|x))/dw`` per image: ``{name: [n, *shape]}`` over the kind's trainable tensors.
+    """Chunks of ``d(-log p(y|x))/dw`` per image: ``{name: [n, *shape]}`` over the kind's trainable tensors;
+    at most ``chunk`` images each, fewer for a large vocabulary (:func:`gradient_chunk`).
 
     ``vmap`` batches the gradients in one pass per chunk; ``loop`` runs one backward per image (the
     reference); ``auto`` tries vmap and falls back to the loop where torch.func cannot trace the kind.
@@ -165,6 +166,7 @@ def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tenso
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method must be one of {', '.join(GRADIENT_METHODS)}, not {method!r}")
     use_vmap = method != "loop"
+    chunk = gradient_chunk(scores.kind, getattr(scores, "vocabulary", None), chunk)
     for start in range(0, len(images), chunk):
         x, y = images[start:start + chunk], labels[start:start + chunk].to(images.device)
         if use_vmap:
@@ -226,8 +228,7 @@ def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 3
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
-        for grads in per_example_grads(scores, images, labels, method=method,
-                                       chunk=gradient_chunk(kind, vocabulary, chunk)):
+        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
             for name, value in grads.items():
                 fisher[name] += (value ** 2).sum(dim=0)
     return {name: value / max(len(images), 1) for name, value in fisher.items()}
@@ -245,8 +246,7 @@ def fisher_dense(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, 
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
-        for grads in per_example_grads(scores, images, labels, method=method,
-                                       chunk=gradient_chunk(kind, vocabulary, chunk)):
+        for grads in per_example_grads(scores, images, labels, method=method, chunk=chunk):
             flat = torch.cat([value.reshape(value.shape[0], -1) for value in grads.values()], dim=1)
             matrix += flat.t() @ flat
     return matrix / max(len(images), 1)
