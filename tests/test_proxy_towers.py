@@ -140,7 +140,9 @@ def test_imagenet_captions_leave_the_benchmark_base_classes_uncaptioned():
     assert set(classes) <= set(files["distill"])  # the same pictures, so the same disjointness
     names = set(towers.imagenet_names())
     assert len(captions) == len(classes) and all(group[0] in names for group in captions)
-    assert towers.caption_classes(DATA_ROOT, files, towers.TowersConfig()) == (list(files["contrastive"]), None)
+    assert towers.TowersConfig().captions == "imagenet"  # the default since the forgetting protocol
+    assert towers.caption_classes(DATA_ROOT, files, towers.TowersConfig(captions="benchmark")) == (
+        list(files["contrastive"]), None)
     with pytest.raises(ValueError, match="captions must be"):
         towers.caption_classes(DATA_ROOT, files, towers.TowersConfig(captions="all"))
 
