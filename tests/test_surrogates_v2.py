@@ -245,6 +245,19 @@ def test_lam_zs_auto_picks_on_held_out_shots_and_records_the_curve(tmp_path, bac
     assert record.result["surrogate_build"]["surrogate"] == "kfac"
 
 
+def test_lam_zs_auto_leaves_out_a_value_whose_repair_diverges(backbone, image_dirs):
+    from repair.train.select import choose_lam_zs
+
+    dataset, data = features(backbone, image_dirs, shots=4)
+    kind = linear_head(backbone, dataset.classnames)
+    start = kind.snapshot()
+    objective = Objective(lam_zs="auto", surrogate="l2")
+    chosen, auto = choose_lam_zs(kind, objective, data, TrainConfig(epochs=2, batch_size=8), None, grid=(0.0, 1e38))
+    assert "diverged" in auto["curve"][1] and "inf" in auto["curve"][1]["diverged"]
+    assert chosen == auto["chosen"] == 0.0 and "base_accuracy" in auto["curve"][0]
+    assert_same(kind.snapshot(), start, atol=0.0)  # left at w_ft
+
+
 def test_lam_zs_auto_on_the_command_line_and_its_one_line_errors(tmp_path, tiny_spec, image_dirs):
     from safetensors.torch import save_file
 

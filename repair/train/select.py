@@ -7,7 +7,9 @@ eligible ones the repair whose predictions over the reference vocabulary agree m
 model's wins (label-free generality; the strongest constraint usually agrees most, and where a stronger
 ``lam_zs`` agrees less it is not a stronger constraint in function space); ties go to the larger ``lam_zs``.
 ``lam_zs = 0`` is on the grid, so there is always an eligible value unless the path term alone costs base
-accuracy, in which case 0 is chosen. The whole curve is recorded in the output's metadata.
+accuracy, in which case 0 is chosen. A value whose repair diverges (the loss turns inf or NaN: too strong
+a pull at this learning rate) is recorded as diverged and is not eligible; the others still count.
+The whole curve is recorded in the output's metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from repair.data.features import Features
-from repair.errors import UsageError
+from repair.errors import NumericalError, UsageError
 from repair.kinds.base import Kind
 from repair.train.curvature import AtZeroShot, reference_vocabulary, scores_vocabulary, vocabulary_logits
 from repair.train.loop import TrainConfig, accuracy, train
@@ -78,13 +80,18 @@ def choose_lam_zs(kind: Kind, objective: Objective, train_set: Features, config:
     try:
         for lam in grid:
             kind.load_values(start)
-            train(kind, replace(objective, lam_zs=float(lam)), fit_part, config, surrogate=surrogate)
+            try:
+                train(kind, replace(objective, lam_zs=float(lam)), fit_part, config, surrogate=surrogate)
+            except NumericalError as error:
+                curve.append({"lam_zs": float(lam), "diverged": str(error)})
+                continue
             agreement = float((_predictions(kind, held.features, names) == zero_shot).float().mean())
             curve.append({"lam_zs": float(lam), "base_accuracy": accuracy(kind, held),
                           "zero_shot_agreement": agreement})
     finally:
         kind.load_values(start)
-    eligible = [point for point in curve if point["base_accuracy"] >= finetuned - AUTO_TOLERANCE - 1e-9]
+    eligible = [point for point in curve
+                if "diverged" not in point and point["base_accuracy"] >= finetuned - AUTO_TOLERANCE - 1e-9]
     best = max(eligible, key=lambda point: (point["zero_shot_agreement"], point["lam_zs"]), default=None)
     chosen = float(best["lam_zs"]) if best is not None else 0.0
     return chosen, {"chosen": chosen, "grid": [float(lam) for lam in grid], "curve": curve,
