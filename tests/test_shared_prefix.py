@@ -79,7 +79,7 @@ def test_coop_under_no_grad_with_chunks(prompts):
 
 def _clipfit_step(kind, pixels, labels):
     def loss():
-        return mergetune_loss(kind, Objective(lam_zs=1.0), pixels, labels).total
+        return mergetune_loss(kind, Objective(lam_zs=1.0, surrogate="feature"), pixels, labels).total
 
     return _features_and_grad(kind, loss, list(kind.params))
 

@@ -136,7 +136,7 @@ class RepairDefaults:
     """The zero-shot term a repair uses when the caller names none (chosen on the benchmark)."""
 
     surrogate: str
-    lam_zs: float
+    lam_zs: float | str  # a number, or "auto": chosen per repair on held-out shots (repair.train.select)
 
 
 @dataclass

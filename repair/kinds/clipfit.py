@@ -64,7 +64,7 @@ class CLIPFit(Kind):
         title="CLIPFit", description="CLIPFit (a few native CLIP parameters)",
         trained_tensors="`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm (any wrapper prefix)",
         scores_unseen_classes=True)  # its text tower encodes any class name
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # README "Defaults"
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=5.0)  # README "Defaults"
     shared_prefix: bool = True  # each template's words before the class encoded once (repair.model.shared_prefix)
     text_chunk_size: int | None = CLASS_CHUNK  # classes per checkpointed text chunk; None: all at once
     cache_ft_images: bool = True  # the path term's image features at w_ft: computed once per image

@@ -74,7 +74,7 @@ class LinearHead(Kind):
     about: ClassVar[About] = About(
         title="linear probe", description="linear-probe head",
         trained_tensors="`weight` [n_cls, dim] (+ `bias`), any prefix; sklearn `coef_`/`intercept_`")
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="l2", lam_zs=5.0)  # README "Defaults"
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs="auto")  # README "Defaults"
 
     def __init__(self, backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor | None,
                  classnames: Sequence[str], templates: Sequence[str], options: LinearOptions | None = None, *,

@@ -40,8 +40,8 @@ def split_shots(data: Features, seed: int, fraction: float = AUTO_HELD_OUT) -> t
     for label in labels.unique().tolist():
         rows = (labels == label).nonzero().squeeze(1)
         if len(rows) < 2:
-            raise UsageError("--lam-zs auto holds out part of every class's shots and needs at least 2 per class; "
-                             f"class {label} has {len(rows)}")
+            raise UsageError("lam_zs auto holds out part of every class's shots and needs at least 2 per class; "
+                             f"class {label} has {len(rows)} (give --lam-zs a number instead)")
         count = max(1, round(fraction * len(rows)))
         held.append(rows[torch.randperm(len(rows), generator=generator)[:count]])
     held_rows = torch.cat(held).sort().values
