@@ -248,6 +248,8 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
              f"torch {bench['environment']['torch']}; git {(bench['environment']['git_commit'] or 'unknown')[:7]}; "
              f"wall time {bench['wall_s'] / 60:.0f} min (less when mergetune's feature cache already held "
              "the same images encoded by the same encoder). "
+             + ("**This run stopped before its end: only the tasks below were measured.** "
+                if bench.get("complete") is False else "") +
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
              "Protocol per kind (repair runs the same schedule from the fine-tuned checkpoint):", "",
              "| kind | schedule | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]

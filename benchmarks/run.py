@@ -40,6 +40,7 @@ from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
 from repair.data.features import default_cache_dir
 from repair.errors import IncompatibleCheckpointError, NumericalError
+from repair.io.write import atomic_output
 from repair.train.objective import Objective
 from repair.train.loop import TrainConfig
 
@@ -338,15 +339,23 @@ def run_block(run_seed, seeds: tuple[int, ...], metric: str) -> dict[str, object
 
 
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
-             proxy_info: dict[str, object] | None = None) -> dict[str, object]:
+             proxy_info: dict[str, object] | None = None, save=None) -> dict[str, object]:
+    """Every block of the plan; ``save(result)`` after each block, so a run stopped late keeps what it measured
+    (``result["complete"]`` says whether it got to the end)."""
     started = time.perf_counter()
     backbone = load_backbone(spec)
     result: dict[str, object] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(), "backbone": spec.as_dict(), "proxy": proxy_info,
         "plan": asdict(plan),
-        "base_to_novel": {}, "domain": {}, "robustness": {},
+        "base_to_novel": {}, "domain": {}, "robustness": {}, "complete": False,
     }
+
+    def block_done() -> None:
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        if save is not None:
+            save(result)
+
     for dataset in plan.datasets:
         task = base_to_novel_task(data_root, dataset, plan.style, work / "data", plan.sizes)
         log(f"base-to-novel {dataset} ({plan.style}): base {_names(task.base_classes)}, "
@@ -358,6 +367,7 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
                               plan.seeds, "novel")
             result["base_to_novel"].setdefault(dataset, {})[kind] = block
             log_summary(log, f"{dataset} {kind}", block, "novel")
+            block_done()
     suites = (("domain", plan.domain_kinds, lambda: domain_task(data_root, work / "data", plan.sizes)),
               ("robustness", plan.robustness_kinds,
                lambda: robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)))
@@ -373,8 +383,16 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
                               plan.seeds, "shifted")
             result[suite].setdefault(task.dataset, {})[kind] = block
             log_summary(log, f"{task.dataset} {kind} ({suite})", block, "shifted")
-    result["wall_s"] = round(time.perf_counter() - started, 1)
+            block_done()
+    result["complete"] = True
+    block_done()
     return result
+
+
+def write_json(path: Path, result: dict[str, object]) -> None:
+    """Atomically: a run stopped mid-write leaves the previous file, never half of one."""
+    with atomic_output(path, replace=True) as temp:
+        temp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 
 
 def log_summary(log, title: str, block: dict[str, object], metric: str) -> None:
@@ -460,12 +478,15 @@ def main(argv: list[str] | None = None) -> None:
         spec, proxy_info = ensure_backbone(plan.proxy, args.data_root, args.proxy_dir, cache)
     else:
         spec = BackboneSpec(model=args.model, pretrained=args.pretrained)
-    torch.manual_seed(0)
-    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info)
-    result["quick"] = args.quick
     out = args.out or RESULTS / ("quick.json" if args.quick else "latest.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+    def save(result: dict[str, object]) -> None:
+        result["quick"] = args.quick
+        write_json(out, result)
+
+    torch.manual_seed(0)
+    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save)
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     if not args.no_markdown and not args.quick:
         from benchmarks.report import write_results

@@ -113,7 +113,11 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
                     robustness_kinds=("linear",), surrogates=("feature", "l2"), style="blur",
                     sizes=Sizes(val=3, test=4, shifted_test=2), protocol={"coop": short, "linear": by_steps},
                     kind_surrogates={"linear": ("kfac", "l2:auto")})
-    result = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None)
+    saved = []  # a snapshot after each block: a run stopped late keeps what it measured
+    result = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None,
+                          save=lambda partial: saved.append(json.loads(json.dumps(partial))))
+    assert [snapshot["complete"] for snapshot in saved] == [False, False, False, True]
+    assert saved[0]["base_to_novel"] and not saved[0]["robustness"] and saved[-1] == json.loads(json.dumps(result))
     block = result["base_to_novel"]["flowers5"]["coop"]
     methods = {"zero-shot", "fine-tuned", "repaired (feature)", "repaired (l2)", "wise-ft", "ensemble"}
     assert set(block["per_seed"]) == {1, 2} and set(block["per_seed"][1]) == methods
@@ -139,6 +143,11 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     assert "| repaired (feature) |" in text and "### Corruption" in text and "### Domain shift" in text
     assert "pacs, Linear" in text or "pacs, linear" in text.lower()
     assert (tmp_path / "hm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "stopped before its end" not in text
+    (tmp_path / "partial.json").write_text(json.dumps(saved[0]))
+    report.write_results(markdown=tmp_path / "PARTIAL.md", bench_json=tmp_path / "partial.json",
+                         speed_json=tmp_path / "absent.json", chart=tmp_path / "partial.png")
+    assert "stopped before its end" in (tmp_path / "PARTIAL.md").read_text()
 
 
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):

@@ -238,8 +238,10 @@ def test_lam_zs_auto_picks_on_held_out_shots_and_records_the_curve(tmp_path, bac
     record = outcome.record
     auto = record.result["lam_zs_auto"]
     assert [point["lam_zs"] for point in auto["curve"]] == list(AUTO_GRID)
-    eligible = [p for p in auto["curve"] if p["base_accuracy"] >= auto["finetuned_base_accuracy"] - AUTO_TOLERANCE]
-    best = max(eligible, key=lambda p: (p["zero_shot_agreement"], p["lam_zs"])) if eligible else {"lam_zs": 0.0}
+    unconstrained = auto["curve"][0]  # the reference: the lam_zs = 0 repair of the same shots
+    assert unconstrained["lam_zs"] == 0.0 and auto["reference_base_accuracy"] == unconstrained["base_accuracy"]
+    eligible = [p for p in auto["curve"] if p["base_accuracy"] >= auto["reference_base_accuracy"] - AUTO_TOLERANCE]
+    best = max(eligible, key=lambda p: (p["zero_shot_agreement"], p["lam_zs"]))
     assert record.objective["lam_zs"] == auto["chosen"] == best["lam_zs"]
     assert auto["held_out_images"] == 2 * len(dataset.classnames)  # a quarter of 8 shots per class
     assert record.result["surrogate_build"]["surrogate"] == "kfac"
@@ -255,6 +257,10 @@ def test_lam_zs_auto_leaves_out_a_value_whose_repair_diverges(backbone, image_di
     chosen, auto = choose_lam_zs(kind, objective, data, TrainConfig(epochs=2, batch_size=8), None, grid=(0.0, 1e38))
     assert "diverged" in auto["curve"][1] and "inf" in auto["curve"][1]["diverged"]
     assert chosen == auto["chosen"] == 0.0 and "base_accuracy" in auto["curve"][0]
+    assert auto["reference"] == "lam_zs 0 repair"
+    _, without_zero = choose_lam_zs(kind, objective, data, TrainConfig(epochs=1, batch_size=8), None, grid=(1.0,))
+    assert without_zero["reference"] == "fine-tuned"
+    assert without_zero["reference_base_accuracy"] == without_zero["finetuned_base_accuracy"]
     assert_same(kind.snapshot(), start, atol=0.0)  # left at w_ft
 
 

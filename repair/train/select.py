@@ -2,12 +2,15 @@
 
 A quarter of each class's shots is held out (seeded). For every ``lam_zs`` of :data:`AUTO_GRID` the
 checkpoint is repaired from ``w_ft`` on the rest with the same schedule; a value is *eligible* when its
-held-out accuracy stays within :data:`AUTO_TOLERANCE` (1 point) of the fine-tuned model's. Among the
+held-out accuracy stays within :data:`AUTO_TOLERANCE` (1 point) of the reference: the ``lam_zs = 0`` repair
+(path term only) of the same part, so that the only difference measured is the zero-shot term's. The
+fine-tuned model itself is no fair reference when the repair shots are its own training shots: it has
+memorised the held-out quarter (100 % on it) and no repair from 3/4 of the shots keeps that (the
+fine-tuned model's accuracy is the reference only for a grid without 0). Among the
 eligible ones the repair whose predictions over the reference vocabulary agree most with the zero-shot
 model's wins (label-free generality; the strongest constraint usually agrees most, and where a stronger
 ``lam_zs`` agrees less it is not a stronger constraint in function space); ties go to the larger ``lam_zs``.
-``lam_zs = 0`` is on the grid, so there is always an eligible value unless the path term alone costs base
-accuracy, in which case 0 is chosen. A value whose repair diverges (the loss turns inf or NaN: too strong
+``lam_zs = 0`` is eligible by definition, so there is always a choice. A value whose repair diverges (the loss turns inf or NaN: too strong
 a pull at this learning rate) is recorded as diverged and is not eligible; the others still count.
 The whole curve is recorded in the output's metadata.
 """
@@ -90,11 +93,15 @@ def choose_lam_zs(kind: Kind, objective: Objective, train_set: Features, config:
                           "zero_shot_agreement": agreement})
     finally:
         kind.load_values(start)
-    eligible = [point for point in curve
-                if "diverged" not in point and point["base_accuracy"] >= finetuned - AUTO_TOLERANCE - 1e-9]
+    measured = [point for point in curve if "diverged" not in point]
+    unconstrained = next((point for point in measured if point["lam_zs"] == 0.0), None)
+    reference = unconstrained["base_accuracy"] if unconstrained is not None else finetuned
+    eligible = [point for point in measured if point["base_accuracy"] >= reference - AUTO_TOLERANCE - 1e-9]
     best = max(eligible, key=lambda point: (point["zero_shot_agreement"], point["lam_zs"]), default=None)
     chosen = float(best["lam_zs"]) if best is not None else 0.0
     return chosen, {"chosen": chosen, "grid": [float(lam) for lam in grid], "curve": curve,
+                    "reference_base_accuracy": reference,
+                    "reference": "lam_zs 0 repair" if unconstrained is not None else "fine-tuned",
                     "finetuned_base_accuracy": finetuned, "tolerance": AUTO_TOLERANCE,
                     "held_out_images": len(held), "fit_images": len(fit_part),
                     "agreement_classes": len(names) if names is not None else len(kind.classnames)}
