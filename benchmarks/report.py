@@ -121,7 +121,9 @@ def default_choices(bench: dict[str, object], extra: list[dict[str, object]] = (
     """Per kind: every repair's HM gain over fine-tuned (mean over tasks and worst task) on validation and on
     test, and the candidate the do-no-harm rule picks on validation (None: no fixed setting meets it).
 
-    ``extra`` runs (same seeds, so the same fine-tuned checkpoints) add candidates to the tasks they cover."""
+    ``extra`` runs (same seeds and protocol) add candidates to the tasks they cover; every gain is against the
+    fine-tuned model of its own run (a proxy rebuilt on another CPU can differ in the last bits, and CoOp at
+    lr 3 turns that into different fine-tuned prompts)."""
     tasks_of: dict[tuple[str, str, str], dict[str, dict[str, float]]] = {}
     for run in (bench, *extra):
         for suite, _, _, dataset, kind, block in all_blocks(run):
@@ -155,8 +157,8 @@ def defaults_markdown(bench: dict[str, object], extra: list[dict[str, object]] =
              f"task (means over seeds). The rule: on validation, the candidate with the largest mean gain among "
              f"those that gain on average and cost at most {DO_NO_HARM} HM on every task; test shows whether it "
              "held. Candidates a task did not measure make it ineligible (the table counts the tasks behind each "
-             "mean). Extra candidates come from `results/surrogates-*.json` (the same seeds and fine-tuned "
-             "checkpoints).", "",
+             "mean). Extra candidates come from `results/surrogates-*.json` (the same seeds and protocol; each gain "
+             "is taken against the fine-tuned model of its own run, seed by seed).", "",
              "| kind | repaired with | validation: mean / worst | test: mean / worst | chosen on validation |",
              "|---|---|---|---|---|"]
     for kind, choice in default_choices(bench, extra).items():
