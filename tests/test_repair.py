@@ -205,3 +205,19 @@ def test_cached_features_are_memory_mapped(tmp_path, backbone, image_dirs):
     path.write_bytes(path.read_bytes()[:-8])  # a damaged entry is recomputed, not trusted
     again = extract_features(backbone, dataset, cache_dir=tmp_path, normalize=False)
     assert torch.equal(again.features, first.features)
+
+
+def test_the_readme_defaults_table_is_what_the_kinds_declare():
+    import re
+
+    from repair.kinds import KINDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Defaults**"):readme.index("**Speed by design.**")]
+    rows = {name: (surrogate, lam) for name, surrogate, lam in
+            re.findall(r"^\| `(\w+)` \| `([\w-]+)` \| `?([\w.]+)`? \|", section, flags=re.MULTILINE)}
+    assert rows, "no defaults rows found in the README"
+    for name, (surrogate, lam) in rows.items():
+        defaults = KINDS[name].defaults
+        assert surrogate == defaults.surrogate, name
+        assert lam == (defaults.lam_zs if isinstance(defaults.lam_zs, str) else f"{defaults.lam_zs:g}"), name
