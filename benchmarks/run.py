@@ -139,9 +139,9 @@ QUICK_SIZES = {"towers": Sizes(val=20, test=20, shifted_test=20), "scratch": Siz
 def quick(plan: Plan) -> Plan:
     """One seed and small test sets: a few minutes, for iteration (numbers too noisy to report)."""
     plan = replace(plan, seeds=plan.seeds[:1], sizes=QUICK_SIZES[plan.proxy])
-    if plan.proxy == "towers":  # the 100-class Tiny-ImageNet prompts and CLIPFit's image tower dominate
-        plan = replace(plan, datasets=("cifar10", "caltech101"),
-                       left_out=(*plan.left_out, ("cifar10", "clipfit"), ("domain", "clipfit")))
+    if plan.proxy == "towers":  # CLIPFit's image tower and the 50- and 100-class prompt tasks dominate
+        plan = replace(plan, datasets=("cifar10",),
+                       left_out=(*plan.left_out, ("cifar10", "clipfit"), ("domain", "clipfit"), ("domain", "coop")))
     return plan
 
 
