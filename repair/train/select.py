@@ -10,9 +10,9 @@ fine-tuned model's accuracy is the reference only for a grid without 0). Among t
 eligible ones the repair whose predictions over the reference vocabulary agree most with the zero-shot
 model's wins (label-free generality; the strongest constraint usually agrees most, and where a stronger
 ``lam_zs`` agrees less it is not a stronger constraint in function space); ties go to the larger ``lam_zs``.
-``lam_zs = 0`` is eligible by definition, so there is always a choice. A value whose repair diverges (the loss turns inf or NaN: too strong
-a pull at this learning rate) is recorded as diverged and is not eligible; the others still count.
-The whole curve is recorded in the output's metadata.
+``lam_zs = 0`` is eligible by definition, so there is always a choice. A value whose repair diverges
+(the loss turns inf or NaN: too strong a pull at this learning rate) is recorded as diverged and is
+not eligible; the others still count. The whole curve is recorded in the output's metadata.
 """
 
 from __future__ import annotations
