@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from benchmarks.report import write_results
 from repair.errors import MergetuneError
+from repair.io.write import atomic_output
 from repair.kinds import CLIPFit, CoOpPrompts, LinearHead
 from repair.kinds.base import Kind
 from repair.kinds.clipfit import clipfit_names
@@ -807,9 +808,11 @@ def _extraction_table(report: dict) -> list[str]:
 
 
 def _save(report: dict[str, object], path: Path | None) -> None:
+    """Atomically, after every part: a run stopped mid-write keeps the previous file whole."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(path, replace=True) as temp:
+            temp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

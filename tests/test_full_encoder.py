@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
