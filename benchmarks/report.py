@@ -185,7 +185,9 @@ def phenomenon_line(block: dict[str, object], metric: str, first: str) -> str:
         line += (f" (validation: {_signed(val['base_gain'])} / {_signed(_negated(val[f'{metric}_drop']))})")
     verdict = "shown" if check["phenomenon"] else "NOT shown"
     line += f"; forgetting {verdict} (needs {first} ≥ +3 and {metric} ≤ −2)"
-    if "wall_s" in block:
+    if "seed_s" in block:  # schema 3: each seed on one core
+        line += f"; {sum(block['seed_s'].values()) / 60:.1f} min for all seeds on one core each"
+    elif "wall_s" in block:
         line += f"; {block['wall_s'] / 60:.1f} min for all seeds"
     return line + "."
 

@@ -16,13 +16,18 @@ CLIP (``--proxy towers``, the default, or the older ``scratch`` one) is built or
 
     python -m benchmarks.run            # full run: latest.json, RESULTS.md, hm.png
     python -m benchmarks.run --quick    # one seed, small test sets, for iteration
+
+Seeds run in worker processes (``--workers``, one per core by default), each job on one thread, so the
+numbers are the same whatever the core count.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -38,13 +43,14 @@ from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_nov
 from repair import DataOptions, best_wise_alpha, evaluate, finetune, repair
 from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
-from repair.data.features import default_cache_dir
+from repair.data.features import default_cache_dir, extract_features
+from repair.data.folders import scan_image_folder
 from repair.errors import IncompatibleCheckpointError, NumericalError
 from repair.io.write import atomic_output
 from repair.train.objective import Objective
 from repair.train.loop import TrainConfig
 
-SCHEMA = "mergetune.bench/2"
+SCHEMA = "mergetune.bench/3"  # 3: seconds per seed (seed_s) replace a block's wall_s; workers recorded
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -122,9 +128,9 @@ class Plan:
     style: str = "none"
     sizes: Sizes = Sizes(val=20, test=50, shifted_test=50)
     # (suite or dataset, kind) blocks left out to keep the full run inside an hour on 2 cores: CLIPFit runs
-    # the image tower in its loop and in every evaluation (benchmarks/README.md, "Cost")
-    left_out: tuple[tuple[str, str], ...] = (("tiny_imagenet", "clipfit"), ("caltech101", "clipfit"),
-                                             ("robustness", "clipfit"))
+    # the image tower in its loop and in every evaluation, and these two have the largest evaluation sets
+    # (10,000 test images; 3,500 clean and corrupted) (benchmarks/README.md, "Cost")
+    left_out: tuple[tuple[str, str], ...] = (("tiny_imagenet", "clipfit"), ("robustness", "clipfit"))
     protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(TOWERS_PROTOCOL))
 
 
@@ -324,30 +330,143 @@ def environment() -> dict[str, object]:
             "code_modified_since_commit": None if status is None else bool(status), **versions()}
 
 
-def run_block(run_seed, seeds: tuple[int, ...], metric: str) -> dict[str, object]:
-    """One (task, kind) over every seed: rows per seed, their summary and checks, val checks, wall time."""
+# Every number of the benchmark is computed on one intra-op thread, in whichever worker process: the
+# results then depend neither on the core count nor on --workers, and 2 cores give nearly twice the
+# throughput of one process on two threads (small convolutions and short text sequences do not split well).
+THREADS_PER_JOB = 1
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    """One (suite, task, kind, seed): fine-tune, repair, evaluate; the unit the worker processes share."""
+
+    suite: str  # base_to_novel, domain or robustness
+    task: BaseToNovelTask | RobustnessTask
+    kind: str
+    seed: int
+
+
+_BACKBONES: dict[BackboneSpec, object] = {}
+
+
+def _backbone(spec: BackboneSpec):
+    """One loaded backbone per process and spec: workers keep theirs across jobs."""
+    if spec not in _BACKBONES:
+        _BACKBONES[spec] = load_backbone(spec)
+    return _BACKBONES[spec]
+
+
+def run_job(job: SeedJob, plan: Plan, spec: BackboneSpec, work: Path, log=print) -> tuple[dict, float]:
+    """The rows of one seed and the seconds they took, on THREADS_PER_JOB threads from a fixed global seed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS_PER_JOB)
+    torch.manual_seed(0)  # nothing should draw from it; if something does, the job order cannot matter
     started = time.perf_counter()
+    try:
+        backbone = _backbone(spec)
+        if job.suite == "base_to_novel":
+            rows = run_base_to_novel(job.task, job.kind, job.seed, plan, work, backbone, log)
+        else:
+            rows = run_robustness(job.task, job.kind, job.seed, plan, work, backbone, log)
+    finally:
+        torch.set_num_threads(threads)
+    return rows, round(time.perf_counter() - started, 1)
+
+
+def warm_features(spec: BackboneSpec, folder: Path) -> None:
+    """Encode an evaluation folder with the frozen tower into mergetune's feature cache, once for all jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS_PER_JOB)
+    try:
+        extract_features(_backbone(spec), scan_image_folder(folder), cache_dir=default_cache_dir())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def eval_folders(task: BaseToNovelTask | RobustnessTask) -> list[Path]:
+    if isinstance(task, BaseToNovelTask):
+        return [task.val_base, task.val_novel, task.test_base, task.test_novel]
+    return [task.val, *task.val_shifted, task.test, *task.test_shifted.values()]
+
+
+class _Deferred:
+    """A future that runs its call when first asked for the result: the in-process executor's."""
+
+    def __init__(self, call) -> None:
+        self._call, self._done, self._value = call, False, None
+
+    def result(self):
+        if not self._done:
+            self._value, self._done = self._call(), True
+        return self._value
+
+
+class InProcess:
+    """``--workers 1``: jobs run here, in plan order, as their results are collected."""
+
+    def submit(self, fn, *args, **kwargs) -> _Deferred:
+        return _Deferred(lambda: fn(*args, **kwargs))
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def executor(workers: int):
+    """Worker processes (spawned: forking a process that already ran torch's thread pools can hang)."""
+    if workers <= 1:
+        return InProcess()
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def block_result(rows_and_seconds: dict[int, tuple[dict, float]], metric: str) -> dict[str, object]:
+    """One (task, kind) over every seed: rows per seed, their summary and checks, val checks, seconds per seed."""
     per_seed, val_per_seed = {}, {}
-    for seed in seeds:
-        rows = run_seed(seed)
+    for seed, (rows, _) in rows_and_seconds.items():
+        rows = dict(rows)
         val_per_seed[seed] = rows.pop("val")
         per_seed[seed] = rows
     summary = summarise(per_seed)
     return {"per_seed": per_seed, "summary": summary, "checks": checks(summary, metric),
             "val_per_seed": val_per_seed, "val_checks": phenomenon(summarise(val_per_seed), metric),
-            "wall_s": round(time.perf_counter() - started, 1)}
+            "seed_s": {seed: seconds for seed, (_, seconds) in rows_and_seconds.items()}}
+
+
+def plan_tasks(plan: Plan, data_root: Path, work: Path, log) -> list[tuple[str, BaseToNovelTask | RobustnessTask]]:
+    """The plan's tasks as (suite, task), their image folders written; each kind runs on them unless left out."""
+    tasks = []
+    for dataset in plan.datasets:
+        task = base_to_novel_task(data_root, dataset, plan.style, work / "data", plan.sizes)
+        log(f"base-to-novel {dataset} ({plan.style}): base {_names(task.base_classes)}, "
+            f"novel {_names(task.novel_classes)}")
+        tasks.append(("base_to_novel", task))
+    if plan.domain_kinds:
+        tasks.append(("domain", domain_task(data_root, work / "data", plan.sizes)))
+    if plan.robustness_kinds:
+        tasks.append(("robustness", robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data",
+                                                    plan.sizes)))
+    for suite, task in tasks[len(plan.datasets):]:
+        log(f"{suite} {task.dataset} ({task.style}): shifted sets {', '.join(task.test_shifted)}")
+    return tasks
+
+
+def plan_blocks(plan: Plan, tasks) -> list[tuple[str, BaseToNovelTask | RobustnessTask, str]]:
+    kinds = {"base_to_novel": plan.b2n_kinds, "domain": plan.domain_kinds, "robustness": plan.robustness_kinds}
+    return [(suite, task, kind) for suite, task in tasks for kind in kinds[suite]
+            if (task.dataset if suite == "base_to_novel" else suite, kind) not in plan.left_out]
 
 
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
-             proxy_info: dict[str, object] | None = None, save=None) -> dict[str, object]:
-    """Every block of the plan; ``save(result)`` after each block, so a run stopped late keeps what it measured
-    (``result["complete"]`` says whether it got to the end)."""
+             proxy_info: dict[str, object] | None = None, save=None, workers: int = 1) -> dict[str, object]:
+    """Every block of the plan, its seeds spread over ``workers`` processes; ``save(result)`` after each block,
+    so a run stopped late keeps what it measured (``result["complete"]`` says whether it got to the end)."""
     started = time.perf_counter()
-    backbone = load_backbone(spec)
     result: dict[str, object] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": environment(), "backbone": spec.as_dict(), "proxy": proxy_info,
-        "plan": asdict(plan),
+        "environment": {**environment(), "workers": workers, "threads_per_job": THREADS_PER_JOB},
+        "backbone": spec.as_dict(), "proxy": proxy_info, "plan": asdict(plan),
         "base_to_novel": {}, "domain": {}, "robustness": {}, "complete": False,
     }
 
@@ -356,33 +475,22 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
         if save is not None:
             save(result)
 
-    for dataset in plan.datasets:
-        task = base_to_novel_task(data_root, dataset, plan.style, work / "data", plan.sizes)
-        log(f"base-to-novel {dataset} ({plan.style}): base {_names(task.base_classes)}, "
-            f"novel {_names(task.novel_classes)}")
-        for kind in plan.b2n_kinds:
-            if (dataset, kind) in plan.left_out:
-                continue
-            block = run_block(lambda seed: run_base_to_novel(task, kind, seed, plan, work, backbone, log),
-                              plan.seeds, "novel")
-            result["base_to_novel"].setdefault(dataset, {})[kind] = block
-            log_summary(log, f"{dataset} {kind}", block, "novel")
-            block_done()
-    suites = (("domain", plan.domain_kinds, lambda: domain_task(data_root, work / "data", plan.sizes)),
-              ("robustness", plan.robustness_kinds,
-               lambda: robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)))
-    for suite, kinds, make_task in suites:
-        if not kinds:
-            continue
-        task = make_task()
-        log(f"{suite} {task.dataset} ({task.style}): shifted sets {', '.join(task.test_shifted)}")
-        for kind in kinds:
-            if (suite, kind) in plan.left_out:
-                continue
-            block = run_block(lambda seed: run_robustness(task, kind, seed, plan, work, backbone, log),
-                              plan.seeds, "shifted")
+    tasks = plan_tasks(plan, data_root, work, log)
+    blocks = plan_blocks(plan, tasks)
+    job_log = log if workers <= 1 else print  # a worker cannot call back into this process
+    with executor(workers) as pool:
+        warming = [pool.submit(warm_features, spec, folder) for _, task in tasks for folder in eval_folders(task)]
+        for future in warming:
+            future.result()
+        log(f"evaluation folders encoded (or found cached) in {time.perf_counter() - started:.0f} s")
+        futures = [{seed: pool.submit(run_job, SeedJob(suite, task, kind, seed), plan, spec, work, job_log)
+                    for seed in plan.seeds} for suite, task, kind in blocks]
+        for (suite, task, kind), seeds in zip(blocks, futures):
+            metric = "novel" if suite == "base_to_novel" else "shifted"
+            block = block_result({seed: future.result() for seed, future in seeds.items()}, metric)
             result[suite].setdefault(task.dataset, {})[kind] = block
-            log_summary(log, f"{task.dataset} {kind} ({suite})", block, "shifted")
+            title = f"{task.dataset} {kind}" + ("" if suite == "base_to_novel" else f" ({suite})")
+            log_summary(log, title, block, metric)
             block_done()
     result["complete"] = True
     block_done()
@@ -397,7 +505,7 @@ def write_json(path: Path, result: dict[str, object]) -> None:
 
 def log_summary(log, title: str, block: dict[str, object], metric: str) -> None:
     check, val = block["checks"], block["val_checks"]
-    log(f"  {title} ({block['wall_s']:.0f} s): fine-tuning moved base {check['base_gain']:+.1f} and {metric} "
+    log(f"  {title} ({sum(block['seed_s'].values()):.0f} s over its seeds): fine-tuning moved base {check['base_gain']:+.1f} and {metric} "
         f"{-check[f'{metric}_drop']:+.1f} (validation: {val['base_gain']:+.1f} / {-val[f'{metric}_drop']:+.1f})")
     for method, row in block["summary"].items():
         log(f"    {method:20s} base {row['base_mean']:5.1f}  {metric} {_fmt(row.get(f'{metric}_mean'))}  "
@@ -450,8 +558,12 @@ def main(argv: list[str] | None = None) -> None:
                         "(quick runs: quick.json)")
     parser.add_argument("--include-left-out", action="store_true",
                         help="also run the blocks the plan leaves out for cost (CLIPFit on the large tasks)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes that share the seeds (default: one per core); the numbers do not depend on it")
     parser.add_argument("--no-markdown", action="store_true", help="do not regenerate RESULTS.md and the chart")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
 
     plan = PLANS[args.proxy]
     plan = quick(plan) if args.quick else plan
@@ -486,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out, result)
 
     torch.manual_seed(0)
-    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save)
+    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save, workers=args.workers)
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     if not args.no_markdown and not args.quick:
         from benchmarks.report import write_results

@@ -150,6 +150,21 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     assert "stopped before its end" in (tmp_path / "PARTIAL.md").read_text()
 
 
+def test_numbers_do_not_depend_on_how_many_worker_processes_share_the_seeds(shared_data, tiny_spec, tmp_path):
+    from benchmarks import run
+    from benchmarks.tasks import Sizes
+
+    protocol = run.KindProtocol(epochs=2, lr=0.05, lam_zs={"l2": 1.0}, shots=2)
+    plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), domain_kinds=(), robustness_kinds=(),
+                    surrogates=("l2",), style="blur", sizes=Sizes(val=2, test=3, shifted_test=2),
+                    protocol={"coop": protocol}, kind_surrogates={})
+    threads = torch.get_num_threads()
+    results = [run.run_plan(plan, tiny_spec, shared_data, tmp_path / f"work{workers}", log=lambda message: None,
+                            workers=workers)["base_to_novel"]["flowers5"]["coop"] for workers in (1, 2)]
+    assert results[0]["per_seed"] == results[1]["per_seed"] and results[0]["val_per_seed"] == results[1]["val_per_seed"]
+    assert set(results[1]["seed_s"]) == {1, 2} and torch.get_num_threads() == threads  # restored in-process
+
+
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):
     from benchmarks.lam_sweep import parse_grid, sweep
 
