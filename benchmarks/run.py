@@ -407,10 +407,7 @@ class InProcess:
     def submit(self, fn, *args, **kwargs) -> _Deferred:
         return _Deferred(lambda: fn(*args, **kwargs))
 
-    def __enter__(self) -> InProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         return None
 
 
@@ -478,7 +475,8 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
     tasks = plan_tasks(plan, data_root, work, log)
     blocks = plan_blocks(plan, tasks)
     job_log = log if workers <= 1 else print  # a worker cannot call back into this process
-    with executor(workers) as pool:
+    pool = executor(workers)
+    try:
         warming = [pool.submit(warm_features, spec, folder) for _, task in tasks for folder in eval_folders(task)]
         for future in warming:
             future.result()
@@ -492,6 +490,8 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
             title = f"{task.dataset} {kind}" + ("" if suite == "base_to_novel" else f" ({suite})")
             log_summary(log, title, block, metric)
             block_done()
+    finally:  # a failed job or Ctrl-C ends the run after the running jobs, not after the whole queue
+        pool.shutdown(wait=True, cancel_futures=True)
     result["complete"] = True
     block_done()
     return result
