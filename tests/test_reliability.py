@@ -220,10 +220,10 @@ def test_7_sigterm_exits_143_in_one_line_and_keeps_only_progress(tmp_path, tiny_
     while moment == "while training" and not progress.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     if moment == "while loading":
-        time.sleep(4.0)  # past start-up: importing torch, reading the inputs, loading the model
+        time.sleep(1.0)  # past the CLI's own start-up (a fraction of a second), into importing torch
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    if process.returncode == 0:
+    if process.returncode == 0 or out.exists():  # done, or at interpreter exit (Python's handlers are gone)
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines() == ["terminated; no output was written (progress is kept for --resume)"]
