@@ -165,6 +165,15 @@ def test_numbers_do_not_depend_on_how_many_worker_processes_share_the_seeds(shar
     assert set(results[1]["seed_s"]) == {1, 2} and torch.get_num_threads() == threads  # restored in-process
 
 
+def test_run_refuses_fewer_than_one_worker_in_one_line(capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--workers", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--workers must be at least 1, got 0")
+
+
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):
     from benchmarks.lam_sweep import parse_grid, sweep
 
