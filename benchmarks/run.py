@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -356,31 +357,32 @@ def _backbone(spec: BackboneSpec):
     return _BACKBONES[spec]
 
 
-def run_job(job: SeedJob, plan: Plan, spec: BackboneSpec, work: Path, log=print) -> tuple[dict, float]:
-    """The rows of one seed and the seconds they took, on THREADS_PER_JOB threads from a fixed global seed."""
+@contextlib.contextmanager
+def _one_job_threads():
+    """Torch on THREADS_PER_JOB intra-op threads for the block, restored after (in-process runs share the process)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS_PER_JOB)
-    torch.manual_seed(0)  # nothing should draw from it; if something does, the job order cannot matter
-    started = time.perf_counter()
     try:
-        backbone = _backbone(spec)
-        if job.suite == "base_to_novel":
-            rows = run_base_to_novel(job.task, job.kind, job.seed, plan, work, backbone, log)
-        else:
-            rows = run_robustness(job.task, job.kind, job.seed, plan, work, backbone, log)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return rows, round(time.perf_counter() - started, 1)
+
+
+def run_job(job: SeedJob, plan: Plan, spec: BackboneSpec, work: Path, log=print) -> tuple[dict, float]:
+    """The rows of one seed and the seconds they took, on THREADS_PER_JOB threads from a fixed global seed."""
+    with _one_job_threads():
+        torch.manual_seed(0)  # nothing should draw from it; if something does, the job order cannot matter
+        started = time.perf_counter()
+        backbone = _backbone(spec)
+        run_seed = run_base_to_novel if job.suite == "base_to_novel" else run_robustness
+        rows = run_seed(job.task, job.kind, job.seed, plan, work, backbone, log)
+        return rows, round(time.perf_counter() - started, 1)
 
 
 def warm_features(spec: BackboneSpec, folder: Path) -> None:
     """Encode an evaluation folder with the frozen tower into mergetune's feature cache, once for all jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS_PER_JOB)
-    try:
+    with _one_job_threads():
         extract_features(_backbone(spec), scan_image_folder(folder), cache_dir=default_cache_dir())
-    finally:
-        torch.set_num_threads(threads)
 
 
 def eval_folders(task: BaseToNovelTask | RobustnessTask) -> list[Path]:
@@ -439,13 +441,14 @@ def plan_tasks(plan: Plan, data_root: Path, work: Path, log) -> list[tuple[str, 
         log(f"base-to-novel {dataset} ({plan.style}): base {_names(task.base_classes)}, "
             f"novel {_names(task.novel_classes)}")
         tasks.append(("base_to_novel", task))
-    if plan.domain_kinds:
-        tasks.append(("domain", domain_task(data_root, work / "data", plan.sizes)))
-    if plan.robustness_kinds:
-        tasks.append(("robustness", robustness_task(data_root, plan.robustness_dataset, plan.style, work / "data",
-                                                    plan.sizes)))
-    for suite, task in tasks[len(plan.datasets):]:
-        log(f"{suite} {task.dataset} ({task.style}): shifted sets {', '.join(task.test_shifted)}")
+    shifted = (("domain", plan.domain_kinds, lambda: domain_task(data_root, work / "data", plan.sizes)),
+               ("robustness", plan.robustness_kinds, lambda: robustness_task(
+                   data_root, plan.robustness_dataset, plan.style, work / "data", plan.sizes)))
+    for suite, kinds, make_task in shifted:
+        if kinds:
+            task = make_task()
+            log(f"{suite} {task.dataset} ({task.style}): shifted sets {', '.join(task.test_shifted)}")
+            tasks.append((suite, task))
     return tasks
 
 
@@ -505,8 +508,8 @@ def write_json(path: Path, result: dict[str, object]) -> None:
 
 def log_summary(log, title: str, block: dict[str, object], metric: str) -> None:
     check, val = block["checks"], block["val_checks"]
-    log(f"  {title} ({sum(block['seed_s'].values()):.0f} s over its seeds): fine-tuning moved base {check['base_gain']:+.1f} and {metric} "
-        f"{-check[f'{metric}_drop']:+.1f} (validation: {val['base_gain']:+.1f} / {-val[f'{metric}_drop']:+.1f})")
+    log(f"  {title} ({sum(block['seed_s'].values()):.0f} s over its seeds): fine-tuning moved base "
+        f"{check['base_gain']:+.1f} and {metric} {-check[f'{metric}_drop']:+.1f} (validation: {val['base_gain']:+.1f} / {-val[f'{metric}_drop']:+.1f})")
     for method, row in block["summary"].items():
         log(f"    {method:20s} base {row['base_mean']:5.1f}  {metric} {_fmt(row.get(f'{metric}_mean'))}  "
             f"hm {_fmt(row.get('hm_mean'))}")
@@ -597,7 +600,6 @@ def main(argv: list[str] | None = None) -> None:
         result["quick"] = args.quick
         write_json(out, result)
 
-    torch.manual_seed(0)
     result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save, workers=args.workers)
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     if not args.no_markdown and not args.quick:
