@@ -99,16 +99,26 @@ SCRATCH_PROTOCOL = {
     "clipfit": KindProtocol(epochs=20, lr=0.01, lam_zs={"feature": 10.0, "fisher": 5.0, "l2": 1.0}),
     "linear": KindProtocol(epochs=30, lr=0.05, lam_zs={"feature": 30.0, "fisher": 10.0, "l2": 5.0}),
 }
+
+
+def _with_fisher_family(lam_zs: dict[str, float]) -> dict[str, float]:
+    """``lam_zs`` plus fisher's value for the surrogates that approximate the same KL (see below)."""
+    return {**lam_zs, **{name: lam_zs["fisher"] for name in ("kfac", "fisher-vocab", "fisher-dense", "distill")}}
+
+
 # The towers proxy's protocol (benchmarks/README.md, "Protocol on the towers proxy"): schedules chosen on
 # validation splits only, so that fine-tuning forgets. lam_zs keeps the scratch values, except CoOp's l2:
 # at lr 3 an SGD step on 5 * 0.5 ||d||^2 overshoots (lr * lam > 2 (1 + momentum)) and the loss became inf.
-# kfac (a linear head's K-FAC) takes fisher's value; the vocabulary surrogates are not benchmarked (cost).
+# kfac, fisher-vocab, fisher-dense and distill take fisher's value: each approximates the same
+# E_x KL(p_zs || p_w) around w_zs (distill is that KL; fisher-dense its second-order term; fisher-vocab
+# and kfac that term's diagonal and Kronecker forms), so one lam_zs means one strength for all of them.
 TOWERS_PROTOCOL = {
     "coop": KindProtocol(epochs=0, steps=100, lr=3.0, batch_size=256,
-                         lam_zs={**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5}),
-    "clipfit": KindProtocol(epochs=0, steps=40, lr=0.05, batch_size=32, lam_zs=SCRATCH_PROTOCOL["clipfit"].lam_zs),
+                         lam_zs=_with_fisher_family({**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5})),
+    "clipfit": KindProtocol(epochs=0, steps=40, lr=0.05, batch_size=32,
+                            lam_zs=_with_fisher_family(SCRATCH_PROTOCOL["clipfit"].lam_zs)),
     "linear": KindProtocol(epochs=0, steps=100, lr=0.05, batch_size=32,
-                           lam_zs={**SCRATCH_PROTOCOL["linear"].lam_zs, "kfac": 10.0}),
+                           lam_zs=_with_fisher_family(SCRATCH_PROTOCOL["linear"].lam_zs)),
 }
 KINDS_B2N = ("coop", "clipfit")
 BENCHMARKED_SURROGATES = ("feature", "fisher", "l2")  # the set the committed runs measured; --surrogates adds others

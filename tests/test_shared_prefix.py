@@ -185,3 +185,21 @@ def test_per_example_gradients_through_chunks_equal_the_loop(prompts):
     vmapped = next(per_example_grads(Scores(prompts), features, labels, method="vmap"))["ctx"]
     looped = next(per_example_grads(Scores(prompts), features, labels, method="loop"))["ctx"]
     assert torch.allclose(vmapped, looped, atol=ATOL)
+
+
+@pytest.mark.parametrize("tower", ["backbone", "hf_backbone"])
+def test_rows_past_one_chunk_go_shortest_first_with_the_same_features_and_gradients(tower, request):
+    """A vocabulary longer than a chunk is encoded in length buckets, each cut to its own longest row."""
+    backbone = request.getfixturevalue(tower)
+    text = backbone.text
+    names = ["red", "a very long and winding name of a colour", "blue", "green yellowish", "pink", "teal grey"]
+    tokens, pooling = text.cut(backbone.tokenize([f"a photo of a {name}." for name in names]))
+    assert len(set(text.row_lengths(pooling).tolist())) > 2  # the buckets differ in length
+    embeddings = text.embed(tokens).detach().requires_grad_()
+    whole = text.encode_rows(embeddings, pooling, chunk_size=None)
+    bucketed = text.encode_rows(embeddings, pooling, chunk_size=2)
+    assert torch.allclose(bucketed, whole, atol=ATOL)
+    weights = torch.randn_like(whole)
+    grad_whole, = torch.autograd.grad((whole * weights).sum(), embeddings)
+    grad_bucketed, = torch.autograd.grad((bucketed * weights).sum(), embeddings)
+    assert float((grad_bucketed - grad_whole).abs().max()) <= 1e-5 * float(grad_whole.abs().max())  # relative: rounding

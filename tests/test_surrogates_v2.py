@@ -69,8 +69,10 @@ def test_vmap_and_loop_fisher_agree_for_a_prompt(backbone, image_dirs, vocabular
     before = kind.snapshot()
     loop = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=vocabulary, method="loop")
     vmapped = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=vocabulary, method="vmap")
+    one_forward = fisher_diagonal(kind, data, seed=3, chunk=5, vocabulary=vocabulary, method="vjp")
     assert float(loop["ctx"].abs().sum()) > 0
     assert_same(loop, vmapped)
+    assert_same(loop, one_forward)
     assert torch.equal(kind.ctx.detach(), before["ctx"])  # evaluated at w_zs, restored after
 
 
@@ -90,6 +92,7 @@ def test_vmap_and_loop_fisher_agree_for_a_linear_head_and_clipfit(backbone, imag
     dataset, data = features(backbone, image_dirs)
     head = linear_head(backbone, dataset.classnames)
     assert_same(fisher_diagonal(head, data, seed=1, method="loop"), fisher_diagonal(head, data, seed=1, method="vmap"))
+    assert_same(fisher_diagonal(head, data, seed=1, method="loop"), fisher_diagonal(head, data, seed=1, method="vjp"))
     pixels = load_pixels(backbone, dataset)
     clipfit = CLIPFit.zero_shot(backbone, dataset.classnames, TEMPLATES)
     loop = fisher_diagonal(clipfit, pixels, seed=1, chunk=4, vocabulary=VOCAB, method="loop")
@@ -219,6 +222,11 @@ def test_new_surrogates_are_cached_on_disk_per_surrogate(backbone, image_dirs, t
     assert torch.equal(first.constants["dense"], again.constants["dense"])
     other = build_surrogate("fisher-dense", kind, data, cache_key="k", cache_dir=tmp_path, vocabulary=VOCAB[:-1])
     assert not other.stats["from_cache"]  # another vocabulary is another entry
+    assert len(list((tmp_path / "fisher").glob("*.safetensors"))) == 2
+
+    vocab_fisher = build_surrogate("fisher-vocab", kind, data, cache_key="k", cache_dir=tmp_path, vocabulary=VOCAB)
+    assert vocab_fisher.stats["from_cache"]  # the dense entry's diagonal: no second pass of gradients
+    assert torch.equal(vocab_fisher.fisher["ctx"].reshape(-1), torch.diagonal(first.constants["dense"]))
     assert len(list((tmp_path / "fisher").glob("*.safetensors"))) == 2
 
 

@@ -126,8 +126,11 @@ class FromImages:
             raise UsageError(f"--surrogate {cls.name} does not apply to this {kind.about.description}: {reason}")
         names = cls.vocabulary_for(kind, vocabulary)
         began = time.perf_counter()
-        constants, cached = _cached(cls.name, names, cls.entry_keys(kind), data, seed, cache_key, cache_dir,
-                                    lambda: cls.estimate(kind, data, seed, names))
+        source = cls.estimated_by(kind)  # whose cache entry holds these constants (one gradient pass for both)
+        constants, cached = _cached(source.name, names, source.entry_keys(kind), data, seed, cache_key, cache_dir,
+                                    lambda: source.estimate(kind, data, seed, names))
+        if source is not cls:
+            constants = cls.from_entry(kind, constants)
         surrogate = cls(kind, constants, data, seed, names)
         surrogate.stats = {"surrogate": cls.name, "seconds": round(time.perf_counter() - began, 3),
                            "constant_bytes": sum(t.numel() * t.element_size() for t in constants.values()),
@@ -150,6 +153,16 @@ class FromImages:
     @classmethod
     def entry_keys(cls, kind: Kind) -> set[str]:
         """The tensor names of this surrogate's cache entry (an entry with others is recomputed)."""
+        raise NotImplementedError
+
+    @classmethod
+    def estimated_by(cls, kind: Kind) -> type[FromImages]:
+        """The surrogate whose estimate (and cache entry) this one's constants are read from: itself,
+        unless another's contains them (:meth:`from_entry` reads them out)."""
+        return cls
+
+    @classmethod
+    def from_entry(cls, kind: Kind, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def __init__(self, kind: Kind, constants: dict[str, torch.Tensor], data: Features, seed: int,
@@ -192,6 +205,19 @@ class VocabularyFisherSurrogate(FisherSurrogate):
 
     name = "fisher-vocab"
     open_vocabulary = True
+
+    @classmethod
+    def estimated_by(cls, kind: Kind) -> type[FromImages]:
+        # where the dense Fisher fits, the diagonal is its diagonal: one pass of per-example gradients
+        # (minutes over a 1,005-name vocabulary) serves both surrogates through one cache entry
+        return DenseFisherSurrogate if DenseFisherSurrogate.refusal(kind) is None else cls
+
+    @classmethod
+    def from_entry(cls, kind: Kind, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        diagonal = torch.diagonal(constants["dense"]).clone()
+        shapes = {name: tensor.shape for name, tensor in kind.trainable().items()}
+        pieces = diagonal.split([shape.numel() for shape in shapes.values()])
+        return {name: piece.reshape(shape) for (name, shape), piece in zip(shapes.items(), pieces)}
 
 
 class DenseFisherSurrogate(FromImages):
