@@ -105,16 +105,19 @@ def phenomenon_count(bench: dict[str, object]) -> str:
 DO_NO_HARM = 0.5  # the most HM a default may cost on any task (the surrogate issue's rule)
 
 
-def _hm_gains(block: dict[str, object], split: str) -> dict[str, float]:
-    """HM of each repair minus the fine-tuned model's, mean over seeds, on ``split`` ('val' or 'test')."""
+def _hm_gains(block: dict[str, object], split: str) -> dict[str, float | None]:
+    """HM of each repair minus the fine-tuned model's, mean over seeds, on ``split`` ('val' or 'test');
+    None for a repair missing on some seed the fine-tuned model has (it diverged there)."""
     per_seed = block["val_per_seed"] if split == "val" else block["per_seed"]
     gains: dict[str, list[float]] = {}
+    seeds = 0
     for rows in per_seed.values():
         fine = (rows.get("fine-tuned") or {}).get("hm")
+        seeds += fine is not None
         for method, row in rows.items():
             if method.startswith("repaired") and fine is not None and row.get("hm") is not None:
                 gains.setdefault(method, []).append(row["hm"] - fine)
-    return {method: sum(values) / len(values) for method, values in gains.items()}
+    return {method: sum(values) / len(values) if len(values) == seeds else None for method, values in gains.items()}
 
 
 def default_choices(bench: dict[str, object], extra: list[dict[str, object]] = ()) -> dict[str, dict[str, object]]:
@@ -141,11 +144,14 @@ def default_choices(bench: dict[str, object], extra: list[dict[str, object]] = (
         for method in sorted({m for task in tasks for m in task["val"]}):
             row = {}
             for split in ("val", "test"):
-                gains = [task[split][method] for task in tasks if method in task[split]]
-                row[split] = {"mean": sum(gains) / len(gains), "worst": min(gains), "tasks": len(gains)}
+                gains = [task[split][method] for task in tasks if task[split].get(method) is not None]
+                row[split] = {"mean": sum(gains) / len(gains) if gains else None, "worst": min(gains, default=None),
+                              "tasks": len(gains)}
+            row["diverged_on"] = sum(task["val"].get(method, 0.0) is None or task["test"].get(method, 0.0) is None
+                                     for task in tasks)
             candidates[method] = row
         eligible = [m for m, row in candidates.items() if row["val"]["tasks"] == len(tasks)
-                    and row["val"]["mean"] > 0 and row["val"]["worst"] >= -DO_NO_HARM]
+                    and not row["diverged_on"] and row["val"]["mean"] > 0 and row["val"]["worst"] >= -DO_NO_HARM]
         chosen = max(eligible, key=lambda m: candidates[m]["val"]["mean"], default=None)
         choices[kind] = {"tasks": len(tasks), "candidates": candidates, "chosen": chosen}
     return choices
@@ -156,16 +162,17 @@ def defaults_markdown(bench: dict[str, object], extra: list[dict[str, object]] =
              "Per kind, each repair's HM minus the fine-tuned model's, mean over that kind's tasks and the worst "
              f"task (means over seeds). The rule: on validation, the candidate with the largest mean gain among "
              f"those that gain on average and cost at most {DO_NO_HARM} HM on every task; test shows whether it "
-             "held. Candidates a task did not measure make it ineligible (the table counts the tasks behind each "
-             "mean). Extra candidates come from `results/surrogates-*.json` (the same seeds and protocol; each gain "
+             "held. Candidates a task did not measure, or that diverged on some seed, are ineligible (the table "
+             "counts the tasks behind each mean; a task with a diverged seed is left out of it). Extra candidates come from `results/surrogates-*.json` (the same seeds and protocol; each gain "
              "is taken against the fine-tuned model of its own run, seed by seed).", "",
              "| kind | repaired with | validation: mean / worst | test: mean / worst | chosen on validation |",
              "|---|---|---|---|---|"]
     for kind, choice in default_choices(bench, extra).items():
         for method, row in choice["candidates"].items():
             val, test = row["val"], row["test"]
+            diverged = f"; diverged on some seed of {row['diverged_on']}" if row["diverged_on"] else ""
             lines.append(f"| {kind_title(kind)} | {method.removeprefix('repaired ').strip('()')} ({val['tasks']} of "
-                         f"{choice['tasks']} tasks) | {_signed(val['mean'])} / {_signed(val['worst'])} | {_signed(test['mean'])} / "
+                         f"{choice['tasks']} tasks{diverged}) | {_signed(val['mean'])} / {_signed(val['worst'])} | {_signed(test['mean'])} / "
                          f"{_signed(test['worst'])} | {'**yes**' if method == choice['chosen'] else ''} |")
         if choice["chosen"] is None:
             lines.append(f"| {kind_title(kind)} | none meets the rule on validation | | | |")

@@ -85,11 +85,17 @@ class KindProtocol:
         return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=warmup, seed=seed)
 
     def objective(self, surrogate: str) -> Objective:
-        """``name`` at this protocol's lam_zs, or ``name:auto`` with lam_zs chosen on held-out shots."""
+        """``name`` at this protocol's lam_zs, ``name:auto`` with lam_zs chosen on held-out shots, or
+        ``name:LAM`` at that value (its label says so, so it never passes for the protocol's)."""
         name, _, lam = surrogate.partition(":")
-        if lam not in ("", "auto"):
-            raise ValueError(f"a benchmarked repair is 'surrogate' or 'surrogate:auto', not {surrogate!r}")
-        return Objective(lam_zs=lam or self.lam_zs[name], lam_lmc=self.lam_lmc, surrogate=name)
+        if lam in ("", "auto"):
+            return Objective(lam_zs=lam or self.lam_zs[name], lam_lmc=self.lam_lmc, surrogate=name)
+        try:
+            value = float(lam)
+        except ValueError:
+            raise ValueError(f"a benchmarked repair is 'surrogate', 'surrogate:auto' or 'surrogate:LAM', "
+                             f"not {surrogate!r}") from None
+        return Objective(lam_zs=value, lam_lmc=self.lam_lmc, surrogate=name)
 
 
 # The scratch proxy's protocol: lam_zs per kind and surrogate, the best validation HM (seeds 1 and 2,
@@ -112,13 +118,20 @@ def _with_fisher_family(lam_zs: dict[str, float]) -> dict[str, float]:
 # kfac, fisher-vocab, fisher-dense and distill take fisher's value: each approximates the same
 # E_x KL(p_zs || p_w) around w_zs (distill is that KL; fisher-dense its second-order term; fisher-vocab
 # and kfac that term's diagonal and Kronecker forms), so one lam_zs means one strength for all of them.
+# Except CoOp's fisher-dense and distill, for l2's reason: the dense Fisher (distill's curvature at w_zs)
+# has a largest eigenvalue of about 2 on the proxy (its largest diagonal entry 0.07), so at lr 3 lam 10
+# diverged by step 14; 0.5 keeps lr * lam * 2 under 2 (1 + momentum). A linear head's dense Fisher has
+# eigenvalues up to 12 on PACS: fisher-dense at 10 (measured first) diverged on 2 of 5 seeds there, so
+# distill, chosen after that and before it ran, takes 5 (lr 0.05 * 5 * 12 = 3, CoOp's margin) and
+# benchmarks/results/surrogates-vocab-linear.json measures fisher-dense:5 beside it.
 TOWERS_PROTOCOL = {
     "coop": KindProtocol(epochs=0, steps=100, lr=3.0, batch_size=256,
-                         lam_zs=_with_fisher_family({**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5})),
+                         lam_zs={**_with_fisher_family({**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5}),
+                                 "fisher-dense": 0.5, "distill": 0.5}),
     "clipfit": KindProtocol(epochs=0, steps=40, lr=0.05, batch_size=32,
                             lam_zs=_with_fisher_family(SCRATCH_PROTOCOL["clipfit"].lam_zs)),
     "linear": KindProtocol(epochs=0, steps=100, lr=0.05, batch_size=32,
-                           lam_zs=_with_fisher_family(SCRATCH_PROTOCOL["linear"].lam_zs)),
+                           lam_zs={**_with_fisher_family(SCRATCH_PROTOCOL["linear"].lam_zs), "distill": 5.0}),
 }
 KINDS_B2N = ("coop", "clipfit")
 BENCHMARKED_SURROGATES = ("feature", "fisher", "l2")  # the set the committed runs measured; --surrogates adds others
@@ -565,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domain-kinds", nargs="*", default=None, help="PACS domain-shift kinds")
     parser.add_argument("--robustness-kinds", nargs="*", default=None, help="corruption-suite kinds")
     parser.add_argument("--surrogates", nargs="+", default=None,
-                        help="repairs to run: surrogate names at the protocol's lam_zs, or NAME:auto")
+                        help="repairs to run: surrogate names at the protocol's lam_zs, NAME:auto or NAME:LAM")
     parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
                         "(quick runs: quick.json)")

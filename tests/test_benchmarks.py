@@ -228,3 +228,25 @@ def test_defaults_rule_picks_the_best_validation_gain_that_never_costs_more_than
     assert merged["chosen"] == "repaired (z)" and merged["tasks"] == 2
     partial = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (w)": (70, 70)}})
     assert report.default_choices(bench, [partial])["coop"]["chosen"] == "repaired (y)"  # w lacks task b
+
+
+def test_a_candidate_that_diverged_on_a_seed_is_not_eligible_and_the_table_says_so():
+    from benchmarks import report
+
+    bench = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (y)": (51, 51)}})
+    extra = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (v)": (60, 60)}})
+    for split in ("val_per_seed", "per_seed"):  # a second seed on which v diverged (no row)
+        extra["base_to_novel"]["a"]["coop"][split][2] = {"fine-tuned": {"hm": 50}}
+    choice = report.default_choices(bench, [extra])["coop"]
+    assert choice["candidates"]["repaired (v)"]["diverged_on"] == 1 and choice["chosen"] == "repaired (y)"
+    assert any("v (0 of 1 tasks; diverged on some seed of 1)" in line for line in report.defaults_markdown(bench, [extra]))
+
+
+def test_a_benchmarked_repair_takes_the_protocols_lam_auto_or_a_stated_value():
+    from benchmarks.run import TOWERS_PROTOCOL
+
+    coop = TOWERS_PROTOCOL["coop"]
+    assert coop.objective("fisher").lam_zs == 10.0 and coop.objective("fisher:auto").lam_zs == "auto"
+    assert coop.objective("fisher-dense:0.25").lam_zs == 0.25
+    with pytest.raises(ValueError, match="surrogate:LAM"):
+        coop.objective("fisher:strong")
