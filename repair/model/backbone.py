@@ -266,13 +266,13 @@ class TextTower:
         cut to its own longest row: the same features up to float rounding, for about half the positions
         where a few long names set the length. One chunk runs exactly as it comes.
         """
-        def encode(rows: torch.Tensor, rows_pooling: torch.Tensor) -> torch.Tensor:
-            if chunk_size is not None and len(embeddings) > chunk_size:
-                rows, rows_pooling = self.trim(rows, rows_pooling, int(self.row_lengths(rows_pooling).max()))
-            return self.encode_embeddings(rows, rows_pooling, parameters)
-
         if chunk_size is None or len(embeddings) <= chunk_size:
-            return encode(embeddings, pooling)
+            return self.encode_embeddings(embeddings, pooling, parameters)
+
+        def encode(rows: torch.Tensor, rows_pooling: torch.Tensor) -> torch.Tensor:
+            length = int(self.row_lengths(rows_pooling).max())
+            return self.encode_embeddings(*self.trim(rows, rows_pooling, length), parameters)
+
         order = torch.argsort(self.row_lengths(pooling), stable=True)
         features = in_class_chunks(encode, embeddings[order], pooling[order], chunk_size)
         return features[torch.argsort(order)]

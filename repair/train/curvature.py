@@ -13,9 +13,10 @@ open-vocabulary contrastive pretraining). Three forms of the same matrix:
   layer's Gauss-Newton, exact for one sample.
 
 Per-example gradients come from torch.func over the kind's trainable tensors
-(:func:`torch.func.functional_call`): one forward and a batched pull-back of each image's cotangent
-(``vjp``) where the inputs are image features, ``vmap(grad(...))`` for pixels; where neither can trace,
-a Python loop of backward passes (the reference, also used by the tests) gives the same numbers.
+(:func:`torch.func.functional_call`): for the dense Fisher and the reference vocabulary on image
+features, one forward and a batched pull-back of each image's cotangent (``vjp``); otherwise
+``vmap(grad(...))``; where neither can trace, a Python loop of backward passes (the reference, also used
+by the tests) gives the same numbers.
 """
 
 from __future__ import annotations
