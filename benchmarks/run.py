@@ -46,9 +46,10 @@ from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
 from repair.data.features import default_cache_dir, extract_features
 from repair.data.folders import scan_image_folder
-from repair.errors import IncompatibleCheckpointError, NumericalError
+from repair.errors import IncompatibleCheckpointError, NumericalError, UsageError
 from repair.io.write import atomic_output
 from repair.train.objective import Objective
+from repair.train.surrogates import SURROGATES
 from repair.train.loop import TrainConfig
 
 SCHEMA = "mergetune.bench/3"  # 3: seconds per seed (seed_s) replace a block's wall_s; workers recorded
@@ -88,14 +89,16 @@ class KindProtocol:
         """``name`` at this protocol's lam_zs, ``name:auto`` with lam_zs chosen on held-out shots, or
         ``name:LAM`` at that value (its label says so, so it never passes for the protocol's)."""
         name, _, lam = surrogate.partition(":")
-        if lam in ("", "auto"):
-            return Objective(lam_zs=lam or self.lam_zs[name], lam_lmc=self.lam_lmc, surrogate=name)
+        if name not in SURROGATES:
+            raise ValueError(f"unknown surrogate {name!r}; choose one of {', '.join(SURROGATES)}")
+        if lam == "" and name not in self.lam_zs:
+            raise ValueError(f"the protocol has no lam_zs for {name!r}: name one ({name}:LAM) or {name}:auto")
         try:
-            value = float(lam)
+            lam_zs = self.lam_zs[name] if lam == "" else lam if lam == "auto" else float(lam)
         except ValueError:
             raise ValueError(f"a benchmarked repair is 'surrogate', 'surrogate:auto' or 'surrogate:LAM', "
                              f"not {surrogate!r}") from None
-        return Objective(lam_zs=value, lam_lmc=self.lam_lmc, surrogate=name)
+        return Objective(lam_zs=lam_zs, lam_lmc=self.lam_lmc, surrogate=name)
 
 
 # The scratch proxy's protocol: lam_zs per kind and surrogate, the best validation HM (seeds 1 and 2,
@@ -600,6 +603,11 @@ def main(argv: list[str] | None = None) -> None:
                             for key, value in overrides.items() if value is not None})
     if args.surrogates is not None:  # exactly the ones asked for
         plan = replace(plan, kind_surrogates={})
+        for kind in KINDS_ALL:  # every repair asked for must parse before anything is built or run
+            try:
+                plan_repairs(kind, plan)
+            except (ValueError, UsageError) as error:
+                parser.error(f"--surrogates: {error}")
     if args.include_left_out:
         plan = replace(plan, left_out=())
     needed = {*plan.datasets, *(["pacs"] if plan.domain_kinds else []),

@@ -174,6 +174,19 @@ def test_run_refuses_fewer_than_one_worker_in_one_line(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--workers must be at least 1, got 0")
 
 
+@pytest.mark.parametrize("repair, message", [("fisher:strong", "'surrogate:LAM', not 'fisher:strong'"),
+                                             ("bogus", "unknown surrogate 'bogus'"),
+                                             ("fisher:-1", "lam_zs must be a finite number >= 0")])
+def test_run_refuses_a_repair_it_cannot_parse_before_building_anything(repair, message, capsys, tmp_path):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--surrogates", repair, "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "work").exists()
+
+
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):
     from benchmarks.lam_sweep import parse_grid, sweep
 
