@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.report import write_results
 from repair.errors import MergetuneError
@@ -211,13 +212,28 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def warm_up(step: Step, device: torch.device) -> tuple[float, float | None]:
-    """One untimed step alone: (its loss, its peak GPU memory in MiB; None on the CPU)."""
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (the backward pass's too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def warm_up(step: Step, device: torch.device) -> tuple[float, float | None, int]:
+    """One untimed step alone: (its loss, its peak GPU memory in MiB or None on the CPU, the aten operators it
+    dispatched). At microsecond sizes a step costs about its operator count times the per-operator overhead,
+    whatever the arithmetic: the count says why a tiny step stays above a floor of few operators."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss = float(step())
+    with OperatorCount() as operators:
+        loss = float(step())
     synchronize(device)
-    return loss, torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
+    return loss, torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None, operators.count
 
 
 def interleaved(steps: dict[str, Step], rounds: int, device: torch.device) -> dict[str, dict[str, object]]:
@@ -228,8 +244,9 @@ def interleaved(steps: dict[str, Step], rounds: int, device: torch.device) -> di
     """
     results = {}
     for name, step in steps.items():
-        loss, peak = warm_up(step, device)
-        results[name] = {"first_loss": loss, "cuda_max_allocated_mib": _rounded(peak), "times": []}
+        loss, peak, operators = warm_up(step, device)
+        results[name] = {"first_loss": loss, "cuda_max_allocated_mib": _rounded(peak), "operators": operators,
+                         "times": []}
     names = list(steps)
     for index in range(rounds):
         for name in names if index % 2 == 0 else reversed(names):
@@ -241,7 +258,7 @@ def interleaved(steps: dict[str, Step], rounds: int, device: torch.device) -> di
 
 def sequential(step: Step, rounds: int, device: torch.device) -> dict[str, object]:
     """``rounds`` timed steps after one warm-up (for the slow reference pattern, timed on its own)."""
-    loss, peak = warm_up(step, device)
+    loss, peak, _ = warm_up(step, device)
     times = [timed(step, device) for _ in range(rounds)]
     return {"first_loss": loss, "cuda_max_allocated_mib": _rounded(peak), "times": times,
             "seconds": statistics.median(times)}
@@ -347,7 +364,7 @@ def measure_floors(model: str, classes: int, batch: int, steps: int, device: str
             "trainable_numbers": kind.num_trainable(), "inputs": "pixels" if name == "clipfit" else "cached features",
             "step_seconds": ours["seconds"], "floor_seconds": floor["seconds"], "ratio": ratio,
             "goal": GOALS[name], "goal_met": ratio <= GOALS[name], "floor": FLOORS[name],
-            "steps_timed": len(ours["times"]),
+            "steps_timed": len(ours["times"]), "operators": {"ours": ours["operators"], "floor": floor["operators"]},
             "cuda_max_allocated_mib": {"ours": ours["cuda_max_allocated_mib"],
                                        "floor": floor["cuda_max_allocated_mib"]},
         })
@@ -739,7 +756,13 @@ def _floor_table(report: dict) -> list[str]:
     cells = [[row["kind"], str(row["classes"]), str(row["batch"]), _precision(row), f"{row['step_seconds']:.4f}",
               f"{row['floor_seconds']:.4f}", f"{row['ratio']:.2f}x", f"≤ {row['goal']}x",
               "yes" if row["goal_met"] else "no"] for row in rows]
-    return lines + [""] + _with_gpu(header, cells, rows, "ours", "floor")
+    lines += [""] + _with_gpu(header, cells, rows, "ours", "floor")
+    counted = [row for row in rows if row.get("operators")]
+    if counted:
+        lines += ["", "Aten operators one step dispatches (forward, backward and update), ours / floor: " + "; ".join(
+            f"{row['kind']} at {row['classes']} classes {row['operators']['ours']} / {row['operators']['floor']}"
+            for row in counted) + "."]
+    return lines
 
 
 def _kind_table(report: dict) -> list[str]:

@@ -25,6 +25,9 @@ def test_floors_time_every_kind_against_its_floor(tiny_model_dir):
         assert all(_positive(row[key]) for key in ("step_seconds", "floor_seconds", "ratio"))
         assert row["goal"] == speed.GOALS[row["kind"]] and isinstance(row["goal_met"], bool)
         assert row["steps_timed"] >= 1 and row["trainable_numbers"] > 0
+        assert row["operators"]["ours"] > 0 and row["operators"]["floor"] > 0
+    linear = next(row for row in rows if row["kind"] == "linear")  # the objective's terms cost operators
+    assert linear["operators"]["ours"] > linear["operators"]["floor"]
     kinds = speed.kind_rows(rows)
     assert {"kind", "classes", "trainable_numbers", "step_seconds", "inputs"} <= set(kinds[0])
     assert "floor_seconds" not in kinds[0]
@@ -87,7 +90,8 @@ def _v2_report() -> dict:
                                "step_seconds_reference": 40.0, "speedup": 400.0, "loss_ours": 5.0,
                                "loss_reference": 5.0, "peak_rss_mib_of_process": 1900.0}],
         "floors": [{**floor, "kind": "coop", "classes": 10, "ratio": 0.5, "goal": 0.6, "goal_met": True},
-                   {**floor, "kind": "linear", "classes": 10, "ratio": 3.0, "goal": 1.2, "goal_met": False}],
+                   {**floor, "kind": "linear", "classes": 10, "ratio": 3.0, "goal": 1.2, "goal_met": False,
+                    "operators": {"ours": 92, "floor": 16}}],
         "kinds": [{"kind": "coop", "classes": 10, "precision": "fp32", "trainable_numbers": 2048,
                    "step_seconds": 0.1, "inputs": "cached features"}],
         "clipfit_cache": [{"classes": 10, "batch": 32, "precision": "fp32", "before_seconds": 30.0,
@@ -105,6 +109,7 @@ def test_speed_markdown_renders_floors_cache_memory_and_scale_out():
     assert "| coop | 10 | 32 | fp32 | 0.1000 | 0.2000 | 0.50x | ≤ 0.6x | yes |" in text
     assert "| linear | 10 | 32 | fp32 | 0.1000 | 0.2000 | 3.00x | ≤ 1.2x | no |" in text
     assert "coop ≤ 0.6x" in text and "clipfit ≤ 1.3x" in text
+    assert "ours / floor: linear at 10 classes 92 / 16." in text  # rows without a count (older runs) left out
     assert "| batch 32 | 10 | fp32 | 30.000 | 22.000 | 1.36x |" in text
     assert "| coop | 1,000 | fp32 | chunks of 64 (default) | 800 | 1,300 | 500 |" in text
     assert "all prompts at once" in text
