@@ -15,17 +15,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
 import torch
 
 OUT = Path(__file__).resolve().parent / "results" / "fisher-speed.json"
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(build) -> tuple[float, object]:
@@ -35,6 +30,7 @@ def _timed(build) -> tuple[float, object]:
 
 
 def measure(classes: int, images: int, seed: int = 0) -> dict[str, object]:
+    from benchmarks.speed import peak_rss_mib
     from repair.data.features import Features
     from repair.kinds import CoOpPrompts
     from repair.model.backbone import BackboneSpec, load_backbone
@@ -60,7 +56,7 @@ def measure(classes: int, images: int, seed: int = 0) -> dict[str, object]:
     row["dense_vjp_s"] = round(seconds, 2)
     row["dense_matrix_mib"] = round(dense.numel() * dense.element_size() / 2 ** 20, 2)
     row["dense_diagonal_max_abs_diff"] = float((dense.diagonal() - results["vjp"]["ctx"].reshape(-1)).abs().max())
-    row["peak_rss_mib_so_far"] = round(_peak_rss_mib(), 1)
+    row["peak_rss_mib_so_far"] = round(peak_rss_mib(), 1)
     return row
 
 

@@ -417,7 +417,7 @@ def rss_mib() -> float:
     try:
         return _proc_status_mib("VmRSS")
     except (OSError, KeyError, ValueError):
-        return _peak_rss_mib()
+        return peak_rss_mib()
 
 
 def reset_peak_rss() -> bool:
@@ -435,7 +435,7 @@ def peak_rss_since_reset() -> float:
     try:
         return _proc_status_mib("VmHWM")
     except (OSError, KeyError, ValueError):
-        return _peak_rss_mib()
+        return peak_rss_mib()
 
 
 def _proc_status_mib(field: str) -> float:
@@ -445,7 +445,8 @@ def _proc_status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``), in MiB on Linux and macOS alike."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -464,7 +465,7 @@ def measure_memory(model: str, kind_name: str, classes: int, batch: int, steps: 
     if text_chunk_size != DEFAULT_CHUNKS:
         setattr(kind, "text_chunk_size", text_chunk_size)
     step = repair_step(kind, inputs, bench.labels)
-    loading_peak = _peak_rss_mib()
+    loading_peak = peak_rss_mib()
     reset = reset_peak_rss()
     before = rss_mib()
     if bench.device.type == "cuda":
@@ -475,7 +476,7 @@ def measure_memory(model: str, kind_name: str, classes: int, batch: int, steps: 
         step()
     synchronize(bench.device)
     seconds = (time.perf_counter() - start) / steps
-    during = peak_rss_since_reset() if reset else _peak_rss_mib()
+    during = peak_rss_since_reset() if reset else peak_rss_mib()
     return {
         "kind": kind_name, "classes": classes, "batch": batch, "precision": precision,
         "text_chunk_size": getattr(kind, "text_chunk_size", None),
@@ -565,7 +566,7 @@ def _set_threads(threads: int | None) -> None:
 
 def _with_peak_memory(function, *args):
     result = function(*args)
-    peak_mib = round(_peak_rss_mib(), 1)
+    peak_mib = round(peak_rss_mib(), 1)
     rows = result if isinstance(result, list) else [result]
     for row in rows:
         row.setdefault("peak_rss_mib_of_process", peak_mib)  # a memory row has its own, from before the reset
