@@ -29,6 +29,15 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
+def test_inspect_builds_no_model_and_does_not_import_open_clip(tmp_path):
+    head = tmp_path / "head.safetensors"
+    save_file({"weight": torch.randn(3, 8), "bias": torch.zeros(3)}, head)
+    probe = ("import sys; from repair.workflows.inspect import inspect_checkpoint; "
+             f"report = inspect_checkpoint({str(head)!r}); "
+             "sys.exit(2 if report['kind'] != 'linear' else 1 if 'open_clip' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
 def test_finetune_repair_eval_end_to_end(tmp_path, tiny_spec, image_dirs):
     ft, fixed = tmp_path / "ft.safetensors", tmp_path / "fixed.safetensors"
     result = invoke("finetune", "--kind", "coop", "--data", image_dirs["train"], "--out", ft, "--epochs", "4",

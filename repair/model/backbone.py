@@ -23,7 +23,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -435,6 +434,14 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return encode_token_embeddings(model, model.token_embedding(tokens), eot)
 
 
+def _open_clip():
+    """open_clip, imported on first use: the import takes seconds, and reading, inspecting or verifying a
+    checkpoint builds no model."""
+    import open_clip
+
+    return open_clip
+
+
 def register_model_config(path: Path) -> str:
     """Register a custom architecture JSON with open_clip; returns the model name it defines."""
     if not path.is_file():
@@ -445,7 +452,7 @@ def register_model_config(path: Path) -> str:
         raise InputFileError(f"{path}: not a readable JSON model config ({exc})") from None
     if not isinstance(config, dict) or not {"vision_cfg", "text_cfg", "embed_dim"} <= config.keys():
         raise InputFileError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
-    open_clip.add_model_config(path)
+    _open_clip().add_model_config(path)
     return path.stem
 
 
@@ -471,7 +478,7 @@ def _check_pretrained(spec: BackboneSpec) -> str | None:
         return None
     if os.path.isfile(spec.pretrained):
         return spec.pretrained
-    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    tags = _open_clip().list_pretrained_tags_by_model(spec.model)
     if spec.pretrained not in tags:
         looks_like_path = os.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".bin", ".safetensors"))
         if looks_like_path:
@@ -491,7 +498,7 @@ def _check_model_name(spec: BackboneSpec) -> None:
         return
     if spec.model.startswith("hf-hub:"):
         return
-    if spec.model.replace("/", "-") not in open_clip.list_models():
+    if spec.model.replace("/", "-") not in _open_clip().list_models():
         raise WeightsUnavailableError(
             f"unknown model {spec.model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` "
             "lists them, or register one with --model-config FILE.json"
@@ -541,10 +548,10 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
         with _quiet_libraries(), _offline_unless_reachable(downloads) as unreachable, \
                 torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
-            model, _, preprocess = open_clip.create_model_and_transforms(
+            model, _, preprocess = _open_clip().create_model_and_transforms(
                 spec.model, pretrained=pretrained, device=device
             )
-            tokenizer = open_clip.get_tokenizer(spec.model)
+            tokenizer = _open_clip().get_tokenizer(spec.model)
     except (RuntimeError, OSError, ValueError) as exc:
         if not downloads:
             raise WeightsUnavailableError(f"could not build {spec.model}: {_first_line(exc)}") from None

@@ -18,12 +18,15 @@ and the backward pass recomputes it (one more forward of the suffixes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, Transformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # open_clip is imported when a model is built; its import takes seconds
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
 
 CLASS_CHUNK = 256  # classes per chunk: smaller lists run in one piece, without recomputation
 Overrides = dict[str, torch.Tensor]
@@ -32,6 +35,8 @@ KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and value
 
 def supports_shared_prefix(model: nn.Module) -> bool:
     """Whether ``model``'s text tower is open_clip's causal transformer made of plain attention blocks."""
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
+
     transformer = getattr(model, "transformer", None)
     if not isinstance(transformer, Transformer) or getattr(model, "attn_mask", None) is None:
         return False
