@@ -538,6 +538,7 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
     spec = spec or BackboneSpec()
     if precision not in PRECISIONS:
         raise MergetuneError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    open_clip = _open_clip()  # imported here, before the offline and seeded contexts below
     if spec.model_config is not None:
         register_model_config(Path(spec.model_config))
     _check_model_name(spec)
@@ -548,10 +549,10 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
         with _quiet_libraries(), _offline_unless_reachable(downloads) as unreachable, \
                 torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
-            model, _, preprocess = _open_clip().create_model_and_transforms(
+            model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.model, pretrained=pretrained, device=device
             )
-            tokenizer = _open_clip().get_tokenizer(spec.model)
+            tokenizer = open_clip.get_tokenizer(spec.model)
     except (RuntimeError, OSError, ValueError) as exc:
         if not downloads:
             raise WeightsUnavailableError(f"could not build {spec.model}: {_first_line(exc)}") from None
