@@ -120,6 +120,19 @@ def test_single_class_data_folder(tmp_path, tiny_spec, ft_file, image_dirs):
     assert_one_line_error(result, 6)
 
 
+@pytest.mark.parametrize("args", [["bogus"], ["--nope"], ["repair"], ["eval", "a.safetensors", "--min-hm", "x"]])
+def test_click_usage_errors_are_one_line_too(args):
+    result = invoke(*args)
+    assert_one_line_error(result, 2)
+    assert "--help" in result.output
+
+
+def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
+    result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
+    assert_one_line_error(result, 6)
+    assert "a file, not a data folder" in result.output
+
+
 def test_wrong_context_width(tmp_path, tiny_spec, image_dirs):
     bad = tmp_path / "bad.safetensors"
     save_file({"ctx": torch.zeros(4, 7)}, bad)

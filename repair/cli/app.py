@@ -8,12 +8,13 @@ open_clip. Errors become one line on stderr and a documented exit code in one pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import import_module
 from typing import Annotated, Any, TypeVar
 
@@ -57,6 +58,38 @@ class LazyCommands(TyperGroup):
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, short_help) for name, (_, short_help) in COMMANDS.items()])
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+# click's UsageError as typer raises it: typer 0.12 uses click itself, newer versions a vendored copy
+UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
+class OneLineUsageError(UsageError):
+    """A usage error shown like every other error: one line on stderr (exit code 2), no usage block."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "mergetune"
+        say(f"error: {self.format_message()} (see '{command} --help')", err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Turn click's usage errors (unknown option, bad value, missing argument) into :class:`OneLineUsageError`;
+    a bare ``mergetune`` still shows the help."""
+    try:
+        yield
+    except UsageError as error:
+        if isinstance(error, OneLineUsageError) or type(error).__name__ == "NoArgsIsHelpError":
+            raise
+        raise OneLineUsageError(error.format_message(), error.ctx) from None
 
 
 app = typer.Typer(

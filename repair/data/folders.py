@@ -104,6 +104,8 @@ def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
 def scan_image_folder(root: str | Path, classnames_file: str | Path | None = None) -> ImageFolder:
     """Read an ImageFolder tree; class names from the folder names or from ``classnames_file``."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root}: a file, not a data folder (one folder of images per class)")
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
     folders = sorted(entry.name for entry in _entries(root) if entry.is_dir())
