@@ -127,6 +127,16 @@ def test_click_usage_errors_are_one_line_too(args):
     assert "--help" in result.output
 
 
+def test_novel_data_that_is_the_base_folder_is_refused(tiny_spec, ft_file, image_dirs):
+    same = invoke("eval", ft_file, "--data", image_dirs["test"], "--novel-data", image_dirs["test"] / ".",
+                  *model_args(tiny_spec))
+    assert_one_line_error(same, 2)
+    assert "base folder" in same.output
+    twice = invoke("eval", ft_file, "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
+                   "--novel-data", image_dirs["novel"], *model_args(tiny_spec))
+    assert_one_line_error(twice, 2)
+
+
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
     result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
     assert_one_line_error(result, 6)

@@ -74,6 +74,7 @@ def evaluate(
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
     if baselines and not files:
         raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
+    _check_distinct_folders(data_dir, _as_list(novel_dir))
     records = [read_record(tensor_file) for tensor_file in files]
     if backbone is None and records and records[0] is not None:
         backbone = recorded_backbone(records[0])
@@ -125,6 +126,17 @@ def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
     if paths is None:
         return []
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
+
+
+def _check_distinct_folders(base_dir: str | Path, novel_dirs: Sequence[Path]) -> None:
+    """A held-out folder that is the base folder (or another held-out one) would pass base accuracy off as
+    novel accuracy, or weigh one set twice in the novel mean."""
+    seen = {Path(base_dir).resolve(): "the base folder (--data)"}
+    for folder in novel_dirs:
+        resolved = folder.resolve()
+        if resolved in seen:
+            raise UsageError(f"{folder}: a held-out folder (--novel-data) that is {seen[resolved]} again")
+        seen[resolved] = "a held-out folder given before"
 
 
 def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:
