@@ -135,3 +135,21 @@ def test_speed_markdown_of_a_cuda_run_names_the_gpu_and_its_peaks():
     assert "timed on cuda (fp32, bf16, fp16)" in text and "GPU: NVIDIA H200" in text
     assert "| peak GPU ours / floor (MiB) |" in text and "| 1,234 / 2,345 |" in text
     assert "| peak GPU (MiB) |" in text and "| 4,096 |" in text
+
+
+def test_surrogate_speed_writes_each_surrogates_build_and_step(tiny_model_dir, tmp_path):
+    from benchmarks import surrogate_speed
+
+    out = tmp_path / "surrogate-speed.json"
+    surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "fisher", "l2", "distill", "--classes", "3",
+                          "--batch", "2", "--images", "4", "--steps", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["schema"] == surrogate_speed.SCHEMA
+    assert [row["surrogate"] for row in report["rows"]] == ["fisher", "l2", "distill"]
+    for row in report["rows"]:
+        assert _positive(row["step_seconds"]) and row["build_seconds"] >= 0 and row["final_loss_finite"]
+        assert _positive(row["step_vs_fisher"])
+    assert report["rows"][0]["step_vs_fisher"] == 1.0
+    surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "feature", "--classes", "3", "--batch", "2",
+                          "--steps", "1", "--out", str(out), "--append"])
+    assert [row["surrogate"] for row in json.loads(out.read_text())["rows"]] == ["fisher", "l2", "distill", "feature"]
