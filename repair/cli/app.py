@@ -69,10 +69,10 @@ class LazyCommands(TyperGroup):
 
 
 # click's UsageError as typer raises it: typer 0.12 uses click itself, newer versions a vendored copy
-UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+ClickUsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 
 
-class OneLineUsageError(UsageError):
+class OneLineUsageError(ClickUsageError):
     """A usage error shown like every other error: one line on stderr (exit code 2), no usage block."""
 
     def show(self, file: Any = None) -> None:
@@ -86,7 +86,7 @@ def _one_line_usage_errors() -> Iterator[None]:
     a bare ``mergetune`` still shows the help."""
     try:
         yield
-    except UsageError as error:
+    except ClickUsageError as error:
         if isinstance(error, OneLineUsageError) or type(error).__name__ == "NoArgsIsHelpError":
             raise
         raise OneLineUsageError(error.format_message(), error.ctx) from None
