@@ -110,6 +110,16 @@ def test_unknown_model_and_tag(tmp_path, image_dirs, ft_file):
     assert_one_line_error(result, 7)
 
 
+def test_a_folder_or_file_given_as_model_name_says_which_option_takes_it(tiny_model_dir, image_dirs, ft_file):
+    folder = tiny_model_dir.removeprefix("local-dir:")
+    result = invoke("eval", ft_file, "--data", image_dirs["test"], "--model", folder)
+    assert_one_line_error(result, 7)
+    assert f"--model local-dir:{folder}" in result.output
+    result = invoke("eval", ft_file, "--data", image_dirs["test"], "--model", ft_file)
+    assert_one_line_error(result, 7)
+    assert "--pretrained" in result.output
+
+
 def test_single_class_data_folder(tmp_path, tiny_spec, ft_file, image_dirs):
     lonely = tmp_path / "lonely"
     (lonely / "red").mkdir(parents=True)

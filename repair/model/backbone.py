@@ -499,10 +499,23 @@ def _check_model_name(spec: BackboneSpec) -> None:
     if spec.model.startswith("hf-hub:"):
         return
     if spec.model.replace("/", "-") not in _open_clip().list_models():
+        _check_not_a_path(spec.model)
         raise WeightsUnavailableError(
             f"unknown model {spec.model!r}; `python -c 'import open_clip; print(open_clip.list_models())'` "
             "lists them, or register one with --model-config FILE.json"
         )
+
+
+def _check_not_a_path(model: str) -> None:
+    """A folder or file given as the model name: say which option takes it instead of "unknown model"."""
+    path = Path(model)
+    if path.is_dir():
+        hint = (f"pass it as --model local-dir:{model}" if (path / "open_clip_config.json").is_file()
+                else "an open_clip folder (local-dir:PATH) holds open_clip_config.json")
+        raise WeightsUnavailableError(f"{model}: a folder, not a model name; {hint}")
+    if path.is_file():
+        raise WeightsUnavailableError(f"{model}: a file, not a model name; a weights file goes in --pretrained "
+                                      "(with --model naming its architecture)")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
