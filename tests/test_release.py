@@ -79,6 +79,8 @@ def test_a_given_wise_alpha_is_used_as_is_and_best_wise_alpha_reads_it(report, b
         evaluate([checkpoints["ft"]], image_dirs["test"], backbone=backbone, baselines=True, wise_alpha=1.5)
     result = cli("eval", checkpoints["ft"], "--data", image_dirs["test"], "--baselines", "--wise-alpha", "2")
     assert result.exit_code == 2
+    with pytest.raises(UsageError, match="needs --baselines"):  # it would be ignored: no WiSE-FT row without it
+        evaluate([checkpoints["ft"]], image_dirs["test"], backbone=backbone, wise_alpha=0.3)
 
 
 def test_per_class_and_forgetting_order(report):

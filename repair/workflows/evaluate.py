@@ -70,6 +70,8 @@ def evaluate(
     """
     if wise_alpha is not None and not 0.0 <= wise_alpha <= 1.0:
         raise UsageError(f"wise_alpha must lie in [0, 1], got {wise_alpha}")
+    if wise_alpha is not None and not baselines:
+        raise UsageError("--wise-alpha sets the WiSE-FT baseline's alpha: it needs --baselines")
     data_options = data_options or DataOptions(shots=None)
     files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
     if baselines and not files:
