@@ -115,6 +115,9 @@ def test_gate_thresholds_from_flags_and_file(tmp_path, report):
     bad.write_text("[gate]\nmin_bsae = 10\n")
     with pytest.raises(InputFileError, match="unknown: min_bsae"):
         load_thresholds(bad)
+    bad.write_text("[gate]\nmin_hm = 0.7\n")  # a fraction for 70 %: it would pass any model
+    with pytest.raises(InputFileError, match="write 70 for 70 %"):
+        load_thresholds(bad)
     assert rows["zero-shot"]["novel"] is not None
 
 
@@ -124,15 +127,18 @@ def test_gate_exit_codes_and_markdown(tmp_path, tiny_spec, image_dirs, checkpoin
     summary = tmp_path / "summary.md"
     passing = cli("eval", *common, "--min-base", "0", "--max-forgetting", "100", "--markdown", summary)
     assert passing.exit_code == 0, passing.output
-    failing = cli("eval", *common, "--min-hm", "100.5", "--markdown", summary)
+    failing = cli("eval", *common, "--min-hm", "100", "--markdown", summary)
     assert failing.exit_code == 11
     assert "error: gate failed: fixed.safetensors: HM accuracy" in failing.output
     text = summary.read_text()
     assert text.count("## mergetune evaluation") == 2  # appended, as a CI step summary expects
     assert "| fixed.safetensors |" in text and "**Gate passed**" in text and "**Gate FAILED" in text
     gate_file = tmp_path / "gate.json"
-    gate_file.write_text(json.dumps({"min_novel": 101}))
+    gate_file.write_text(json.dumps({"min_novel": 100}))
     assert cli("eval", *common, "--gate", gate_file).exit_code == 11
+    for flag, value in (("--min-hm", "100.5"), ("--min-base", "0.7"), ("--max-forgetting", "-101")):
+        refused = cli("eval", *common, flag, value)  # before any model is loaded
+        assert refused.exit_code == 2 and flag in refused.output and "Traceback" not in refused.output
     no_novel = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
                    "--min-hm", "1")
     assert no_novel.exit_code == 6 and "--novel-data" in no_novel.output

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from repair.errors import DataError, GateFailedError, InputFileError
+from repair.errors import DataError, GateFailedError, InputFileError, UsageError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,26 @@ def load_thresholds(path: str | Path) -> Thresholds:
     bad = [key for key, value in values.items() if not math.isfinite(value)]
     if bad:  # nan would pass every comparison: a gate that can never fail
         raise InputFileError(f"{path}: gate thresholds must be finite numbers ({', '.join(bad)} is not)")
-    return Thresholds(**values)
+    thresholds = Thresholds(**values)
+    problem = out_of_range(thresholds)
+    if problem:
+        raise InputFileError(f"{path}: {problem}")
+    return thresholds
+
+
+def out_of_range(thresholds: Thresholds) -> str | None:
+    """Why a threshold cannot mean what its writer meant, or None. Accuracies are percentages: a minimum
+    above 100 can never pass, and one below 1 is almost surely a fraction (0.7 for 70 %) that passes any model."""
+    for name in ("min_base", "min_novel", "min_hm"):
+        value = getattr(thresholds, name)
+        if value is not None and not 0.0 <= value <= 100.0:
+            return f"{name} {value:g} is not a percentage (0-100)"
+        if value is not None and 0.0 < value < 1.0:
+            return (f"{name} {value:g} is {value:g} %: thresholds are percentages, "
+                    f"write {value * 100:g} for {value * 100:g} %")
+    if thresholds.max_forgetting is not None and not -100.0 <= thresholds.max_forgetting <= 100.0:
+        return f"max_forgetting {thresholds.max_forgetting:g} is not a number of accuracy points (-100 to 100)"
+    return None
 
 
 def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
@@ -85,6 +104,9 @@ def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
 
 def assemble(flags: Thresholds, gate_file: str | Path | None = None) -> Thresholds:
     """The thresholds a command enforces: the gate file's, overridden by the flags given."""
+    problem = out_of_range(flags)
+    if problem:
+        raise UsageError(f"--{problem.replace('_', '-', 1)}")
     return load_thresholds(gate_file).merged(flags) if gate_file else flags
 
 
