@@ -167,7 +167,7 @@ def test_verify_catches_a_changed_input_byte(tmp_path, tiny_spec, image_dirs, ch
     tampered[-1] ^= 0x01
     ft.write_bytes(bytes(tampered))
     result = cli("verify", fixed, "--ft", ft)
-    assert result.exit_code == 13 and "fine-tuned checkpoint differ" in result.output
+    assert result.exit_code == 13 and "(fine-tuned checkpoint changed)" in result.output
 
 
 def test_path_command_writes_json_and_png(tmp_path, tiny_spec, image_dirs, checkpoints):

@@ -46,7 +46,7 @@ def require_verified(report: dict[str, Any]) -> None:
     """Turn a report with a differing input into the one-line refusal (exit 13)."""
     if not report["ok"]:
         differing = ", ".join(check["input"] for check in report["checks"] if not check["ok"])
-        raise ProvenanceError(f"{report['path']}: {differing} differ(s) from what was recorded at repair time")
+        raise ProvenanceError(f"{report['path']}: not the inputs the repair recorded ({differing} changed)")
 
 
 def _check(name: str, recorded: object, actual: str) -> dict[str, Any]:
