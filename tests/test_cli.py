@@ -147,6 +147,19 @@ def test_novel_data_that_is_the_base_folder_is_refused(tiny_spec, ft_file, image
     assert_one_line_error(twice, 2)
 
 
+def test_the_markdown_summary_is_never_appended_to_an_input(tiny_spec, ft_file, image_dirs):
+    before = ft_file.read_bytes()
+    onto_checkpoint = invoke("eval", ft_file, "--data", image_dirs["test"], "--markdown", ft_file,
+                             *model_args(tiny_spec))
+    assert_one_line_error(onto_checkpoint, 8)
+    assert ft_file.read_bytes() == before
+    image = next(path for path in sorted(image_dirs["test"].rglob("*")) if path.is_file())
+    before = image.read_bytes()
+    onto_image = invoke("eval", ft_file, "--data", image_dirs["test"], "--markdown", image, *model_args(tiny_spec))
+    assert_one_line_error(onto_image, 8)
+    assert image.read_bytes() == before
+
+
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
     result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
     assert_one_line_error(result, 6)

@@ -183,6 +183,10 @@ def test_path_command_writes_json_and_png(tmp_path, tiny_spec, image_dirs, check
     again = cli("path", checkpoints["ft"], checkpoints["fixed"], "--data", image_dirs["test"], "--out", out,
                 "--model", tiny_spec.model)
     assert again.exit_code == 8
+    same = tmp_path / "same.json"  # the plot would replace the report: refused before any work
+    both = cli("path", checkpoints["ft"], checkpoints["fixed"], "--data", image_dirs["test"], "--out", same,
+               "--png", same, "--model", tiny_spec.model)
+    assert both.exit_code == 2 and "same file" in both.output and not same.exists()
 
 
 def test_precision_and_device_options(tmp_path, tiny_spec, image_dirs, checkpoints, backbone):

@@ -107,7 +107,7 @@ def eval_command(
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
         thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
         if markdown is not None:
-            check_appendable(markdown)
+            check_appendable(markdown, inputs=checkpoints, folders=[data, *(novel_data or [])])
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,

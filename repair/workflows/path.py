@@ -15,7 +15,7 @@ from pathlib import Path
 
 from repair.data.features import Features, extract_features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
-from repair.errors import IncompatibleCheckpointError, MergetuneError
+from repair.errors import IncompatibleCheckpointError, MergetuneError, UsageError
 from repair.eval.path import FINETUNED, REPAIRED, ZERO_SHOT, Values, path_ts, walk_segments
 from repair.io import TensorFile, atomic_output, read_tensors
 from repair.kinds import Kind, detect_kind, load_kind
@@ -163,6 +163,8 @@ def path_report(
 def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Path, out: str | Path, *,
                  png: str | Path | None = None, force: bool = False, **options: object) -> dict[str, object]:
     """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""
+    if png is not None and Path(png).resolve() == Path(out).resolve():
+        raise UsageError(f"{png}: --png and --out name the same file; the plot would replace the report")
     for target in (out, png):
         if target is not None:
             inputs.check_output(Path(target), [Path(finetuned), Path(repaired)], force)
