@@ -160,6 +160,16 @@ def test_the_markdown_summary_is_never_appended_to_an_input(tiny_spec, ft_file, 
     assert image.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["repair", "finetune"])
+def test_an_image_of_the_data_folder_is_never_an_output_even_with_force(command, tiny_spec, ft_file, image_dirs):
+    image = next(path for path in sorted(image_dirs["train"].rglob("*")) if path.is_file())
+    before = image.read_bytes()
+    source = [ft_file] if command == "repair" else []
+    result = invoke(command, *source, "--data", image_dirs["train"], "--out", image, "--force", *model_args(tiny_spec))
+    assert_one_line_error(result, 8)
+    assert "data folder" in result.output and image.read_bytes() == before
+
+
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
     result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
     assert_one_line_error(result, 6)

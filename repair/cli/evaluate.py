@@ -99,6 +99,7 @@ def eval_command(
         from repair.data.group import init_from_env, rank_and_world, rank_device
         from repair.eval import gate as gating
         from repair.io import append_text, check_appendable
+        from repair.workflows.inputs import check_outside_data
         from repair.render.report import eval_markdown
         from repair.workflows.evaluate import evaluate
 
@@ -107,7 +108,8 @@ def eval_command(
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
         thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
         if markdown is not None:
-            check_appendable(markdown, inputs=checkpoints, folders=[data, *(novel_data or [])])
+            check_outside_data(markdown, [data, *(novel_data or [])])
+            check_appendable(markdown, inputs=checkpoints)
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,

@@ -118,17 +118,13 @@ def _lock_is_alive(lock: Path) -> bool:
     return pid > 0
 
 
-def check_appendable(path: Path, inputs: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
-    """A file a report is appended to (a CI step summary): checked before the work, not after it. Never an
-    input: one of ``inputs``, or a file already inside one of the input ``folders`` (an image, a class list)."""
+def check_appendable(path: Path, inputs: Sequence[Path] = ()) -> None:
+    """A file a report is appended to (a CI step summary): checked before the work, not after it; never one
+    of ``inputs``."""
     path = Path(path)
     for source in inputs:
         if _same_file(path, Path(source)):
             raise OutputExistsError(f"{path}: is also an input ({source}); refusing to append the summary to it")
-    for folder in folders:
-        if path.is_file() and path.resolve().is_relative_to(Path(folder).resolve()):
-            raise OutputExistsError(f"{path}: a file of the data folder {folder}; refusing to append the summary "
-                                    "to an input")
     if path.exists() and not path.is_file():
         raise OutputExistsError(f"{path}: not a regular file; cannot append the summary to it")
     if not path.parent.is_dir():

@@ -86,6 +86,18 @@ def _listed(names: Sequence[str], most: int = 6) -> str:
     return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})"
 
 
+def check_outside_data(out: Path, data_dirs: Sequence[Path]) -> None:
+    """What already exists inside a data folder (an image, a class folder, a class list) is an input: never
+    an output, even with --force."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    for folder in data_dirs:
+        if out.resolve().is_relative_to(Path(folder).resolve()):
+            raise OutputExistsError(f"{out}: is inside the data folder {folder}, an input; mergetune never "
+                                    "writes to its inputs, even with --force")
+
+
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
     """Fail before the expensive part, not after it: the same check the atomic write makes."""
     out = Path(out)

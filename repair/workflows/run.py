@@ -32,6 +32,7 @@ from repair.workflows.inputs import (
     check_class_list,
     check_kind_output,
     check_output,
+    check_outside_data,
     check_record_backbone,
     encode_for,
     read_record,
@@ -225,6 +226,7 @@ def repair(
     finetuned, out = Path(finetuned), Path(out)
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
+    check_outside_data(out, [Path(data_dir)])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
         check_output(out, [finetuned], force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
@@ -271,6 +273,7 @@ def finetune(
     cls = kind_class(kind)
     options = resolve_options(cls, None, kind_options)
     _check_output_dtype(output_dtype)
+    check_outside_data(out, [Path(data_dir)])
     check_kind_output(cls, out, None, options, force, [])
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
