@@ -167,7 +167,16 @@ def test_an_image_of_the_data_folder_is_never_an_output_even_with_force(command,
     source = [ft_file] if command == "repair" else []
     result = invoke(command, *source, "--data", image_dirs["train"], "--out", image, "--force", *model_args(tiny_spec))
     assert_one_line_error(result, 8)
-    assert "data folder" in result.output and image.read_bytes() == before
+    assert "input folder" in result.output and image.read_bytes() == before
+
+
+def test_a_side_input_file_is_never_an_output_even_with_force(tmp_path, tiny_spec, ft_file, image_dirs):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\n")
+    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--templates", templates, "--out", templates,
+                    "--force", *model_args(tiny_spec))
+    assert_one_line_error(result, 8)
+    assert "is also an input" in result.output and templates.read_text() == "a photo of a {}.\n"
 
 
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):

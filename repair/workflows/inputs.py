@@ -6,6 +6,7 @@ before it loads a model or encodes an image.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,16 +87,36 @@ def _listed(names: Sequence[str], most: int = 6) -> str:
     return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})"
 
 
-def check_outside_data(out: Path, data_dirs: Sequence[Path]) -> None:
-    """What already exists inside a data folder (an image, a class folder, a class list) is an input: never
-    an output, even with --force."""
+def side_inputs(data_options: DataOptions | None = None, backbone: Backbone | BackboneSpec | None = None,
+                *files: str | Path | None) -> tuple[list[Path], list[Path]]:
+    """The files and folders a run reads besides its checkpoints and data folders (class names, templates,
+    a vocabulary, a model config, weights): (files, folders)."""
+    named = [data_options.classnames_file, data_options.templates_file] if data_options is not None else []
+    spec = backbone.spec if isinstance(backbone, Backbone) else backbone
+    folders = []
+    if spec is not None:
+        named.append(spec.model_config)
+        if spec.pretrained and Path(spec.pretrained).is_file():
+            named.append(spec.pretrained)
+        if spec.model.startswith("local-dir:"):
+            folders.append(Path(spec.model[len("local-dir:"):]))
+    return [Path(path) for path in (*named, *files) if path is not None], folders
+
+
+def check_not_an_input(out: Path, files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
+    """An output is never one of the run's input ``files``, nor anything that already exists inside an input
+    folder (an image, a class folder, a model's weights): not even with --force."""
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
-    for folder in data_dirs:
+    for source in files:
+        if Path(source).exists() and os.path.samefile(out, source):
+            raise OutputExistsError(f"{out}: is also an input ({source}); mergetune never writes to its inputs, "
+                                    "even with --force")
+    for folder in folders:
         if out.resolve().is_relative_to(Path(folder).resolve()):
-            raise OutputExistsError(f"{out}: is inside the data folder {folder}, an input; mergetune never "
-                                    "writes to its inputs, even with --force")
+            raise OutputExistsError(f"{out}: is inside the input folder {folder}; mergetune never writes to its "
+                                    "inputs, even with --force")
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:

@@ -167,7 +167,8 @@ def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Pa
         raise UsageError(f"{png}: --png and --out name the same file; the plot would replace the report")
     for target in (out, png):
         if target is not None:
-            inputs.check_outside_data(Path(target), [Path(data_dir)])
+            files, folders = inputs.side_inputs(options.get("data_options"), options.get("backbone"))
+            inputs.check_not_an_input(Path(target), files, [Path(data_dir), *folders])
             inputs.check_output(Path(target), [Path(finetuned), Path(repaired)], force)
     report = path_report(finetuned, repaired, data_dir, **options)
     write_path_json(report, out, force=force)

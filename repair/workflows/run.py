@@ -31,13 +31,14 @@ from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
     check_kind_output,
+    check_not_an_input,
     check_output,
-    check_outside_data,
     check_record_backbone,
     encode_for,
     read_record,
     resolve_backbone,
     select_training_images,
+    side_inputs,
 )
 
 OUTPUT_DTYPES = {"input": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -226,7 +227,8 @@ def repair(
     finetuned, out = Path(finetuned), Path(out)
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
-    check_outside_data(out, [Path(data_dir)])
+    files, folders = side_inputs(data_options, backbone, vocabulary)
+    check_not_an_input(out, files, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
         check_output(out, [finetuned], force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
@@ -273,7 +275,8 @@ def finetune(
     cls = kind_class(kind)
     options = resolve_options(cls, None, kind_options)
     _check_output_dtype(output_dtype)
-    check_outside_data(out, [Path(data_dir)])
+    files, folders = side_inputs(data_options, backbone)
+    check_not_an_input(out, files, [Path(data_dir), *folders])
     check_kind_output(cls, out, None, options, force, [])
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
