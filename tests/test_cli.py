@@ -68,6 +68,10 @@ def test_demo_runs_offline(tmp_path):
     assert "fixed.safetensors" in result.output and (tmp_path / "demo" / "fixed.safetensors").is_file()
     again = invoke("demo", "--workdir", tmp_path / "demo")
     assert_one_line_error(again, 8)
+    onto_file = invoke("demo", "--workdir", tmp_path / "demo" / "fixed.safetensors")
+    assert_one_line_error(onto_file, 8)
+    under_file = invoke("demo", "--workdir", tmp_path / "demo" / "fixed.safetensors" / "sub")
+    assert_one_line_error(under_file, 8)
 
 
 @pytest.fixture

@@ -29,9 +29,17 @@ NOVEL_CLASSES = ("cyan", "orange", "pink", "purple")
 
 def run_demo(workdir: Path, *, force: bool = False, on_step: Callable[[StepReport], None] | None = None,
              say: Callable[[str], None] = print) -> dict[str, object]:
+    """The whole workflow on a tiny random CLIP and generated images, written under ``workdir``."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputExistsError(f"{workdir}: a file, not a folder; pass another --workdir")
     if workdir.exists() and any(workdir.iterdir()) and not force:
         raise OutputExistsError(f"{workdir} exists and is not empty; pass --force or another --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, a read-only place
+        raise OutputExistsError(f"{workdir}: cannot create the work folder ({exc.strerror or type(exc).__name__})"
+                                ) from None
     say(f"1/4 tiny CLIP and generated images in {workdir}")
     spec = BackboneSpec(model=save_tiny_backbone(workdir / "tiny-clip"))
     train_dir = make_image_folder(workdir / "images" / "base-train", BASE_CLASSES, 16, seed=1)
