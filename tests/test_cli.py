@@ -183,6 +183,18 @@ def test_a_side_input_file_is_never_an_output_even_with_force(tmp_path, tiny_spe
     assert "is also an input" in result.output and templates.read_text() == "a photo of a {}.\n"
 
 
+def test_a_feature_cache_that_is_a_file_is_one_line(tmp_path, tiny_spec, ft_file, image_dirs):
+    out = tmp_path / "o.safetensors"
+    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", out, "--cache-dir", ft_file,
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 8)
+    assert "--no-cache" in result.output and not out.exists()
+    under_a_file = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", out, "--cache-dir",
+                          ft_file / "cache", "--epochs", "1", *model_args(tiny_spec))  # a miss: the run goes on
+    assert under_a_file.exit_code == 0, under_a_file.output
+    assert "damaged" not in under_a_file.output and out.is_file()
+
+
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
     result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
     assert_one_line_error(result, 6)

@@ -184,7 +184,7 @@ def map_cached_features(path: Path) -> torch.Tensor | None:
         if entry["dtype"] != "F32" or end - start != rows * columns * 4:
             return None
         mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + header_length + start, shape=(rows, columns))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not cached (yet), or no cache folder to hold it
         return None
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return report_damaged(path)

@@ -407,7 +407,10 @@ def report_damaged(path: Path) -> None:
     if str(path.parent) not in _warned:
         _warned.add(str(path.parent))
         sys.stderr.write(f"warning: {path}: damaged cache entry (checksum mismatch); recomputing it\n")
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only cache: the entry stays a miss
+        pass
     return None
 
 

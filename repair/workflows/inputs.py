@@ -34,6 +34,11 @@ class DataOptions:
     batch_size: int = 64
     on_progress: Callable[[int, int], None] | None = None  # (images encoded, total) while encoding
 
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise OutputExistsError(f"{self.cache_dir}: the feature cache (--cache-dir or MERGETUNE_CACHE) is a "
+                                    "file, not a folder; name a folder, or pass --no-cache")
+
 
 class Encodes(Protocol):
     """What decides how images are encoded for a model: a kind, or the zero-shot scorer."""
