@@ -195,6 +195,14 @@ def test_a_feature_cache_that_is_a_file_is_one_line(tmp_path, tiny_spec, ft_file
     assert "damaged" not in under_a_file.output and out.is_file()
 
 
+def test_a_symlink_loop_as_checkpoint_is_one_line(tmp_path, tiny_spec, image_dirs):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    result = invoke("repair", tmp_path / "a", "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                    *model_args(tiny_spec))
+    assert_one_line_error(result, 3)
+
+
 def test_data_given_a_file_says_so(tmp_path, tiny_spec, ft_file):
     result = invoke("eval", ft_file, "--data", ft_file, *model_args(tiny_spec))
     assert_one_line_error(result, 6)

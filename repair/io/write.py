@@ -141,8 +141,8 @@ def append_text(path: Path, text: str) -> None:
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
+    except OSError:  # one is missing, or a symlink loop: compare where they point (realpath never raises)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _create_temp(target: Path) -> tuple[int, Path]:

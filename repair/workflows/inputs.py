@@ -114,12 +114,13 @@ def check_not_an_input(out: Path, files: Sequence[Path] = (), folders: Sequence[
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
+    where = Path(os.path.realpath(out))  # realpath, not resolve(): a symlink loop must not raise here
     for source in files:
-        if Path(source).exists() and os.path.samefile(out, source):
+        if Path(source).exists() and where == Path(os.path.realpath(source)):
             raise OutputExistsError(f"{out}: is also an input ({source}); mergetune never writes to its inputs, "
                                     "even with --force")
     for folder in folders:
-        if out.resolve().is_relative_to(Path(folder).resolve()):
+        if where.is_relative_to(os.path.realpath(folder)):
             raise OutputExistsError(f"{out}: is inside the input folder {folder}; mergetune never writes to its "
                                     "inputs, even with --force")
 
