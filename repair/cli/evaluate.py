@@ -99,7 +99,7 @@ def eval_command(
         from repair.data.group import init_from_env, rank_and_world, rank_device
         from repair.eval import gate as gating
         from repair.io import append_text, check_appendable
-        from repair.workflows.inputs import check_not_an_input, side_inputs
+        from repair.workflows.inputs import check_outside_input_folders, side_inputs
         from repair.render.report import eval_markdown
         from repair.workflows.evaluate import evaluate
 
@@ -110,8 +110,8 @@ def eval_command(
         if markdown is not None:
             files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
                                          if model else None)
-            check_not_an_input(markdown, [*checkpoints, *files], [data, *(novel_data or []), *folders])
-            check_appendable(markdown)
+            check_outside_input_folders(markdown, [data, *(novel_data or []), *folders])
+            check_appendable(markdown, inputs=[*checkpoints, *files])
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,

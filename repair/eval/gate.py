@@ -55,22 +55,24 @@ def load_thresholds(path: str | Path) -> Thresholds:
     thresholds = Thresholds(**values)
     problem = out_of_range(thresholds)
     if problem:
-        raise InputFileError(f"{path}: {problem}")
+        raise InputFileError(f"{path}: {problem[0]} {problem[1]}")
     return thresholds
 
 
-def out_of_range(thresholds: Thresholds) -> str | None:
-    """Why a threshold cannot mean what its writer meant, or None. Accuracies are percentages: a minimum
-    above 100 can never pass, and one below 1 is almost surely a fraction (0.7 for 70 %) that passes any model."""
+def out_of_range(thresholds: Thresholds) -> tuple[str, str] | None:
+    """The first threshold that cannot mean what its writer meant, and why; None if all can. Accuracies are
+    percentages: a minimum above 100 can never pass, and one below 1 is almost surely a fraction (0.7 for 70 %)
+    that passes any model."""
     for name in ("min_base", "min_novel", "min_hm"):
         value = getattr(thresholds, name)
-        if value is not None and not 0.0 <= value <= 100.0:
-            return f"{name} {value:g} is not a percentage (0-100)"
-        if value is not None and 0.0 < value < 1.0:
-            return (f"{name} {value:g} is {value:g} %: thresholds are percentages, "
-                    f"write {value * 100:g} for {value * 100:g} %")
+        if value is None:
+            continue
+        if not 0.0 <= value <= 100.0:
+            return name, f"{value:g} is not a percentage (0-100)"
+        if 0.0 < value < 1.0:
+            return name, f"{value:g} is {value:g} %: thresholds are percentages, write {value * 100:g} for {value * 100:g} %"
     if thresholds.max_forgetting is not None and not -100.0 <= thresholds.max_forgetting <= 100.0:
-        return f"max_forgetting {thresholds.max_forgetting:g} is not a number of accuracy points (-100 to 100)"
+        return "max_forgetting", f"{thresholds.max_forgetting:g} is not a number of accuracy points (-100 to 100)"
     return None
 
 
@@ -106,7 +108,7 @@ def assemble(flags: Thresholds, gate_file: str | Path | None = None) -> Threshol
     """The thresholds a command enforces: the gate file's, overridden by the flags given."""
     problem = out_of_range(flags)
     if problem:
-        raise UsageError(f"--{problem.replace('_', '-', 1)}")
+        raise UsageError(f"--{problem[0].replace('_', '-')} {problem[1]}")
     return load_thresholds(gate_file).merged(flags) if gate_file else flags
 
 

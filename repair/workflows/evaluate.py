@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -133,9 +134,9 @@ def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
 def _check_distinct_folders(base_dir: str | Path, novel_dirs: Sequence[Path]) -> None:
     """A held-out folder that is the base folder (or another held-out one) would pass base accuracy off as
     novel accuracy, or weigh one set twice in the novel mean."""
-    seen = {Path(base_dir).resolve(): "the base folder (--data)"}
+    seen = {os.path.realpath(base_dir): "the base folder (--data)"}
     for folder in novel_dirs:
-        resolved = folder.resolve()
+        resolved = os.path.realpath(folder)
         if resolved in seen:
             raise UsageError(f"{folder}: a held-out folder (--novel-data) that is {seen[resolved]} again")
         seen[resolved] = "a held-out folder given before"

@@ -108,17 +108,13 @@ def side_inputs(data_options: DataOptions | None = None, backbone: Backbone | Ba
     return [Path(path) for path in (*named, *files) if path is not None], folders
 
 
-def check_not_an_input(out: Path, files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
-    """An output is never one of the run's input ``files``, nor anything that already exists inside an input
-    folder (an image, a class folder, a model's weights): not even with --force."""
+def check_outside_input_folders(out: Path, folders: Sequence[Path]) -> None:
+    """Nothing that already exists inside an input folder (an image, a class folder, a model's weights) is an
+    output, not even with --force; input *files* are refused by :func:`repair.io.check_output_path`."""
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
     where = Path(os.path.realpath(out))  # realpath, not resolve(): a symlink loop must not raise here
-    for source in files:
-        if Path(source).exists() and where == Path(os.path.realpath(source)):
-            raise OutputExistsError(f"{out}: is also an input ({source}); mergetune never writes to its inputs, "
-                                    "even with --force")
     for folder in folders:
         if where.is_relative_to(os.path.realpath(folder)):
             raise OutputExistsError(f"{out}: is inside the input folder {folder}; mergetune never writes to its "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -163,13 +164,13 @@ def path_report(
 def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Path, out: str | Path, *,
                  png: str | Path | None = None, force: bool = False, **options: object) -> dict[str, object]:
     """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""
-    if png is not None and Path(png).resolve() == Path(out).resolve():
+    if png is not None and os.path.realpath(png) == os.path.realpath(out):
         raise UsageError(f"{png}: --png and --out name the same file; the plot would replace the report")
+    files, folders = inputs.side_inputs(options.get("data_options"), options.get("backbone"))
     for target in (out, png):
         if target is not None:
-            files, folders = inputs.side_inputs(options.get("data_options"), options.get("backbone"))
-            inputs.check_not_an_input(Path(target), files, [Path(data_dir), *folders])
-            inputs.check_output(Path(target), [Path(finetuned), Path(repaired)], force)
+            inputs.check_outside_input_folders(Path(target), [Path(data_dir), *folders])
+            inputs.check_output(Path(target), [Path(finetuned), Path(repaired), *files], force)
     report = path_report(finetuned, repaired, data_dir, **options)
     write_path_json(report, out, force=force)
     if png is not None:

@@ -31,7 +31,7 @@ from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
     check_kind_output,
-    check_not_an_input,
+    check_outside_input_folders,
     check_output,
     check_record_backbone,
     encode_for,
@@ -228,15 +228,15 @@ def repair(
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
     files, folders = side_inputs(data_options, backbone, vocabulary)
-    check_not_an_input(out, files, [Path(data_dir), *folders])
+    check_outside_input_folders(out, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
-        check_output(out, [finetuned], force)
+        check_output(out, [finetuned, *files], force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
         source = read_tensors(finetuned)
         record = read_record(source)
         cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
                                  recorded_options=record.kind_options if record else None, overrides=kind_options)
-        check_kind_output(cls, out, source, options, force, [finetuned])
+        check_kind_output(cls, out, source, options, force, [finetuned, *files])
         templates = load_templates(data_options.templates_file)
         concepts = tuple(read_vocabulary(vocabulary)) if vocabulary is not None else None
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
@@ -276,8 +276,8 @@ def finetune(
     options = resolve_options(cls, None, kind_options)
     _check_output_dtype(output_dtype)
     files, folders = side_inputs(data_options, backbone)
-    check_not_an_input(out, files, [Path(data_dir), *folders])
-    check_kind_output(cls, out, None, options, force, [])
+    check_outside_input_folders(out, [Path(data_dir), *folders])
+    check_kind_output(cls, out, None, options, force, files)
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
