@@ -169,7 +169,12 @@ def test_the_machine_launcher_splits_torchrun_options_from_the_command():
     ] == [1, 3, 4, 1, 1]
 
 
-def _torchrun(args: list[str]) -> None:
+# gloo's own threads can abort a rank as the group is torn down (a race inside torch, seen once in CI
+# under load, not reproduced in 60 runs): such a run is repeated once; twice is a failure
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(args: list[str], attempts: int = 2) -> None:
     """``torchrun --nproc_per_node 2`` on 127.0.0.1, killed with its whole process group if it overruns."""
     from repair.cli.launch import free_port
 
@@ -184,6 +189,8 @@ def _torchrun(args: list[str]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"two-rank run did not finish in {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
+    if process.returncode != 0 and GLOO_TEARDOWN_ABORT in output and attempts > 1:
+        return _torchrun(args, attempts - 1)
     assert process.returncode == 0, output[-4000:]
 
 
@@ -225,6 +232,8 @@ def _rank_main(model: str, data: str, cache: str, out: str) -> None:
     Path(out, f"error{rank}.json").write_text(json.dumps(error))
     save_file({"first": first.features, "labels": first.labels, "cached": cached.features,
                "partial_cache": partial_cache.features}, Path(out) / f"rank{rank}.safetensors")
+    group.leave()
+    assert not torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def eval_command(
 
     def action() -> None:
         from repair.cli.launch import launch, without_option
-        from repair.data.group import init_from_env, rank_and_world, rank_device
+        from repair.data.group import init_from_env, leave, rank_and_world, rank_device
         from repair.eval import gate as gating
         from repair.io import append_text, check_appendable
         from repair.workflows.inputs import check_outside_input_folders, side_inputs
@@ -121,6 +121,7 @@ def eval_command(
                 wise_alpha=wise_alpha,
                 device=rank_device(device), precision=value(precision),
             )
+        leave()  # every rank is done with the group here (nothing when not distributed)
         failures = gating.apply(report, thresholds)
         if markdown is not None and rank_and_world()[0] == 0:
             append_text(markdown, eval_markdown(report, failures))

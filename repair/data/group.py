@@ -15,6 +15,8 @@ import torch
 
 from repair.errors import MergetuneError
 
+LEAVE_TIMEOUT_S = 60.0  # how long leave() waits for the other ranks before tearing the group down
+
 
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks: from the process group, else torchrun's env."""
@@ -44,11 +46,31 @@ def init_from_env(backend: str = "gloo", *, timeout_s: float | None = None) -> b
         return False
     options = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     dist.init_process_group(backend, **options)  # env:// reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-    atexit.register(_leave_group)
+    atexit.register(_destroy_group)  # the fallback for an exit that did not call leave()
     return True
 
 
-def _leave_group() -> None:
+def leave(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+    """Leave the group once every rank is done with it: a barrier, then the teardown.
+
+    Call it where all ranks have finished their collectives (the same point on every rank). A rank
+    that tears its sockets down while a peer still finishes the last collective can make that peer's
+    gloo threads abort the process (SIGABRT, "terminate called without an active exception"). The
+    barrier is bounded: a rank that never arrives costs ``timeout_s``, then the group goes anyway.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        try:  # monitored: bounded by its timeout (gloo groups; another backend raises ValueError)
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError):  # a peer left or never came: nothing left to wait for
+            pass
+    _destroy_group()
+
+
+def _destroy_group() -> None:
     """Tear the group down before interpreter exit: gloo's threads left running abort the process."""
     import torch.distributed as dist
 
