@@ -157,6 +157,26 @@ def test_second_run_reuses_cached_features(tmp_path, backbone, image_dirs, monke
     assert torch.equal(first.features, second.features)
 
 
+def test_eval_takes_the_zero_shot_scale_from_options_as_from_flags(tmp_path, backbone, image_dirs):
+    """A caller's logit scale reaches the zero-shot row whether it comes as flag-style overrides or as the
+    kind's Options (it was read from a dict only, so Options left the zero-shot ECE at CLIP's scale)."""
+    from types import MappingProxyType
+
+    ft = _finetuned_file(backbone, tmp_path / "ft.safetensors")
+
+    def zero_shot_row(kind_options):
+        report = evaluate([ft], image_dirs["test"], backbone=backbone, kind_options=kind_options,
+                          data_options=DataOptions(shots=None, cache_dir=None))
+        return next(row for row in report["models"] if row["name"] == "zero-shot")
+
+    default = zero_shot_row(None)
+    as_flags = zero_shot_row({"logit_scale": 3.0})
+    assert as_flags["base_ece"] != default["base_ece"]  # the scale changes calibration, not accuracy
+    assert as_flags["base"] == default["base"]
+    assert zero_shot_row(CoOpPrompts.Options(logit_scale=3.0)) == as_flags
+    assert zero_shot_row(MappingProxyType({"logit_scale": 3.0})) == as_flags
+
+
 def test_eval_numbers_equal_a_direct_computation(tmp_path, tiny_spec, backbone, image_dirs):
     ft = finetune("coop", image_dirs["train"], tmp_path / "ft.safetensors", backbone=backbone,
                   config=TrainConfig(epochs=5, batch_size=16, lr=0.05)).path

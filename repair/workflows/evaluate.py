@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def evaluate(
         check_class_list(record, base_folder, tensor_file.path, model, other_classes=other_classes)
         kinds[name] = (model, tensor_file)
     evaluation = Evaluation(base, novel)
-    zero_shot_scale = kind_options.get("logit_scale") if isinstance(kind_options, dict) else None
+    zero_shot_scale = _logit_scale(kind_options)
     results = [evaluation.score("zero-shot", ZeroShot(backbone, templates, zero_shot_scale), "zero-shot")]
     results += [evaluation.score(name, model) for name, (model, _) in kinds.items()]
     baseline_report = None
@@ -123,6 +123,14 @@ def evaluate(
         "warnings": warnings,
         "versions": versions(),
     }
+
+
+def _logit_scale(kind_options: KindChoices) -> float | None:
+    """The temperature the caller chose for the models, which the zero-shot row shares; from flag-style
+    overrides (any mapping) or from one kind's ``Options`` alike."""
+    if isinstance(kind_options, Mapping):
+        return kind_options.get("logit_scale")
+    return getattr(kind_options, "logit_scale", None)
 
 
 def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
