@@ -281,6 +281,27 @@ def test_two_machines_keep_the_documented_exit_code(tmp_path):
     assert not any("ChildFailedError" in node.stderr for node in nodes)
 
 
+def test_an_input_missing_on_one_machine_stops_both_with_its_exit_code(tmp_path, tiny_spec, image_dirs, backbone):
+    """The checkpoint exists on machine 0 only (a relative path, two working folders): machine 0 must not
+    wait for a rank that stopped and then fail with a lost connection (exit 1, torchrun's traceback); both
+    exit 3, machine 0 naming the rank that lacks the file."""
+    from repair.cli.launch import free_port
+
+    ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
+    here, there = tmp_path / "machine0", tmp_path / "machine1"
+    here.mkdir()
+    there.mkdir()
+    ft.rename(here / ft.name)
+    args[args.index(str(ft))] = ft.name
+    port = str(free_port())
+    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
+                                                  "--master-port", port], args, cwds=(here, there))
+    assert [node.returncode for node in nodes] == [3, 3], [node.stderr[-2000:] for node in nodes]
+    assert [_error_lines(node.stderr) for node in nodes] == [1, 1], [node.stderr for node in nodes]
+    assert "error: rank 1: ft.safetensors: no such file" in nodes[0].stderr
+    assert not any("Traceback" in node.stderr or "internal error" in node.stderr for node in nodes)
+
+
 def _error_lines(stderr: str) -> int:
     return sum(line.startswith("error: ") for line in stderr.splitlines())
 
@@ -311,10 +332,10 @@ def _assert_same_scores(sharded: dict, single: dict) -> None:
             theirs["name"], theirs["base"], theirs["novel"], theirs["hm"])
 
 
-def _two_machines(tmp_path: Path, rendezvous: Callable[[int], list[str]], argv: list[str]
-                  ) -> list[subprocess.CompletedProcess]:
+def _two_machines(tmp_path: Path, rendezvous: Callable[[int], list[str]], argv: list[str],
+                  cwds: tuple[Path, Path] | None = None) -> list[subprocess.CompletedProcess]:
     """``python -m repair.cli.launch --nnodes 2 ... -- ARGV`` twice at once, as on two machines with one
-    rank each; both are killed with their whole process groups if either overruns."""
+    rank each (in ``cwds``, if given); both are killed with their whole process groups if either overruns."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     processes, logs = [], []
     for node in range(2):
@@ -322,7 +343,8 @@ def _two_machines(tmp_path: Path, rendezvous: Callable[[int], list[str]], argv: 
                    *rendezvous(node), "--", *argv]
         logs.append((tmp_path / f"node{node}.out", tmp_path / f"node{node}.err"))
         with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
-            processes.append(subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=err))
+            processes.append(subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=err,
+                                              cwd=cwds[node] if cwds else None))
     finished = _wait_or_kill(processes, RUN_TIMEOUT_S)
     outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     if not finished:

@@ -96,7 +96,7 @@ def eval_command(
 
     def action() -> None:
         from repair.cli.launch import launch, without_option
-        from repair.data.group import init_from_env, leave, rank_and_world, rank_device
+        from repair.data.group import agreed, init_from_env, leave, rank_and_world, rank_device
         from repair.eval import gate as gating
         from repair.io import append_text, check_appendable
         from repair.workflows.inputs import check_outside_input_folders, side_inputs
@@ -106,12 +106,13 @@ def eval_command(
         if nproc > 1 and rank_and_world()[1] == 1:
             raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
-        thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
-        if markdown is not None:
-            files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
-                                         if model else None)
-            check_outside_input_folders(markdown, [data, *(novel_data or []), *folders])
-            check_appendable(markdown, inputs=[*checkpoints, *files])
+        with agreed():  # a gate file or summary path that one machine lacks stops every rank alike
+            thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
+            if markdown is not None:
+                files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
+                                             if model else None)
+                check_outside_input_folders(markdown, [data, *(novel_data or []), *folders])
+                check_appendable(markdown, inputs=[*checkpoints, *files])
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -126,14 +128,41 @@ def gather_or_raise(local: torch.Tensor | None, failure: Exception | None) -> li
     dist.all_gather_object(gathered, (local, _portable(failure, rank)))
     if failure is not None:
         raise failure
-    for _, error in gathered:
+    for other, (_, error) in enumerate(gathered):
         if error is not None:
-            raise error
+            raise _from_rank(error, other)
     return [rows for rows, _ in gathered if rows is not None]
 
 
+@contextmanager
+def agreed() -> Iterator[None]:
+    """A block that may fail on some ranks only (an input missing on one machine, weights not cached
+    there): every rank leaves it with the same outcome. Without this, the ranks that passed go on to
+    wait in a collective for one that stopped, and fail with a lost connection (an internal error)."""
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:
+        if not active():
+            raise
+        failure = exc
+    if active():
+        gather_or_raise(None, failure)
+
+
 def _portable(error: Exception | None, rank: int) -> Exception | None:
-    """Our own errors travel as they are (same message and exit code everywhere); others as a summary."""
+    """Our own errors travel as they are (same exit code everywhere); others as a summary."""
     if error is None or isinstance(error, MergetuneError):
         return error
     return RuntimeError(f"rank {rank} failed: {type(error).__name__}: {error}")
+
+
+def _from_rank(error: Exception, rank: int) -> Exception:
+    """Another rank's error as this rank raises it: our own keep their type (so their exit code), and
+    say which rank met them: a path that exists here may be missing on another machine."""
+    if not isinstance(error, MergetuneError):
+        return error  # already a summary naming its rank
+    try:
+        return type(error)(f"rank {rank}: {error}")
+    except TypeError:  # an error type with its own constructor
+        return error

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from repair.data import group
 from repair.data.features import Features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
 from repair.errors import UsageError
@@ -74,33 +75,34 @@ def evaluate(
     if wise_alpha is not None and not baselines:
         raise UsageError("--wise-alpha sets the WiSE-FT baseline's alpha: it needs --baselines")
     data_options = data_options or DataOptions(shots=None)
-    files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
-    if baselines and not files:
-        raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
-    _check_distinct_folders(data_dir, _as_list(novel_dir))
-    records = [read_record(tensor_file) for tensor_file in files]
-    if backbone is None and records and records[0] is not None:
-        backbone = recorded_backbone(records[0])
-    backbone = resolve_backbone(backbone, device, precision)
-    templates = load_templates(data_options.templates_file)
-    base_folder = scan_image_folder(data_dir, data_options.classnames_file)
-    novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
-    base = load_evalset(backbone, base_folder, "base", data_options)
-    novel = [load_evalset(backbone, folder, name, data_options)
-             for folder, name in zip(novel_folders, _novel_names(novel_folders))]
-    warnings: list[str] = []
-    kinds: dict[str, tuple[Kind, TensorFile]] = {}
-    for tensor_file, record in zip(files, records):
-        check_record_backbone(record, backbone, tensor_file.path)
-        if record is not None:
-            warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
-                                                   tensor_file.path)
-        name = tensor_file.path.name if tensor_file.path.name not in kinds else str(tensor_file.path)
-        model = load_kind(backbone, tensor_file, base.classnames, templates, kind=kind,
-                          recorded_kind=record.kind if record else None,
-                          recorded_options=record.kind_options if record else None, overrides=kind_options)
-        check_class_list(record, base_folder, tensor_file.path, model, other_classes=other_classes)
-        kinds[name] = (model, tensor_file)
+    with group.agreed():  # under eval --nproc, an input missing on one machine stops every rank alike
+        files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+        if baselines and not files:
+            raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
+        _check_distinct_folders(data_dir, _as_list(novel_dir))
+        records = [read_record(tensor_file) for tensor_file in files]
+        if backbone is None and records and records[0] is not None:
+            backbone = recorded_backbone(records[0])
+        backbone = resolve_backbone(backbone, device, precision)
+        templates = load_templates(data_options.templates_file)
+        base_folder = scan_image_folder(data_dir, data_options.classnames_file)
+        novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
+        base = load_evalset(backbone, base_folder, "base", data_options)
+        novel = [load_evalset(backbone, folder, name, data_options)
+                 for folder, name in zip(novel_folders, _novel_names(novel_folders))]
+        warnings: list[str] = []
+        kinds: dict[str, tuple[Kind, TensorFile]] = {}
+        for tensor_file, record in zip(files, records):
+            check_record_backbone(record, backbone, tensor_file.path)
+            if record is not None:
+                warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
+                                                       tensor_file.path)
+            name = tensor_file.path.name if tensor_file.path.name not in kinds else str(tensor_file.path)
+            model = load_kind(backbone, tensor_file, base.classnames, templates, kind=kind,
+                              recorded_kind=record.kind if record else None,
+                              recorded_options=record.kind_options if record else None, overrides=kind_options)
+            check_class_list(record, base_folder, tensor_file.path, model, other_classes=other_classes)
+            kinds[name] = (model, tensor_file)
     evaluation = Evaluation(base, novel)
     zero_shot_scale = _logit_scale(kind_options)
     results = [evaluation.score("zero-shot", ZeroShot(backbone, templates, zero_shot_scale), "zero-shot")]
