@@ -302,6 +302,24 @@ def test_an_input_missing_on_one_machine_stops_both_with_its_exit_code(tmp_path,
     assert not any("Traceback" in node.stderr or "internal error" in node.stderr for node in nodes)
 
 
+def test_the_summary_is_checked_and_written_on_rank_zeros_machine_only(tmp_path, tiny_spec, image_dirs, backbone):
+    """``--markdown summary/eval.md`` whose folder exists on machine 0 only (a CI summary there): machine 1
+    never writes it, so it must not refuse it; machine 0 appends the report once."""
+    from repair.cli.launch import free_port
+
+    ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
+    here, there = tmp_path / "machine0", tmp_path / "machine1"
+    (here / "summary").mkdir(parents=True)
+    there.mkdir()
+    port = str(free_port())
+    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
+                                                  "--master-port", port], [*args, "--markdown", "summary/eval.md"],
+                          cwds=(here, there))
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
+    assert (here / "summary" / "eval.md").read_text().count("zero-shot") >= 1
+    assert list(there.iterdir()) == []
+
+
 def _error_lines(stderr: str) -> int:
     return sum(line.startswith("error: ") for line in stderr.splitlines())
 

@@ -106,9 +106,10 @@ def eval_command(
         if nproc > 1 and rank_and_world()[1] == 1:
             raise typer.Exit(launch(nproc, without_option(sys.argv[1:], "--nproc")))
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
-        with agreed():  # a gate file or summary path that one machine lacks stops every rank alike
+        writes = rank_and_world()[0] == 0  # --markdown is written by rank 0 alone, and checked there
+        with agreed():  # a gate file that one machine lacks, or rank 0's summary path, stops every rank alike
             thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
-            if markdown is not None:
+            if markdown is not None and writes:
                 files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
                                              if model else None)
                 check_outside_input_folders(markdown, [data, *(novel_data or []), *folders])
@@ -124,7 +125,7 @@ def eval_command(
             )
         leave()  # every rank is done with the group here (nothing when not distributed)
         failures = gating.apply(report, thresholds)
-        if markdown is not None and rank_and_world()[0] == 0:
+        if markdown is not None and writes:
             append_text(markdown, eval_markdown(report, failures))
         emit(report, as_json, lambda: print_eval_table(report))
         for warning in report["warnings"]:

@@ -55,10 +55,11 @@ def init_from_env(backend: str = "gloo", *, timeout_s: float | None = None) -> b
 def leave(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
     """Leave the group once every rank is done with it: a barrier, then the teardown.
 
-    Call it where all ranks have finished their collectives (the same point on every rank). A rank
-    that tears its sockets down while a peer still finishes the last collective can make that peer's
-    gloo threads abort the process (SIGABRT, "terminate called without an active exception"). The
-    barrier is bounded: a rank that never arrives costs ``timeout_s``, then the group goes anyway.
+    Call it where all ranks have finished their collectives (the same point on every rank), so no
+    rank tears its connections down while a peer may still finish the last exchange: the likely
+    cause of a rank aborted once by gloo at exit (SIGABRT, "terminate called without an active
+    exception"). The barrier is bounded: a rank that never arrives costs ``timeout_s``, then the
+    group goes anyway.
     """
     import torch.distributed as dist
 
