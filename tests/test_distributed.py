@@ -302,6 +302,29 @@ def test_an_input_missing_on_one_machine_stops_both_with_its_exit_code(tmp_path,
     assert not any("Traceback" in node.stderr or "internal error" in node.stderr for node in nodes)
 
 
+def test_machines_that_see_other_images_are_refused_not_scored(tmp_path, tiny_spec, image_dirs, backbone):
+    """The test folder on machine 1 has one image more: joined in rank order, the shards of two
+    different file lists would no longer match the labels. Both machines refuse it (exit 6) instead."""
+    import shutil
+
+    from repair.cli.launch import free_port
+
+    ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
+    machines = (tmp_path / "machine0", tmp_path / "machine1")
+    for machine in machines:
+        shutil.copytree(image_dirs["test"], machine / "test")
+    first_class = sorted((machines[1] / "test").iterdir())[0]
+    an_image = sorted(first_class.iterdir())[0]
+    shutil.copy(an_image, first_class / f"extra{an_image.suffix}")
+    args[args.index(str(image_dirs["test"]))] = "test"
+    port = str(free_port())
+    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
+                                                  "--master-port", port], args, cwds=machines)
+    assert [node.returncode for node in nodes] == [6, 6], [node.stderr[-2000:] for node in nodes]
+    assert "rank 1 sees other images here than rank 0" in nodes[0].stderr
+    assert [_error_lines(node.stderr) for node in nodes] == [1, 1], [node.stderr for node in nodes]
+
+
 def test_the_summary_is_checked_and_written_on_rank_zeros_machine_only(tmp_path, tiny_spec, image_dirs, backbone):
     """``--markdown summary/eval.md`` whose folder exists on machine 0 only (a CI summary there): machine 1
     never writes it, so it must not refuse it; machine 0 appends the report once."""

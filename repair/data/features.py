@@ -124,6 +124,8 @@ def extract_features(
     """
     encoder = encoder or backbone.image_encoder
     sharded = shard and group.active()
+    if sharded:
+        _check_same_images(dataset)
     cache_file = features_cache_file(cache_dir, encoder, dataset) if cache_dir is not None else None
     features = _read_cache(cache_file, len(dataset)) if cache_file is not None else None
     # under a group, ranks must take the same branch around collectives: encode unless all have the cache
@@ -196,6 +198,24 @@ def map_cached_features(path: Path) -> torch.Tensor | None:
 
 def _write_cache(path: Path, features: torch.Tensor) -> None:
     write_cache_entry(path, {"features": features})
+
+
+def _check_same_images(dataset: ImageFolder) -> None:
+    """Every rank encodes its slice of *its own* file list and the slices are joined in rank order: a
+    machine that sees other images (a file more or less, another size, other class folders) would give
+    rows that do not match the labels, a silently wrong score. Names and sizes are compared, not content."""
+    listing = hashlib.sha256()
+    for path, label in zip(dataset.files, dataset.labels):
+        try:
+            size = path.stat().st_size
+        except OSError:  # gone since the scan: decoding it will say so
+            size = -1
+        listing.update(f"{dataset.folders[label]}\t{path.name}\t{size}\n".encode())
+    digests = group.gather_objects(listing.hexdigest())
+    others = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if others:
+        raise DataError(f"{dataset.root}: rank {others[0]} sees other images here than rank 0 (files, sizes or class "
+                        "folders differ); every machine needs the same data at the same path")
 
 
 def _encode_shards(backbone: Backbone, encoder: ImageEncoder, dataset: ImageFolder, *, batch_size: int,

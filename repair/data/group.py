@@ -119,14 +119,19 @@ def barrier() -> None:
     dist.barrier()
 
 
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value`` (anything picklable), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    gathered: list[object] = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_or_raise(local: torch.Tensor | None, failure: Exception | None) -> list[torch.Tensor]:
     """Every rank's rows in rank order; a rank that failed still joins, carrying its error, so every
     rank raises that error (rank 0 reports it with its own exit code) rather than losing a connection."""
-    import torch.distributed as dist
-
-    rank, world = rank_and_world()
-    gathered: list[tuple[torch.Tensor | None, Exception | None]] = [(None, None)] * world
-    dist.all_gather_object(gathered, (local, _portable(failure, rank)))
+    gathered = gather_objects((local, _portable(failure, rank_and_world()[0])))
     if failure is not None:
         raise failure
     for other, (_, error) in enumerate(gathered):
