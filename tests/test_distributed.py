@@ -267,12 +267,7 @@ def test_two_machines_report_what_one_process_does(tmp_path, tiny_spec, image_di
 def test_two_machines_keep_the_documented_exit_code(tmp_path):
     """Static rendezvous (``--master-addr``, ``--node-rank``): machine 0 holds rank 0; both machines exit 3
     for a missing checkpoint (not torchrun's 1) and each says so once."""
-    from repair.cli.launch import free_port
-
-    port = str(free_port())
-    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
-                                                  "--master-port", port],
-                          ["inspect", str(tmp_path / "missing.safetensors")])
+    nodes = _two_machines(tmp_path, _static_rendezvous(), ["inspect", str(tmp_path / "missing.safetensors")])
     assert [node.returncode for node in nodes] == [3, 3], [node.stderr[-2000:] for node in nodes]
     assert [_error_lines(node.stderr) for node in nodes] == [1, 1], [node.stderr for node in nodes]
     assert "rank 1 failed:\nerror: " in nodes[1].stderr  # machine 1 has no rank 0 to explain it
@@ -285,17 +280,13 @@ def test_an_input_missing_on_one_machine_stops_both_with_its_exit_code(tmp_path,
     """The checkpoint exists on machine 0 only (a relative path, two working folders): machine 0 must not
     wait for a rank that stopped and then fail with a lost connection (exit 1, torchrun's traceback); both
     exit 3, machine 0 naming the rank that lacks the file."""
-    from repair.cli.launch import free_port
-
     ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
     here, there = tmp_path / "machine0", tmp_path / "machine1"
     here.mkdir()
     there.mkdir()
     ft.rename(here / ft.name)
     args[args.index(str(ft))] = ft.name
-    port = str(free_port())
-    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
-                                                  "--master-port", port], args, cwds=(here, there))
+    nodes = _two_machines(tmp_path, _static_rendezvous(), args, cwds=(here, there))
     assert [node.returncode for node in nodes] == [3, 3], [node.stderr[-2000:] for node in nodes]
     assert [_error_lines(node.stderr) for node in nodes] == [1, 1], [node.stderr for node in nodes]
     assert "error: rank 1: ft.safetensors: no such file" in nodes[0].stderr
@@ -307,9 +298,7 @@ def test_machines_that_see_other_images_are_refused_not_scored(tmp_path, tiny_sp
     different file lists would no longer match the labels. Both machines refuse it (exit 6) instead."""
     import shutil
 
-    from repair.cli.launch import free_port
-
-    ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
+    _, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
     machines = (tmp_path / "machine0", tmp_path / "machine1")
     for machine in machines:
         shutil.copytree(image_dirs["test"], machine / "test")
@@ -317,9 +306,7 @@ def test_machines_that_see_other_images_are_refused_not_scored(tmp_path, tiny_sp
     an_image = sorted(first_class.iterdir())[0]
     shutil.copy(an_image, first_class / f"extra{an_image.suffix}")
     args[args.index(str(image_dirs["test"]))] = "test"
-    port = str(free_port())
-    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
-                                                  "--master-port", port], args, cwds=machines)
+    nodes = _two_machines(tmp_path, _static_rendezvous(), args, cwds=machines)
     assert [node.returncode for node in nodes] == [6, 6], [node.stderr[-2000:] for node in nodes]
     assert "rank 1 sees other images here than rank 0" in nodes[0].stderr
     assert [_error_lines(node.stderr) for node in nodes] == [1, 1], [node.stderr for node in nodes]
@@ -328,19 +315,23 @@ def test_machines_that_see_other_images_are_refused_not_scored(tmp_path, tiny_sp
 def test_the_summary_is_checked_and_written_on_rank_zeros_machine_only(tmp_path, tiny_spec, image_dirs, backbone):
     """``--markdown summary/eval.md`` whose folder exists on machine 0 only (a CI summary there): machine 1
     never writes it, so it must not refuse it; machine 0 appends the report once."""
-    from repair.cli.launch import free_port
-
-    ft, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
+    _, args = _eval_command(tmp_path, tiny_spec, image_dirs, backbone)
     here, there = tmp_path / "machine0", tmp_path / "machine1"
     (here / "summary").mkdir(parents=True)
     there.mkdir()
-    port = str(free_port())
-    nodes = _two_machines(tmp_path, lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1",
-                                                  "--master-port", port], [*args, "--markdown", "summary/eval.md"],
+    nodes = _two_machines(tmp_path, _static_rendezvous(), [*args, "--markdown", "summary/eval.md"],
                           cwds=(here, there))
     assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-2000:] for node in nodes]
-    assert (here / "summary" / "eval.md").read_text().count("zero-shot") >= 1
+    assert (here / "summary" / "eval.md").read_text().count("## mergetune evaluation") == 1
     assert list(there.iterdir()) == []
+
+
+def _static_rendezvous() -> Callable[[int], list[str]]:
+    """torchrun's static rendezvous on a free local port: machine N holds rank N."""
+    from repair.cli.launch import free_port
+
+    port = str(free_port())
+    return lambda node: ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port]
 
 
 def _error_lines(stderr: str) -> int:
