@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -370,6 +371,28 @@ def test_17_without_network_a_missing_model_is_one_quick_line(tmp_path, image_di
     assert done.returncode == 7
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0], done.stderr
+
+
+def test_17_a_hanging_name_lookup_does_not_hold_the_hub_probe(monkeypatch):
+    """The socket timeout does not cover the DNS lookup; the probe must answer while the lookup still hangs."""
+    import threading
+
+    from repair.model import backbone as backbone_module
+
+    release, lookup_returned = threading.Event(), threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        release.wait(60)
+        lookup_returned.set()
+        raise socket.gaierror("released by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    try:
+        assert backbone_module.hub_reachable(timeout_s=0.2) is False
+        assert not lookup_returned.is_set()  # the answer did not wait for the lookup
+    finally:
+        release.set()
 
 
 def test_17_offline_mode_prints_only_the_error_line(tmp_path, image_dirs, prompt):

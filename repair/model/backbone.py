@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -641,11 +642,22 @@ def _offline_requested() -> bool:
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hub (``HF_ENDPOINT``) opens within ``timeout_s``."""
+    """Whether a TCP connection to the Hub (``HF_ENDPOINT``) opens within ``timeout_s``, name lookup included.
+
+    The socket's timeout bounds the connection, not the lookup: a resolver that hangs (no route to its
+    DNS server) can take tens of seconds. The probe runs in a daemon thread and is waited for ``timeout_s``
+    at most; a lookup still hanging then is left to finish on its own.
+    """
     endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
+    address = (endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    opened = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+        except OSError:
+            return
+        opened.set()
+
+    threading.Thread(target=probe, name="mergetune-hub-probe", daemon=True).start()
+    return opened.wait(timeout_s)
