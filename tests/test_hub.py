@@ -18,7 +18,7 @@ from repair import DataOptions, repair as run_repair
 from repair.record import BackboneIdentity
 from repair.workflows.inputs import read_record
 from repair.io import read_tensors
-from repair.errors import InputFileError, MergetuneError, OutputExistsError
+from repair.errors import InputFileError, OutputExistsError, UsageError
 from repair.workflows.hub import HubError, PushResult, model_card, prepare_upload, push
 from repair.kinds.coop import init_context
 from repair.kinds import CoOpPrompts
@@ -396,6 +396,9 @@ def test_unreachable_endpoint_is_a_hub_error(hub, repaired):
 
 @pytest.mark.parametrize("repo_id", ["no-slash", "a/b/c", "org/na--me", "org/", "-org/name", "org/name.git"])
 def test_malformed_repo_id_is_refused_before_any_request(hub, repaired, repo_id):
-    with pytest.raises(MergetuneError, match="ORG/NAME"):
+    with pytest.raises(UsageError, match="ORG/NAME") as caught:  # a bad option value: exit 2
         push(repaired, repo_id, token=TOKEN)
+    assert caught.value.exit_code == 2
+    with pytest.raises(UsageError, match="invalid revision"):
+        push(repaired, REPO, revision="my branch", token=TOKEN)
     assert hub.requests == []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from repair.errors import HubError, InputFileError, MergetuneError, OutputExistsError
+from repair.errors import HubError, InputFileError, OutputExistsError, UsageError
 from repair.record import Record
 from repair.render.card import is_repo_id, load_eval_report, model_card, one_line
 
@@ -185,14 +185,14 @@ def push(checkpoint: Path, repo_id: str, *, private: bool = False, revision: str
 
 def _check_repo_id(repo_id: str) -> None:
     if not isinstance(repo_id, str) or not is_repo_id(repo_id):
-        raise MergetuneError(one_line(
+        raise UsageError(one_line(
             f"invalid Hub repo id {repo_id!r}: expected ORG/NAME (letters, digits, '-', '_', '.'; "
             "at most 96 each; no '--' or '..')"))
 
 
 def _check_revision(revision: str | None) -> None:
     if revision is not None and (not revision.strip() or any(ch.isspace() for ch in revision)):
-        raise MergetuneError(one_line(f"invalid revision {revision!r}: expected a branch name such as main"))
+        raise UsageError(one_line(f"invalid revision {revision!r}: expected a branch name such as main"))
 
 
 def _resolve_token(token: str | None) -> str:
