@@ -234,11 +234,12 @@ def test_kind_mismatch_is_refused_before_loading_a_model(coop_pair, tmp_path, im
 
 
 def test_prompt_longer_than_its_zero_shot_words_is_refused(tmp_path, backbone, image_dirs):
-    ctx = tmp_path / "ctx.safetensors"
-    save_file({"ctx": 0.02 * torch.randn(3, backbone.text_width)}, ctx)  # "a photo of a" is 4 tokens
+    ctx, other = tmp_path / "ctx.safetensors", tmp_path / "other.safetensors"
+    for path in (ctx, other):
+        save_file({"ctx": 0.02 * torch.randn(3, backbone.text_width)}, path)  # "a photo of a" is 4 tokens
     with pytest.raises(IncompatibleCheckpointError, match="n_ctx=3") as caught:
-        path_report(ctx, ctx, image_dirs["test"], backbone=backbone, data_options=DataOptions(shots=None,
-                                                                                               cache_dir=None))
+        path_report(ctx, other, image_dirs["test"], backbone=backbone, data_options=DataOptions(shots=None,
+                                                                                                 cache_dir=None))
     assert "\n" not in str(caught.value)
 
 

@@ -187,6 +187,9 @@ def test_path_command_writes_json_and_png(tmp_path, tiny_spec, image_dirs, check
     both = cli("path", checkpoints["ft"], checkpoints["fixed"], "--data", image_dirs["test"], "--out", same,
                "--png", same, "--model", tiny_spec.model)
     assert both.exit_code == 2 and "same file" in both.output and not same.exists()
+    twice = cli("path", checkpoints["ft"], checkpoints["ft"], "--data", image_dirs["test"], "--out", same,
+                "--model", tiny_spec.model)  # a model against itself: a flat path that looks like a result
+    assert twice.exit_code == 2 and "the same bytes as" in twice.output and not same.exists()
 
 
 def test_precision_and_device_options(tmp_path, tiny_spec, image_dirs, checkpoints, backbone):

@@ -119,6 +119,8 @@ def path_report(
     ts = path_ts(points)
     # everything cheap first: files, kinds, data, templates; then the model
     ft_file, rep_file = read_tensors(finetuned), read_tensors(repaired)
+    if ft_file.sha256 == rep_file.sha256:  # the same file given twice, or a copy: every segment would be flat
+        raise UsageError(f"{repaired}: the same bytes as {finetuned}; give the fine-tuned checkpoint and its repair")
     records = [inputs.read_record(ft_file), inputs.read_record(rep_file)]
     _same_kind_class(ft_file, rep_file, kind, records)
     dataset = scan_image_folder(data_dir, data_options.classnames_file)
