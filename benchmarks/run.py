@@ -354,7 +354,26 @@ def environment() -> dict[str, object]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else None, "git_commit": git("rev-parse", "HEAD"),
-            "code_modified_since_commit": None if status is None else bool(status), **versions()}
+            "code_modified_since_commit": None if status is None else bool(status), "cpu": cpu_identity(),
+            **versions()}
+
+
+def cpu_identity() -> dict[str, str | None]:
+    """The processor the numbers came from: bit-reproducibility holds per CPU model, not across them
+    (benchmarks/README), so a run records the model and the vector kernels torch chose for it."""
+    fields = {"model name": "model_name", "cpu family": "family", "model": "model", "stepping": "stepping"}
+    found: dict[str, str | None] = {"torch_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as info:  # Linux; elsewhere the platform's own name
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in fields:
+                    found.setdefault(fields[key], value)
+    except OSError:
+        found["model_name"] = platform.processor() or None
+    return found
 
 
 # Every number of the benchmark is computed on one intra-op thread, in whichever worker process: the

@@ -165,6 +165,22 @@ def test_numbers_do_not_depend_on_how_many_worker_processes_share_the_seeds(shar
     assert set(results[1]["seed_s"]) == {1, 2} and torch.get_num_threads() == threads  # restored in-process
 
 
+def test_a_run_records_the_processor_its_numbers_came_from(monkeypatch):
+    """Bit-reproducibility holds per CPU model: every run's environment names it, and the kernels torch chose."""
+    from benchmarks import run
+
+    cpu = run.environment()["cpu"]
+    assert cpu["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    if Path("/proc/cpuinfo").is_file():
+        assert cpu.keys() >= {"model_name", "family", "model", "stepping"}
+
+    def no_cpuinfo(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr("builtins.open", no_cpuinfo)  # another OS: the platform's own name, never an error
+    assert set(run.cpu_identity()) == {"torch_capability", "model_name"}
+
+
 def test_run_refuses_fewer_than_one_worker_in_one_line(capsys):
     from benchmarks import run
 
