@@ -204,14 +204,7 @@ def _check_same_images(dataset: ImageFolder) -> None:
     """Every rank encodes its slice of *its own* file list and the slices are joined in rank order: a
     machine that sees other images (a file more or less, another size, other class folders) would give
     rows that do not match the labels, a silently wrong score. Names and sizes are compared, not content."""
-    listing = hashlib.sha256()
-    for path, label in zip(dataset.files, dataset.labels):
-        try:
-            size = path.stat().st_size
-        except OSError:  # gone since the scan: decoding it will say so
-            size = -1
-        listing.update(f"{dataset.folders[label]}\t{path.name}\t{size}\n".encode())
-    digests = group.gather_objects(listing.hexdigest())
+    digests = group.gather_objects(dataset.listing_sha256())
     others = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
     if others:
         raise DataError(f"{dataset.root}: rank {others[0]} sees other images here than rank 0 (files, sizes or class "

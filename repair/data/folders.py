@@ -79,6 +79,18 @@ class ImageFolder:
     def file_hashes(self) -> list[str]:
         return [_sha256_cached(path) for path in self.files]
 
+    def listing_sha256(self) -> str:
+        """One cheap hash of which files these are (class folder, name, size; no content read): enough to
+        tell two machines' copies of a folder apart before they share work on it."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.files, self.labels):
+            try:
+                size = path.stat().st_size
+            except OSError:  # gone since the scan: decoding it will say so
+                size = -1
+            digest.update(f"{self.folders[label]}\t{path.name}\t{size}\n".encode())
+        return digest.hexdigest()
+
     def manifest_sha256(self) -> str:
         """One hash for exactly these labelled images: what an output records as its data."""
         digest = hashlib.sha256()
