@@ -81,9 +81,24 @@ class KindProtocol:
         return max(1, math.ceil(self.steps * self.batch_size / max(images, 1)))
 
     def train_config(self, seed: int, images: int = 0) -> TrainConfig:
+        """SGD with momentum 0.9 and weight decay 5e-4, one warm-up epoch (none below 5 epochs in steps mode)."""
         epochs = self.epochs_for(images)
         warmup = 1 if self.steps is None or epochs >= 5 else 0
-        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, warmup_epochs=warmup, seed=seed)
+        steps_per_epoch = math.ceil(images / self.batch_size) if images else 1
+        return TrainConfig(epochs=epochs, optimizer="sgd", lr=self.lr, weight_decay=5e-4, batch_size=self.batch_size,
+                           warmup_steps=warmup * steps_per_epoch, seed=seed)
+
+    def repair(self, candidate: str, seed: int) -> RepairSpec:
+        """A benchmarked repair from its name (:func:`parse_candidate`): ``default`` is what the bare command
+        runs; ``NAME[:LAM]`` runs this protocol's schedule; ``...@steps=N,step=S,batch=B`` the default Adam
+        schedule with those choices (unset ones: the kind's)."""
+        surrogate, schedule = parse_candidate(candidate)
+        if surrogate == DEFAULT:
+            return RepairSpec(Objective(), TrainConfig(seed=seed))
+        objective = self.objective(surrogate)
+        if schedule is None:
+            return RepairSpec(objective, None)  # the protocol's schedule, set per task by fit_and_repair
+        return RepairSpec(objective, TrainConfig(seed=seed, **schedule))
 
     def objective(self, surrogate: str) -> Objective:
         """``name`` at this protocol's lam_zs, ``name:auto`` with lam_zs chosen on held-out shots, or
@@ -99,6 +114,36 @@ class KindProtocol:
             raise ValueError(f"a benchmarked repair is 'surrogate', 'surrogate:auto' or 'surrogate:LAM', "
                              f"not {surrogate!r}") from None
         return Objective(lam_zs=lam_zs, lam_lmc=self.lam_lmc, surrogate=name)
+
+
+DEFAULT = "default"  # the bare command: no schedule, surrogate or lam_zs given
+SCHEDULE_KEYS = {"steps": ("steps", int), "step": ("step_size", float), "batch": ("batch_size", int)}
+
+
+@dataclass(frozen=True)
+class RepairSpec:
+    """One benchmarked repair: its objective and schedule (``config`` None: the protocol's, per task)."""
+
+    objective: Objective
+    config: TrainConfig | None
+
+
+def parse_candidate(candidate: str) -> tuple[str, dict[str, object] | None]:
+    """'fisher:10@steps=200,step=0.05' -> ('fisher:10', {'steps': 200, 'step_size': 0.05}); no '@': None."""
+    surrogate, at, settings = candidate.partition("@")
+    if not at:
+        return surrogate, None
+    schedule: dict[str, object] = {}
+    for item in filter(None, settings.split(",")):
+        key, _, text = item.partition("=")
+        if key not in SCHEDULE_KEYS:
+            raise ValueError(f"{candidate!r}: unknown schedule key {key!r}; use {', '.join(SCHEDULE_KEYS)}")
+        field_name, convert = SCHEDULE_KEYS[key]
+        try:
+            schedule[field_name] = convert(text)
+        except ValueError:
+            raise ValueError(f"{candidate!r}: {key} must be a number, not {text!r}") from None
+    return surrogate, schedule
 
 
 # The scratch proxy's protocol: lam_zs per kind and surrogate, the best validation HM (seeds 1 and 2,
@@ -182,8 +227,9 @@ def quick(plan: Plan) -> Plan:
 
 
 def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol,
-                   repairs: dict[str, Objective], backbone, log) -> dict[str, Path]:
-    """Fine-tune from zero-shot, then repair that checkpoint with each named objective; paths by name."""
+                   repairs: dict[str, Objective | RepairSpec], backbone, log) -> dict[str, Path]:
+    """Fine-tune from zero-shot with the protocol, then repair that checkpoint with each named repair (an
+    objective on the protocol's schedule, or a :class:`RepairSpec`); paths by name."""
     options = DataOptions(shots=protocol.shots)
     images = sum(min(protocol.shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
     config = protocol.train_config(seed, images)
@@ -191,11 +237,12 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
     started = time.perf_counter()
     paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
                                     config=config, data_options=options, force=True).path}
-    for name, objective in repairs.items():
+    for name, spec in repairs.items():
+        spec = spec if isinstance(spec, RepairSpec) else RepairSpec(spec, None)
         try:
             paths[name] = repair(paths["fine-tuned"], train_dir, run_dir / f"{_file_stem(name)}.safetensors",
-                                 backbone=backbone, objective=objective, config=config, data_options=options,
-                                 force=True).path
+                                 backbone=backbone, objective=spec.objective, config=spec.config or config,
+                                 data_options=options, force=True).path
         except NumericalError as error:  # recorded as missing for this seed; the run goes on
             log(f"  {kind} seed {seed}: {name} diverged ({error})")
     log(f"  {kind} seed {seed}: fine-tuned and repaired in {time.perf_counter() - started:.0f} s")
@@ -203,14 +250,17 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
 
 
 def _file_stem(name: str) -> str:
-    """'repaired (fisher)' -> 'repaired-fisher'; 'l2 5' -> 'l2-5'; 'repaired (l2:auto)' -> 'repaired-l2-auto'."""
-    return "-".join(name.replace("(", " ").replace(")", " ").replace(":", " ").split())
+    """'repaired (fisher)' -> 'repaired-fisher'; 'l2 5' -> 'l2-5'; 'repaired (l2:auto)' -> 'repaired-l2-auto';
+    'repaired (fisher:10@steps=50,step=0.1)' -> 'repaired-fisher-10-steps-50-step-0.1'."""
+    for mark in "():@=,":
+        name = name.replace(mark, " ")
+    return "-".join(name.split())
 
 
-def plan_repairs(kind: str, plan: Plan) -> dict[str, Objective]:
+def plan_repairs(kind: str, plan: Plan, seed: int = 0) -> dict[str, RepairSpec]:
     protocol = plan.protocol[kind]
     surrogates = (*plan.surrogates, *plan.kind_surrogates.get(kind, ()))
-    return {f"repaired ({surrogate})": protocol.objective(surrogate) for surrogate in surrogates}
+    return {f"repaired ({surrogate})": protocol.repair(surrogate, seed) for surrogate in surrogates}
 
 
 def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, dict[str, object]]:
@@ -253,7 +303,7 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
 
 def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"b2n-{task.dataset}-{task.style}" / kind / f"seed{seed}"
-    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan),
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
                            backbone, log)
     return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
                                    backbone)
@@ -261,7 +311,7 @@ def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, w
 
 def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"robust-{task.dataset}-{task.style}" / kind / f"seed{seed}"
-    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan),
+    paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
                            backbone, log)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
                                    backbone)

@@ -36,7 +36,7 @@ def main() -> int:
     model = repair.load_backbone(backbone)  # load once, share across the calls below
     outcome = repair.repair(finetuned, data / "train", workdir / "repaired.safetensors", backbone=model,
                             objective=repair.Objective(),  # the kind's default surrogate and lam_zs
-                            config=repair.TrainConfig(epochs=10, seed=0))
+                            config=repair.TrainConfig(seed=0))  # the kind's default schedule
     print(f"repaired: {outcome.path} ({outcome.record.trainable_numbers} numbers, "
           f"{outcome.train_result.steps} steps)")
 
@@ -67,7 +67,7 @@ def demo_inputs(workdir: Path):
     make_image_folder(data / "test-base", ("blue", "green", "red", "yellow"), 16, seed=2)
     make_image_folder(data / "test-novel", ("cyan", "orange", "pink", "purple"), 16, seed=3)
     finetuned = repair.finetune("coop", data / "train", workdir / "ft.safetensors", backbone=spec,
-                                config=repair.TrainConfig(epochs=20, lr=0.05, batch_size=32)).path
+                                config=repair.TrainConfig(epochs=20, optimizer="sgd", lr=0.05, batch_size=32)).path
     return spec, finetuned, data
 
 

@@ -108,7 +108,7 @@ def test_tiny_plan_end_to_end_writes_every_method_and_renders(shared_data, tiny_
     short = run.KindProtocol(epochs=2, lr=0.05, lam_zs={"feature": 1.0, "l2": 1.0}, shots=2)
     by_steps = run.KindProtocol(epochs=0, steps=3, batch_size=2, lr=0.05,
                                 lam_zs={"feature": 1.0, "l2": 1.0, "kfac": 1.0}, shots=2)
-    assert by_steps.epochs_for(images=4) == 2 and by_steps.train_config(1, images=4).warmup_epochs == 0
+    assert by_steps.epochs_for(images=4) == 2 and by_steps.train_config(1, images=4).warmup_steps == 0
     plan = run.Plan(seeds=(1, 2), datasets=("flowers5",), b2n_kinds=("coop",), domain_kinds=("linear",),
                     robustness_kinds=("linear",), surrogates=("feature", "l2"), style="blur",
                     sizes=Sizes(val=3, test=4, shifted_test=2), protocol={"coop": short, "linear": by_steps},

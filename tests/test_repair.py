@@ -71,7 +71,7 @@ def test_without_constraints_the_loop_is_plain_coop(backbone, image_dirs):
     dataset = scan_image_folder(image_dirs["train"])
     data = extract_features(backbone, dataset)
     ctx_ft = init_context(backbone, "a photo of a")
-    config = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=3)
+    config = TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=0.05, weight_decay=5e-4, warmup_steps=3, seed=3)
     kind = CoOpPrompts(backbone, ctx_ft, dataset.classnames, ["a photo of a {}."])
     train(kind, Objective(lam_zs=0.0, lam_lmc=0.0), data, config)
     expected = _reference_coop_steps(backbone, ctx_ft, data.features, data.labels, dataset.classnames, config,

@@ -30,6 +30,7 @@ from repair.errors import IncompatibleCheckpointError, UsageError
 from repair.io import TensorFile, check_output_path, write_safetensors
 from repair.model.backbone import Backbone, ImageEncoder
 
+CLIP_INIT_STD = 0.02  # a step scale's last fallback: the std CLIP initialises its embeddings with
 STAGES = ("finetune", "repair", "eval", "path", "load")  # the workflows that build a kind
 WRAPPER_PREFIXES = ("module.", "model.", "state_dict.", "clip_model.", "clip.")
 
@@ -132,11 +133,25 @@ class About:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A default schedule, in optimizer steps and a relative step size, so that it transfers across
+    backbones (a BERT's input embeddings and CLIP's differ in scale) and dataset sizes (steps, not epochs)."""
+
+    steps: int
+    batch_size: int
+    step_size: float  # Adam's per-step move as a fraction of each trained tensor's scale (Kind.step_scales)
+
+
+DEFAULT_SCHEDULE = Schedule(steps=100, batch_size=128, step_size=0.02)
+
+
+@dataclass(frozen=True)
 class RepairDefaults:
-    """The zero-shot term a repair uses when the caller names none (chosen on the benchmark)."""
+    """What a repair uses when the caller names nothing: the zero-shot term and the schedule (README "Defaults")."""
 
     surrogate: str
     lam_zs: float | str  # a number, or "auto": chosen per repair on held-out shots (repair.train.select)
+    schedule: Schedule = DEFAULT_SCHEDULE
 
 
 @dataclass
@@ -154,6 +169,7 @@ class Kind(nn.Module, ABC):
     name: ClassVar[str]  # registry key, --kind value, recorded in outputs
     about: ClassVar[About]
     defaults: ClassVar[RepairDefaults]  # README "Defaults" has the evidence
+    finetune_schedule: ClassVar[Schedule] = DEFAULT_SCHEDULE  # plain fine-tuning's default
     Options: ClassVar[type[KindOptions]] = KindOptions
     # kinds that also match every file this one matches but could not load it (detection then picks this one)
     outranks: ClassVar[tuple[str, ...]] = ()
@@ -311,6 +327,46 @@ class Kind(nn.Module, ABC):
         unless they parametrise the weights non-linearly (LoRA's factors override this)."""
         return {name: (1.0 - t) * start[name] + t * end[name] for name in start}
 
+    @torch.no_grad()
+    def step_scales(self) -> dict[str, float]:
+        """Each trainable tensor's scale, which a relative step size multiplies (``TrainConfig.step_size``).
+
+        A repair moves each tensor at a rate set by how far fine-tuning moved it, the RMS of ``w_ft - w_zs``:
+        the repaired point lies within a few such distances of both ends, whatever the backbone's
+        parametrisation. A tensor fine-tuning left where it was takes the whole displacement's RMS; where
+        nothing moved (plain fine-tuning starts at ``w_zs``) or the kind has no zero-shot point, the RMS of the
+        tensor itself, then of all of them, then CLIP's initialisation std.
+        """
+        current = {name: parameter.detach().float() for name, parameter in self.trainable().items()}
+        try:
+            zero_shot = {name: value.detach().float().to(current[name].device)
+                         for name, value in self.zero_shot_values().items()}
+        except IncompatibleCheckpointError:  # no zero-shot point in this checkpoint's parameter space
+            zero_shot = {}
+        moved = {name: _rms(current[name] - zero_shot[name]) if name in zero_shot else 0.0 for name in current}
+        sizes = {name: _rms(tensor) for name, tensor in current.items()}
+        all_moved = _rms_of(current, zero_shot) if len(zero_shot) == len(current) else 0.0
+        all_sizes = _rms_of(current, {})
+        scales = {}
+        for name in current:
+            for candidate in (moved[name], all_moved, sizes[name], all_sizes, CLIP_INIT_STD):
+                if candidate > 0.0:
+                    scales[name] = candidate
+                    break
+        return scales
+
     def same_weights(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
         """Whether two sets of values give the same model (``path`` checks both files imply one ``w_zs``)."""
         return a.keys() == b.keys() and all(torch.equal(a[name], b[name].to(a[name])) for name in a)
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    return float(tensor.pow(2).mean().sqrt()) if tensor.numel() else 0.0
+
+
+def _rms_of(values: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor]) -> float:
+    """RMS over every number of ``values`` (minus the matching ``minus`` tensors, where given)."""
+    squares = sum(float((tensor - minus[name] if name in minus else tensor).pow(2).sum())
+                  for name, tensor in values.items())
+    count = sum(tensor.numel() for tensor in values.values())
+    return (squares / count) ** 0.5 if count else 0.0

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,31 +23,86 @@ from safetensors.torch import load_file
 from repair.data.features import Features
 from repair.errors import InputFileError, NumericalError, UsageError
 from repair.io import write_state_file
-from repair.kinds.base import Kind
+from repair.kinds.base import Kind, Schedule
 from repair.train.objective import Objective, mergetune_loss
 from repair.train.surrogates import Surrogate, build_surrogate
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The schedule; each field's metadata is its command-line flag (help and bounds)."""
+    """The schedule; each field's metadata is its command-line flag (help and bounds).
 
-    epochs: int = field(default=10, metadata={"help": "Passes over the training images.", "min": 0})
+    Unset fields (None) take the kind's declared :class:`Schedule` (:meth:`for_kind`): a repair runs that many
+    Adam steps whose step size is relative to how far fine-tuning moved each tensor (``Kind.step_scales``).
+    ``lr`` gives an absolute learning rate instead; ``epochs`` counts passes over the images instead of steps.
+    """
+
+    steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps [default: the kind's, README 'Defaults'].", "min": 0})
+    epochs: int | None = field(default=None, metadata={
+        "help": "Passes over the training images, instead of --steps.", "min": 0})
     max_steps: int | None = field(default=None, metadata={  # 0 returns the input unchanged
-        "help": "Stop after this many steps.", "min": 0})
-    batch_size: int = field(default=128, metadata={"help": "Images per step.", "min": 1})
-    lr: float = field(default=0.002, metadata={"help": "SGD learning rate (cosine schedule).", "min": 0.0})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1).", "min": 0.0})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay.", "min": 0.0})
-    warmup_epochs: int = field(default=1, metadata={"help": "Linear warm-up epochs.", "min": 0})
+        "help": "Stop after this many steps, whatever --steps or --epochs say.", "min": 0})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "Images per step [default: the kind's].", "min": 1})
+    optimizer: str = field(default="adam", metadata={"help": "adam or sgd."})
+    step_size: float | None = field(default=None, metadata={
+        "help": "Relative step: each step moves a tensor by about this fraction of its scale (how far "
+                "fine-tuning moved it; for fine-tuning, its size) [default: the kind's].", "min": 0.0})
+    lr: float | None = field(default=None, metadata={
+        "help": "Absolute learning rate instead of --step-size (required with --optimizer sgd).", "min": 0.0})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum, or Adam's beta1, in [0, 1).",
+                                                   "min": 0.0})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (towards 0).", "min": 0.0})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "Linear warm-up steps [default: 5% of the steps].", "min": 0})
     seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("lr", "step_size", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}")
         if not 0.0 <= self.momentum < 1.0:
             raise UsageError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
+        if self.lr is not None and self.step_size is not None:
+            raise UsageError("give --lr (absolute) or --step-size (relative), not both")
+        if self.optimizer == "sgd" and self.lr is None:
+            raise UsageError("--optimizer sgd needs an absolute --lr (a relative --step-size is Adam's)")
+
+    def for_kind(self, kind: type[Kind] | Kind, stage: str) -> TrainConfig:
+        """Every unset choice filled in from the kind's declared schedule for ``stage`` (repair or finetune)."""
+        schedule = kind.defaults.schedule if stage == "repair" else kind.finetune_schedule
+        steps = self.steps if self.steps is not None or self.epochs is not None else schedule.steps
+        step_size = self.step_size if self.step_size is not None or self.lr is not None else schedule.step_size
+        return replace(self, steps=steps, step_size=step_size,
+                       batch_size=self.batch_size if self.batch_size is not None else schedule.batch_size)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every choice is made: a length, a batch size and a step size."""
+        return ((self.steps is not None or self.epochs is not None) and self.batch_size is not None
+                and (self.lr is not None or self.step_size is not None))
+
+    def total_steps(self, images: int) -> int:
+        """Steps this schedule runs on ``images`` training images (``--epochs`` converted, ``--max-steps`` applied)."""
+        if not self.resolved:
+            raise UsageError("the schedule is not resolved: call TrainConfig.for_kind(kind, stage) first")
+        total = self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(images)
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
+    def steps_per_epoch(self, images: int) -> int:
+        return math.ceil(images / (self.batch_size or 1))
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else math.ceil(0.05 * total_steps)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,12 +140,12 @@ class TrainResult:
 
 @dataclass
 class LoopState:
-    """Everything the loop needs to continue: weights, momentum, schedule position, shuffling RNG."""
+    """Everything the loop needs to continue: weights, optimizer state, schedule position, shuffling RNG."""
 
     epoch: int
     steps: int
     weights: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, torch.Tensor]]  # per trainable tensor: momentum, or Adam's moments and step
     rng: torch.Tensor
     history: list[EpochReport]
     best_accuracy: float | None = None
@@ -107,8 +162,10 @@ class ProgressFile:
 
     def save(self, state: LoopState) -> None:
         tensors = {"rng": state.rng}
-        for group, values in (("w", state.weights), ("m", state.momentum), ("best", state.best_weights or {})):
+        for group, values in (("w", state.weights), ("best", state.best_weights or {})):
             tensors.update({f"{group}/{name}": value.detach().cpu().contiguous() for name, value in values.items()})
+        for name, entries in state.optimizer.items():
+            tensors.update({f"opt/{name}/{key}": value.detach().cpu().contiguous() for key, value in entries.items()})
         record = {"fingerprint": self.fingerprint, "epoch": state.epoch, "steps": state.steps,
                   "best_accuracy": state.best_accuracy, "selected_epoch": state.selected_epoch,
                   "history": [asdict(report) for report in state.history]}
@@ -131,7 +188,12 @@ class ProgressFile:
             return {key.split("/", 1)[1]: value.to(device) for key, value in tensors.items()
                     if key.startswith(prefix + "/")}
 
-        return LoopState(epoch=record["epoch"], steps=record["steps"], weights=group("w"), momentum=group("m"),
+        optimizer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt/"):
+                name, entry = key[len("opt/"):].rsplit("/", 1)
+                optimizer.setdefault(name, {})[entry] = value if entry == "step" else value.to(device)
+        return LoopState(epoch=record["epoch"], steps=record["steps"], weights=group("w"), optimizer=optimizer,
                          rng=tensors["rng"], history=[EpochReport(**item) for item in record["history"]],
                          best_accuracy=record["best_accuracy"], best_weights=group("best") or None,
                          selected_epoch=record["selected_epoch"])
@@ -183,12 +245,10 @@ def train(
 ) -> TrainResult:
     """Run the loop in place on ``kind``'s trainable tensors; returns what happened.
 
-    With ``progress``, the state is saved after every epoch; ``resume`` continues from it.
+    ``config`` must be resolved (:meth:`TrainConfig.for_kind`). With ``progress``, the state is saved after
+    every epoch; ``resume`` continues from it.
     """
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = config.total_steps(len(train_set))
     result = TrainResult(steps=0, selected_epoch=None)
     if total_steps == 0:
         return result
@@ -198,11 +258,8 @@ def train(
                          "train() takes a number")
     if surrogate is None and objective.lam_zs != 0.0:
         surrogate = build_surrogate(objective.surrogate, kind, train_set, seed=config.seed)
-    parameters = list(kind.trainable().values())
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, config.warmup_epochs * steps_per_epoch))
+    optimizer, result.choices["lr"] = make_optimizer(kind, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup(total_steps)))
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     epoch = 0
@@ -210,8 +267,8 @@ def train(
         state = progress.load(train_set.features.device)
         kind.load_values(state.weights)
         for name, parameter in kind.trainable().items():
-            if name in state.momentum:
-                optimizer.state[parameter]["momentum_buffer"] = state.momentum[name].clone()
+            if name in state.optimizer:
+                optimizer.state[parameter] = {key: value.clone() for key, value in state.optimizer[name].items()}
         generator.set_state(state.rng)
         epoch, result.steps, result.history = state.epoch, state.steps, state.history
         schedule.last_epoch = state.steps
@@ -253,12 +310,34 @@ def train(
     return result
 
 
+def make_optimizer(kind: Kind, config: TrainConfig) -> tuple[torch.optim.Optimizer, dict[str, float]]:
+    """The optimizer over ``kind``'s trainable tensors, one group each, and each tensor's learning rate.
+
+    Adam is invariant to the gradient's scale, so a relative step size times the tensor's scale
+    (:meth:`Kind.step_scales`) moves each tensor by about that fraction per step on any backbone; an absolute
+    ``lr`` is used as given.
+    """
+    trainable = kind.trainable()
+    if config.lr is not None:
+        rates = {name: float(config.lr) for name in trainable}
+    else:
+        scales = kind.step_scales()
+        rates = {name: float(config.step_size) * scales[name] for name in trainable}
+    groups = [{"params": [parameter], "lr": rates[name]} for name, parameter in trainable.items()]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=rates[next(iter(rates))] if rates else 0.0, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(groups, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+    return optimizer, rates
+
+
 def _loop_state(kind: Kind, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
                 result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None) -> LoopState:
-    momentum = {name: optimizer.state[parameter]["momentum_buffer"]
-                for name, parameter in kind.trainable().items()
-                if optimizer.state.get(parameter, {}).get("momentum_buffer") is not None}
-    return LoopState(epoch=epoch, steps=result.steps, weights=kind.snapshot(), momentum=momentum,
+    state = {name: {key: value.detach().clone() for key, value in optimizer.state[parameter].items()
+                    if isinstance(value, torch.Tensor)}
+             for name, parameter in kind.trainable().items() if optimizer.state.get(parameter)}
+    return LoopState(epoch=epoch, steps=result.steps, weights=kind.snapshot(), optimizer=state,
                      rng=generator.get_state(), history=list(result.history),
                      best_accuracy=best[0] if best else None, best_weights=best[1] if best else None,
                      selected_epoch=result.selected_epoch)

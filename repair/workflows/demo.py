@@ -48,11 +48,11 @@ def run_demo(workdir: Path, *, force: bool = False, on_step: Callable[[StepRepor
     data_options = DataOptions(shots=16, cache_dir=workdir / "cache")
     say("2/4 fine-tuning a CoOp prompt on the base classes (the checkpoint that forgets)")
     finetuned = finetune("coop", train_dir, workdir / "ft.safetensors", backbone=spec, force=True,
-                         config=TrainConfig(epochs=30, lr=0.05, batch_size=32), data_options=data_options,
+                         config=TrainConfig(epochs=30, optimizer="sgd", lr=0.05, batch_size=32), data_options=data_options,
                          on_step=on_step)
     say("3/4 repairing it with MergeTune")
     repair(finetuned.path, train_dir, workdir / "fixed.safetensors", backbone=spec, force=True,
-           objective=Objective(lam_zs=1.0, lam_lmc=1.0), config=TrainConfig(epochs=30, lr=0.05, batch_size=32),
+           objective=Objective(lam_zs=1.0, lam_lmc=1.0), config=TrainConfig(epochs=30, optimizer="sgd", lr=0.05, batch_size=32),
            data_options=data_options, on_step=on_step)
     say("4/4 evaluating zero-shot, fine-tuned and repaired on base and novel classes")
     return evaluate([workdir / "ft.safetensors", workdir / "fixed.safetensors"], base_test, novel_dir=novel_test,

@@ -246,7 +246,7 @@ def repair(
         check_class_list(record, dataset, finetuned, model, other_classes=other_classes)
         resolved, notes = resolve_surrogate(objective, model)
         inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), resolved,
-                           config, data_options, output_dtype, source, concepts)
+                           config.for_kind(model, "repair"), data_options, output_dtype, source, concepts)
         outcome = fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
         outcome.notes.extend(notes)
         return outcome
@@ -284,7 +284,8 @@ def finetune(
         backbone = resolve_backbone(backbone, device, precision)
         model = cls.zero_shot(backbone, dataset.classnames, templates, options)
         inputs = RunInputs("finetune", model, backbone, dataset, held_out, tuple(templates),
-                           Objective(lam_zs=0.0, lam_lmc=0.0).for_kind(model), config, data_options, output_dtype)
+                           Objective(lam_zs=0.0, lam_lmc=0.0).for_kind(model), config.for_kind(model, "finetune"),
+                           data_options, output_dtype)
         return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
