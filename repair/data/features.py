@@ -28,7 +28,7 @@ from repair.data.folders import ImageFolder
 from repair.errors import DataError
 from repair.io import write_cache_entry
 from repair.io.write import CHECKSUM_KEY, report_damaged, tensors_checksum
-from repair.model.backbone import Backbone, ImageEncoder
+from repair.model.backbone import Backbone, ImageEncoder, default_cache_dir  # noqa: F401 (re-exported)
 
 CACHE_FORMAT = "mergetune-features/3"  # raw (unnormalised) float32 features, checksummed
 
@@ -85,13 +85,6 @@ def open_image(path: Path) -> Image.Image:
                         "pixels); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}); remove or replace it") from None
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MERGETUNE_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergetune"
 
 
 def features_cache_key(encoder: ImageEncoder, file_hashes: Sequence[str]) -> str:

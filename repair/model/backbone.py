@@ -19,7 +19,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +33,7 @@ from repair.model.shared_prefix import CLASS_CHUNK, common_prefix_length, encode
 from repair.model.shared_prefix import project_text, supports_shared_prefix
 from repair.record import BackboneIdentity
 
+MINI_NAME = "mergetune-mini"  # the embedded pretrained CLIP (repair.model.mini)
 RANDOM_INIT = "none"  # --pretrained none: deterministic random weights, for tests and timing
 RANDOM_INIT_SEED = 0
 TEXT_BATCH = 256  # sequences per text-encoder call when encoding many captions
@@ -48,7 +49,8 @@ class BackboneSpec:
 
     @property
     def uses_schema(self) -> bool:
-        return self.model.startswith(("local-dir:", "hf-hub:"))
+        """Whether the model name says where its weights are (so ``pretrained`` means nothing)."""
+        return self.model.startswith(("local-dir:", "hf-hub:")) or self.model == MINI_NAME
 
     def as_dict(self) -> dict[str, str | None]:
         return {
@@ -435,6 +437,14 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return encode_token_embeddings(model, model.token_embedding(tokens), eot)
 
 
+def default_cache_dir() -> Path:
+    """Where mergetune keeps what it can rebuild: image features, Fisher terms, the assembled mergetune-mini."""
+    env = os.environ.get("MERGETUNE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergetune"
+
+
 def _open_clip():
     """open_clip, imported on first use: the import takes seconds, and reading, inspecting or verifying a
     checkpoint builds no model."""
@@ -555,7 +565,8 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
     open_clip = _open_clip()  # imported here, before the offline and seeded contexts below
     if spec.model_config is not None:
         register_model_config(Path(spec.model_config))
-    _check_model_name(spec)
+    name = _embedded_model(spec.model)
+    _check_model_name(replace(spec, model=name))
     pretrained = _check_pretrained(spec)
     device = resolve_device(device)
     downloads = (pretrained is not None and not os.path.isfile(pretrained)) or spec.model.startswith("hf-hub:")
@@ -563,10 +574,8 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
         with _quiet_libraries(), _offline_unless_reachable(downloads) as unreachable, \
                 torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # random init (--pretrained none) is reproducible
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.model, pretrained=pretrained, device=device
-            )
-            tokenizer = open_clip.get_tokenizer(spec.model)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError) as exc:
         if not downloads:
             raise WeightsUnavailableError(f"could not build {spec.model}: {_first_line(exc)}") from None
@@ -576,6 +585,16 @@ def load_backbone(spec: BackboneSpec | None = None, device: str | torch.device =
     model.visual.to(memory_format=torch.channels_last)  # the patch-embedding convolution prefers it
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, device=device,
                     precision=precision)
+
+
+def _embedded_model(model: str) -> str:
+    """The open_clip name to build: ``mergetune-mini`` is assembled once into the cache as a local-dir."""
+    if model != MINI_NAME:
+        return model
+    from repair.model import mini
+
+    with _quiet_libraries():
+        return f"local-dir:{mini.local_dir(default_cache_dir())}"
 
 
 def _first_line(exc: BaseException) -> str:
