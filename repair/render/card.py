@@ -20,7 +20,8 @@ from repair.errors import InputFileError
 from repair.record import BackboneIdentity, Record
 from repair.render.report import card_table
 
-EVAL_SCHEMA = "mergetune.eval/1"  # same string as repair.eval.metrics.EVAL_SCHEMA (kept here: no torch import)
+EVAL_SCHEMA = "mergetune.eval/2"  # same string as repair.eval.metrics.EVAL_SCHEMA (kept here: no torch import)
+READABLE_EVAL_SCHEMAS = ("mergetune.eval/1", EVAL_SCHEMA)  # /2 changed only the baselines section, which cards skip
 PIPELINE_TAG = "zero-shot-image-classification"
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
@@ -147,7 +148,7 @@ def _is_accuracy(value: object) -> bool:
 
 def _check_eval_report(report: object, source: str) -> dict[str, Any]:
     """Refuse anything but a mergetune eval report: a card must not show numbers of unknown meaning."""
-    if not isinstance(report, Mapping) or report.get("schema") != EVAL_SCHEMA:
+    if not isinstance(report, Mapping) or report.get("schema") not in READABLE_EVAL_SCHEMAS:
         raise InputFileError(f"{source}: not a mergetune eval report (expected \"schema\": \"{EVAL_SCHEMA}\")")
     models = report.get("models")
     if not isinstance(models, list):
