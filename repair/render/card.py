@@ -217,8 +217,11 @@ def _front_matter(record: Record) -> str:
 
 def _method_name(record: Record) -> str:
     if record.stage == "finetune":
-        return "plain fine-tuning from the zero-shot model (`mergetune finetune`, both MergeTune terms off)"
-    return "MergeTune continued fine-tuning"
+        name = "plain fine-tuning from the zero-shot model (`mergetune finetune`, both MergeTune terms off)"
+    else:
+        name = "MergeTune continued fine-tuning"
+    every = record.train.get("weight_ensemble")
+    return name + (f", weights averaged every {every} steps (ZSCL's weight ensemble)" if every else "")
 
 
 def _intro(record: Record, filename: str) -> str:

@@ -41,6 +41,9 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay.", "min": 0.0})
     warmup_epochs: int = field(default=1, metadata={"help": "Linear warm-up epochs.", "min": 0})
     seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
+    weight_ensemble: int | None = field(default=None, metadata={  # ZSCL's WE; see RunningMean
+        "help": "Write the running mean of the weights taken every N steps, the start counted (ZSCL's weight "
+                "ensemble), instead of the last weights.", "min": 1})
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "weight_decay"):
@@ -77,10 +80,43 @@ class TrainResult:
     history: list[EpochReport] = field(default_factory=list)
     # what the workflow decided around the loop: the surrogate's build ("surrogate_build"), lam_zs auto's curve
     choices: dict[str, object] = field(default_factory=dict)
+    weight_ensemble: dict[str, int] | None = None  # {"every": N, "averaged": points in the mean}, with WE
 
     def as_dict(self) -> dict[str, object]:
+        extra = {"weight_ensemble": self.weight_ensemble} if self.weight_ensemble is not None else {}
         return {"steps": self.steps, "selected_epoch": self.selected_epoch,
-                "history": [asdict(report) for report in self.history], **self.choices}
+                "history": [asdict(report) for report in self.history], **extra, **self.choices}
+
+
+@dataclass
+class RunningMean:
+    """ZSCL's weight ensemble (Zheng et al., 2023): ``mean <- (mean * n + theta) / (n + 1)``, started at the
+    run's first weights (``n = 1``: ``w_zs`` for a fine-tuning, ``w_ft`` for a repair)."""
+
+    count: int
+    mean: dict[str, torch.Tensor]
+
+    @classmethod
+    def starting_at(cls, values: dict[str, torch.Tensor]) -> RunningMean:
+        return cls(1, {name: value.detach().clone() for name, value in values.items()})
+
+    @torch.no_grad()
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.mean[name].mul_(self.count).add_(value.detach()).div_(self.count + 1)
+        self.count += 1
+
+
+def check_weight_ensemble(config: TrainConfig, kind: Kind, held_out: bool) -> None:
+    """Refuse a weight ensemble where it means nothing, before any work."""
+    if config.weight_ensemble is None:
+        return
+    if held_out:
+        raise UsageError("--weight-ensemble writes the mean of the run's weights, --val-fraction keeps one epoch's: "
+                         "use one of them")
+    if not kind.mergeable:
+        raise UsageError(f"--weight-ensemble averages the trainable tensors, and a {kind.about.description}'s are "
+                         "not its weights (their mean is not the mean model)")
 
 
 @dataclass
@@ -96,6 +132,7 @@ class LoopState:
     best_accuracy: float | None = None
     best_weights: dict[str, torch.Tensor] | None = None
     selected_epoch: int | None = None
+    average: RunningMean | None = None  # the weight ensemble so far
 
 
 @dataclass(frozen=True)
@@ -107,11 +144,14 @@ class ProgressFile:
 
     def save(self, state: LoopState) -> None:
         tensors = {"rng": state.rng}
-        for group, values in (("w", state.weights), ("m", state.momentum), ("best", state.best_weights or {})):
+        average = state.average.mean if state.average is not None else {}
+        for group, values in (("w", state.weights), ("m", state.momentum), ("best", state.best_weights or {}),
+                              ("we", average)):
             tensors.update({f"{group}/{name}": value.detach().cpu().contiguous() for name, value in values.items()})
         record = {"fingerprint": self.fingerprint, "epoch": state.epoch, "steps": state.steps,
                   "best_accuracy": state.best_accuracy, "selected_epoch": state.selected_epoch,
-                  "history": [asdict(report) for report in state.history]}
+                  "history": [asdict(report) for report in state.history],
+                  "averaged": state.average.count if state.average is not None else None}
         write_state_file(self.path, tensors, {"state": json.dumps(record)})
 
     def load(self, device: torch.device) -> LoopState:
@@ -131,10 +171,12 @@ class ProgressFile:
             return {key.split("/", 1)[1]: value.to(device) for key, value in tensors.items()
                     if key.startswith(prefix + "/")}
 
+        averaged = record.get("averaged")
         return LoopState(epoch=record["epoch"], steps=record["steps"], weights=group("w"), momentum=group("m"),
                          rng=tensors["rng"], history=[EpochReport(**item) for item in record["history"]],
                          best_accuracy=record["best_accuracy"], best_weights=group("best") or None,
-                         selected_epoch=record["selected_epoch"])
+                         selected_epoch=record["selected_epoch"],
+                         average=RunningMean(averaged, group("we")) if averaged else None)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -183,7 +225,8 @@ def train(
 ) -> TrainResult:
     """Run the loop in place on ``kind``'s trainable tensors; returns what happened.
 
-    With ``progress``, the state is saved after every epoch; ``resume`` continues from it.
+    With ``progress``, the state is saved after every epoch; ``resume`` continues from it. With
+    ``config.weight_ensemble``, ``kind`` ends at the running mean of its weights (:class:`RunningMean`).
     """
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -193,6 +236,7 @@ def train(
     if total_steps == 0:
         return result
     objective = objective.for_kind(kind)
+    check_weight_ensemble(config, kind, val_set is not None)
     if objective.chooses_lam_zs:
         raise UsageError("lam_zs='auto' is chosen before training (repair.train.select.choose_lam_zs); "
                          "train() takes a number")
@@ -205,6 +249,7 @@ def train(
         optimizer, cosine_with_warmup(total_steps, config.warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+    average = RunningMean.starting_at(kind.snapshot()) if config.weight_ensemble else None
     epoch = 0
     if resume and progress is not None:
         state = progress.load(train_set.features.device)
@@ -220,6 +265,8 @@ def train(
         if state.best_weights is not None and state.best_accuracy is not None:
             best = (state.best_accuracy, state.best_weights)
             result.selected_epoch = state.selected_epoch
+        if average is not None and state.average is not None:
+            average = state.average
     while result.steps < total_steps:
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
@@ -232,6 +279,8 @@ def train(
             optimizer.step()
             schedule.step()
             result.steps += 1
+            if average is not None and result.steps % config.weight_ensemble == 0:
+                average.add(kind.snapshot())
             loss_sum += float(terms.total.detach()) * len(labels)
             correct += terms.correct
             seen += len(labels)
@@ -247,21 +296,25 @@ def train(
                 result.selected_epoch = epoch
         result.history.append(report)
         if progress is not None:
-            progress.save(_loop_state(kind, optimizer, generator, epoch, result, best))
+            progress.save(_loop_state(kind, optimizer, generator, epoch, result, best, average))
     if best is not None:
         kind.load_values(best[1])
+    if average is not None:
+        kind.load_values(average.mean)
+        result.weight_ensemble = {"every": config.weight_ensemble, "averaged": average.count}
     return result
 
 
 def _loop_state(kind: Kind, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
-                result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None) -> LoopState:
+                result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None,
+                average: RunningMean | None = None) -> LoopState:
     momentum = {name: optimizer.state[parameter]["momentum_buffer"]
                 for name, parameter in kind.trainable().items()
                 if optimizer.state.get(parameter, {}).get("momentum_buffer") is not None}
     return LoopState(epoch=epoch, steps=result.steps, weights=kind.snapshot(), momentum=momentum,
                      rng=generator.get_state(), history=list(result.history),
                      best_accuracy=best[0] if best else None, best_weights=best[1] if best else None,
-                     selected_epoch=result.selected_epoch)
+                     selected_epoch=result.selected_epoch, average=average)
 
 
 @contextmanager
