@@ -216,6 +216,9 @@ def _front_matter(record: Record) -> str:
 
 
 def _method_name(record: Record) -> str:
+    soup = record.result.get("soup") if record.stage == "soup" else None
+    if soup is not None:
+        return f"a {soup.get('method', 'uniform')} model soup (`mergetune soup`): the mean of fine-tuned checkpoints"
     if record.stage == "finetune":
         name = "plain fine-tuning from the zero-shot model (`mergetune finetune`, both MergeTune terms off)"
     else:
@@ -226,8 +229,9 @@ def _method_name(record: Record) -> str:
 
 def _intro(record: Record, filename: str) -> str:
     what = _kind_description(record.kind)
-    made = ("repaired with MergeTune continued fine-tuning" if record.stage != "finetune"
-            else "fine-tuned from zero-shot CLIP (the baseline MergeTune repairs)")
+    made = {"finetune": "fine-tuned from zero-shot CLIP (the baseline MergeTune repairs)",
+            "soup": "averaged from fine-tuned checkpoints (a model soup)"}.get(
+        record.stage, "repaired with MergeTune continued fine-tuning")
     return (f"# {_md(filename)}\n\n"
             f"A CLIP {what} checkpoint, {made} by mergetune. Using it needs the "
             "frozen CLIP backbone named below, which is loaded separately.")
@@ -254,6 +258,8 @@ def _tensor_list(shapes: Mapping[str, Sequence[int]]) -> str:
 
 
 def _method_section(record: Record) -> str:
+    if record.stage == "soup":
+        return _soup_section(record)
     objective, train, result = record.objective, record.train, record.result
     data = {"shots": record.data.shots, "val_fraction": record.data.val_fraction,
             "output_dtype": record.data.output_dtype}
@@ -279,6 +285,17 @@ def _method_section(record: Record) -> str:
     return "\n".join(lines)
 
 
+def _soup_section(record: Record) -> str:
+    soup = record.result.get("soup") or {}
+    lines = [f"## Method: {_method_name(record)}", "", "| ingredient | sha256 | in the soup |", "|---|---|---|"]
+    lines += [f"| {_code(item.get('name'))} | {_code(item.get('sha256'))} | {'yes' if item.get('kept') else 'no'} |"
+              for item in soup.get("ingredients") or []]
+    if soup.get("method") == "greedy":
+        lines += ["", "Greedy: ingredients ranked by their validation score; each kept only if the soup's score "
+                      "did not drop."]
+    return "\n".join(lines)
+
+
 def _classes_section(record: Record) -> str:
     names = record.classnames
     listed = ", ".join(_md(name) for name in names) or "not recorded"
@@ -295,10 +312,16 @@ def _provenance_section(record: Record, filename: str, file_sha256: str | None) 
         lines.append(f"- this file: {_code(filename)}, sha256 {_code(file_sha256)}")
     if checkpoint is not None:
         lines.append(f"- input checkpoint: {_code(checkpoint.name)}, sha256 {_code(checkpoint.sha256)}")
+    elif record.stage == "soup":
+        lines.append("- input checkpoints: the ingredients above")
     else:
         lines.append("- input checkpoint: none (trained from the zero-shot model)")
-    lines.append(f"- training images: {_number(data.images)}, manifest sha256 {_code(data.manifest_sha256)}")
-    if data.val_images:
+    if data is None:
+        lines.append("- images: none")
+    else:
+        what = "validation images" if record.stage == "soup" else "training images"
+        lines.append(f"- {what}: {_number(data.images)}, manifest sha256 {_code(data.manifest_sha256)}")
+    if data is not None and data.val_images:
         lines.append(f"- held-out images: {_number(data.val_images)}, manifest sha256 "
                      f"{_code(data.val_manifest_sha256)}")
     for tower, digest in (("visual", backbone.visual_sha256), ("text", backbone.text_sha256)):
