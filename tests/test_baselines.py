@@ -130,6 +130,15 @@ def test_settings_are_chosen_on_the_validation_split_never_on_the_test_data(back
         if item["chosen_by"] == "validation split":  # the first setting with the best validation HM
             best = max(item["curve"], key=lambda point: point["hm"])
             assert item["settings"] == {key: best[key] for key in item["settings"]}
+    on_validation = {row["name"]: row for row in evaluate([ft], val_dirs["base"], novel_dir=val_dirs["novel"],
+                                                          backbone=backbone, data_options=NO_CACHE)["models"]}
+    ends = {"wise-ft": ("alpha", "zero-shot", "ft.safetensors"), "weighted-ensemble": ("weight", "zero-shot",
+                                                                                         "ft.safetensors")}
+    for name, (knob, start, end) in ends.items():  # each curve is measured on the validation folders
+        curve = {point[knob]: point for point in chosen[name]["curve"]}
+        for value, model in ((0.0, start), (1.0, end)):
+            assert (curve[value]["base"], curve[value]["novel"]) == pytest.approx(
+                (on_validation[model]["base"], on_validation[model]["novel"]))
     for name, item in second["baselines"]["chosen"].items():  # other test images, the same validation split:
         assert item["settings"] == chosen[name]["settings"]  # the same choice (test labels choose nothing)
     assert [point["scale"] for point in chosen["task-arithmetic"]["curve"]][-1] == 2.0  # past the fine-tuned model

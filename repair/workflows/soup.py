@@ -53,8 +53,10 @@ class SoupOutcome:
 
 
 def average(values: Sequence[Values]) -> Values:
-    """The element-wise mean, accumulated in float64: the soup of identical checkpoints is that checkpoint."""
-    return {name: torch.stack([item[name].double() for item in values]).mean(dim=0) for name in values[0]}
+    """The element-wise mean, accumulated in float64 (on the CPU: MPS has none): the soup of identical
+    checkpoints is that checkpoint."""
+    return {name: torch.stack([item[name].detach().cpu().double() for item in values]).mean(dim=0)
+            for name in values[0]}
 
 
 def soup(
