@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import fast, invoke
@@ -140,3 +141,11 @@ def test_a_soup_refuses_checkpoints_of_other_classes(tmp_path, tiny_spec, image_
     assert result.exit_code == 0, result.output
     result = soup(seeds[0], other, "--out", tmp_path / "s.safetensors")
     assert result.exit_code == 5 and "made for other classes" in result.output, result.output
+    with safe_open(seeds[1], "pt") as handle:  # the same file, recorded against other text weights
+        metadata = handle.metadata()
+    record = json.loads(metadata["mergetune"])
+    record["backbone"]["text_sha256"] = "0" * 64
+    moved = tmp_path / "moved.safetensors"
+    save_file(load_file(seeds[1]), moved, metadata={**metadata, "mergetune": json.dumps(record)})
+    result = soup(seeds[0], moved, "--out", tmp_path / "s.safetensors")
+    assert result.exit_code == 5 and "another backbone" in result.output, result.output
