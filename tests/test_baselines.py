@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -121,6 +123,7 @@ def test_settings_are_chosen_on_the_validation_split_never_on_the_test_data(back
                      for test, baselines in ((image_dirs["test"], True),
                                              (val_dirs["other-test"], ["task-arithmetic", "weighted-ensemble"])))
     assert [row["name"] for row in first["models"]] == ["zero-shot", "ft.safetensors", *BASELINES]
+    jsonschema.validate(first, json.loads(resources.files("repair").joinpath("schemas/eval.schema.json").read_text()))
     chosen = first["baselines"]["chosen"]
     assert {name: item["chosen_by"] for name, item in chosen.items()} == {
         "wise-ft": "validation split", "task-arithmetic": "validation split", "ties": "validation split",
@@ -139,6 +142,7 @@ def test_settings_are_chosen_on_the_validation_split_never_on_the_test_data(back
         for value, model in ((0.0, start), (1.0, end)):
             assert (curve[value]["base"], curve[value]["novel"]) == pytest.approx(
                 (on_validation[model]["base"], on_validation[model]["novel"]))
+            assert curve[value]["novel_sets"] == pytest.approx(on_validation[model]["novel_sets"])
     for name, item in second["baselines"]["chosen"].items():  # other test images, the same validation split:
         assert item["settings"] == chosen[name]["settings"]  # the same choice (test labels choose nothing)
     assert [point["scale"] for point in chosen["task-arithmetic"]["curve"]][-1] == 2.0  # past the fine-tuned model

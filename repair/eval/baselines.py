@@ -176,7 +176,8 @@ def choose(context: Baselines, name: str, grid: Sequence[Settings], score: Score
             label = f"{name} {settings}"
             result = score(context.validation, label, settings)
             context.validation.discard(label)
-            curve.append({**settings, "base": result.base, "novel": result.novel, "hm": result.hm})
+            curve.append({**settings, "base": result.base, "novel": result.novel, "hm": result.hm,
+                          "novel_sets": dict(result.novel_sets)})
             if best is None or selection_score(result) > best[0]:  # ties: the first setting of the grid
                 best = (selection_score(result), settings)
         assert best is not None
