@@ -21,6 +21,7 @@ _EXPORTS = {
     "RunInputs": "repair.workflows.run",
     "RunOutcome": "repair.workflows.run",
     "evaluate": "repair.workflows.evaluate",
+    "soup": "repair.workflows.soup",
     "best_wise_alpha": "repair.eval.baselines",
     "load_repaired": "repair.workflows.load",
     "Classifier": "repair.workflows.load",

@@ -68,7 +68,7 @@ class DataInput:
 @dataclass(frozen=True)
 class Inputs:
     checkpoint: CheckpointInput | None
-    data: DataInput
+    data: DataInput | None  # None: no images went into it (a uniform soup)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class DataSettings:
 class Record:
     """Everything an output records about how it was made."""
 
-    stage: str  # "repair" or "finetune"
+    stage: str  # "repair", "finetune" or "soup"
     kind: str
     kind_options: dict[str, Any]
     kind_details: dict[str, Any]
@@ -94,7 +94,7 @@ class Record:
     templates: list[str]
     objective: dict[str, Any]  # repair.train.objective.Objective, resolved for the kind
     train: dict[str, Any]  # repair.train.loop.TrainConfig
-    seed: int
+    seed: int | None  # None: nothing random went into it (a soup)
     data: DataSettings
     inputs: Inputs
     result: dict[str, Any]  # repair.train.loop.TrainResult
@@ -149,7 +149,7 @@ class Record:
             "train": _mapping(data["train"]),
             "data": _typed(DataSettings, data["data"]),
             "inputs": Inputs(checkpoint=None if checkpoint is None else _typed(CheckpointInput, checkpoint),
-                             data=_typed(DataInput, inputs["data"])),
+                             data=None if inputs.get("data") is None else _typed(DataInput, inputs["data"])),
             "result": _mapping(data["result"]),
             "versions": {str(key): str(value) for key, value in _mapping(data.get("versions", {})).items()},
         }

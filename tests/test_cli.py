@@ -53,7 +53,7 @@ def test_finetune_repair_eval_end_to_end(tmp_path, tiny_spec, image_dirs):
                     *model_args(tiny_spec), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["schema"] == "mergetune.eval/1"
+    assert report["schema"] == "mergetune.eval/2"
     names = [row["name"] for row in report["models"]]
     assert names == ["zero-shot", "ft.safetensors", "fixed.safetensors"]
     for row in report["models"]:

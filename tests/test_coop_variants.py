@@ -31,7 +31,8 @@ def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny
                     image_dirs["novel"], "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
     assert result.exit_code == 0, result.output
     baselines = json.loads(result.stdout)["baselines"]
-    assert baselines["wise_ft"] is None and "n_ctx=16" in baselines["wise_ft_unavailable"]
+    assert "wise-ft" not in baselines["chosen"] and "n_ctx=16" in baselines["skipped"]["wise-ft"]
+    assert "ensemble" in baselines["chosen"]  # output ensembles need no zero-shot point
 
 
 def test_class_specific_contexts_through_every_command(tmp_path, tiny_spec, image_dirs):

@@ -168,13 +168,12 @@ def test_a_wise_ft_image_classifier_through_every_command(tmp_path, backbone, ti
     assert torch.equal(fixed["image_encoder.model.token_embedding.weight"],
                        source["image_encoder.model.token_embedding.weight"])
     result = invoke("eval", ft, outputs["l2"], "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
-                    "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
+                    "--model", tiny_spec.model, "--baselines", "--wise-alpha", "1", "--no-cache", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     rows = {row["name"]: row for row in document["models"]}
     assert rows["l2.safetensors"]["novel"] is None  # a head scores its own classes
-    curve = {point["alpha"]: point["base"] for point in document["baselines"]["wise_ft"]["curve"]}
-    assert curve[1.0] == rows["classifier.pt"]["base"]  # a = 1 is the fine-tuned model
+    assert rows["wise-ft"]["base"] == rows["classifier.pt"]["base"]  # a = 1 is the fine-tuned model
     result = invoke("path", ft, outputs["l2"], "--data", image_dirs["test"], "--out", tmp_path / "path.json",
                     "--model", tiny_spec.model, "--points", "3", "--no-cache")
     assert result.exit_code == 0, result.output
@@ -212,14 +211,13 @@ def test_finetune_repair_eval_without_a_head(tmp_path, tiny_spec, image_dirs):
     assert document["objective"]["surrogate"] == "l2" and document["kind_options"]["path_space"] == "weight"
     fixed = tmp_path / "l2.safetensors"
     result = invoke("eval", ft, fixed, "--data", image_dirs["test"], "--novel-data", image_dirs["novel"],
-                    "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
+                    "--model", tiny_spec.model, "--baselines", "--wise-alpha", "1", "--no-cache", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     rows = {row["name"]: row for row in document["models"]}
     assert rows["l2.safetensors"]["novel"] is not None  # the text tower scores novel classes
-    curve = {point["alpha"]: point for point in document["baselines"]["wise_ft"]["curve"]}
-    assert (curve[0.0]["base"], curve[0.0]["novel"]) == (rows["zero-shot"]["base"], rows["zero-shot"]["novel"])
-    assert (curve[1.0]["base"], curve[1.0]["novel"]) == (rows["ft.safetensors"]["base"], rows["ft.safetensors"]["novel"])
+    assert (rows["wise-ft"]["base"], rows["wise-ft"]["novel"]) == (rows["ft.safetensors"]["base"],
+                                                                   rows["ft.safetensors"]["novel"])  # a = 1
     result = invoke("path", ft, fixed, "--data", image_dirs["test"], "--out", tmp_path / "path.json",
                     "--model", tiny_spec.model, "--points", "3", "--no-cache")
     assert result.exit_code == 0, result.output

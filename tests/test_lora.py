@@ -108,7 +108,9 @@ def test_a_clip_lora_file_through_every_command(tmp_path, tiny_spec, image_dirs)
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)["models"]}
     assert rows["fixed-fisher.pt"]["novel"] is not None
-    assert json.loads(result.stdout)["baselines"]["wise_ft"] is not None
+    baselines = json.loads(result.stdout)["baselines"]
+    assert {"wise-ft", "entropy-alpha"} <= set(baselines["chosen"])  # exact interpolation of the updates
+    assert "not its weights" in baselines["skipped"]["ties"]  # an element-wise merge of factors is no merge
     result = invoke("path", source, outputs["fisher"], "--data", image_dirs["test"], "--out", tmp_path / "path.json",
                     "--model", tiny_spec.model, "--points", "3", "--no-cache")
     assert result.exit_code == 0, result.output

@@ -59,7 +59,7 @@ def test_a_projector_through_every_command(tmp_path, tiny_spec, tiny_model_dir, 
                     "--model", tiny_spec.model, "--baselines", "--no-cache", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["baselines"]["wise_ft"] is not None
+    assert "wise-ft" in document["baselines"]["chosen"]
     assert all(row["novel"] is not None for row in document["models"])
     result = invoke("path", ft, fixed, "--data", image_dirs["test"], "--out", tmp_path / "path.json",
                     "--model", tiny_spec.model, "--points", "3", "--no-cache")

@@ -48,33 +48,28 @@ def report(backbone, image_dirs, checkpoints):
 def test_report_validates_against_its_schema(report):
     jsonschema.validate(report, SCHEMA)
     roles = [row["role"] for row in report["models"]]
-    assert roles == ["zero-shot", "checkpoint", "checkpoint", "baseline", "baseline"]
+    assert roles == ["zero-shot", "checkpoint", "checkpoint", "baseline", "baseline", "baseline", "baseline"]
     names = [row["name"] for row in report["models"]]
-    assert names[3].startswith("wise-ft (best a=") and names[4] == "ensemble (zero-shot + ft.safetensors)"
+    assert names[3:] == ["wise-ft", "ties", "entropy-alpha", "ensemble"]  # no validation split: fixed or label-free
+    assert set(report["baselines"]["skipped"]) == {"task-arithmetic", "dare", "weighted-ensemble"}
 
 
-def test_wise_ft_endpoints_are_zero_shot_and_finetuned(report):
+def test_wise_ft_endpoints_are_zero_shot_and_finetuned(report, backbone, image_dirs, checkpoints):
     rows = {row["name"]: row for row in report["models"]}
-    curve = report["baselines"]["wise_ft"]["curve"]
-    assert [point["alpha"] for point in curve] == pytest.approx([i / 10 for i in range(11)])
-    assert curve[0]["base"] == pytest.approx(rows["zero-shot"]["base"])
-    assert curve[-1]["novel"] == pytest.approx(rows["ft.safetensors"]["novel"])
-    best = max(curve, key=lambda point: point["hm"])
-    assert report["baselines"]["wise_ft"]["best_alpha"] == pytest.approx(best["alpha"])
+    for alpha, endpoint in ((0.0, "zero-shot"), (1.0, "ft.safetensors")):
+        given = evaluate([checkpoints["ft"]], image_dirs["test"], novel_dir=image_dirs["novel"], backbone=backbone,
+                         baselines=["wise-ft"], wise_alpha=alpha, data_options=DataOptions(shots=None, cache_dir=None))
+        row = next(row for row in given["models"] if row["name"] == "wise-ft")
+        assert (row["base"], row["novel"]) == pytest.approx((rows[endpoint]["base"], rows[endpoint]["novel"]))
 
 
-def test_a_given_wise_alpha_is_used_as_is_and_best_wise_alpha_reads_it(report, backbone, image_dirs, checkpoints):
-    from repair import best_wise_alpha
-
-    alpha = best_wise_alpha(report)
-    curve = {point["alpha"]: point for point in report["baselines"]["wise_ft"]["curve"]}
+def test_a_given_wise_alpha_is_used_as_is(report, backbone, image_dirs, checkpoints):
     given = evaluate([checkpoints["ft"]], image_dirs["test"], novel_dir=image_dirs["novel"], backbone=backbone,
-                     baselines=True, wise_alpha=0.3, data_options=DataOptions(shots=None, cache_dir=None))
-    row = next(row for row in given["models"] if row["name"].startswith("wise-ft"))
-    assert row["name"] == "wise-ft (a=0.30, given)" and given["baselines"]["wise_ft"]["best_alpha"] == 0.3
-    assert row["base"] == pytest.approx(curve[0.3]["base"]) and row["novel"] == pytest.approx(curve[0.3]["novel"])
-    assert given["baselines"]["wise_ft"]["selection"].startswith("the caller")
-    assert 0.0 <= alpha <= 1.0
+                     baselines=["wise-ft"], wise_alpha=0.5, data_options=DataOptions(shots=None, cache_dir=None))
+    row = next(row for row in given["models"] if row["name"] == "wise-ft")
+    assert (row["chosen_by"], row["settings"]) == ("given", {"alpha": 0.5})
+    fixed = next(row for row in report["models"] if row["name"] == "wise-ft")  # the fixed default is 0.5 too
+    assert (fixed["chosen_by"], row["base"], row["novel"]) == ("fixed", fixed["base"], fixed["novel"])
     with pytest.raises(UsageError, match="wise_alpha must lie in"):
         evaluate([checkpoints["ft"]], image_dirs["test"], backbone=backbone, baselines=True, wise_alpha=1.5)
     result = cli("eval", checkpoints["ft"], "--data", image_dirs["test"], "--baselines", "--wise-alpha", "2")

@@ -29,6 +29,7 @@ COMMANDS = {
     "repair": ("repair.cli.train", "Repair a fine-tuned checkpoint with MergeTune; write a same-shape file."),
     "finetune": ("repair.cli.train", "Plain fine-tuning from zero-shot: makes the baseline to repair."),
     "eval": ("repair.cli.evaluate", "The forgetting report: zero-shot and each checkpoint, optionally gated."),
+    "soup": ("repair.cli.soup", "Average checkpoints of one kind (e.g. seeds): uniform, or greedy on --data."),
     "path": ("repair.cli.evaluate", "Accuracy and loss along the straight paths between the three models."),
     "verify": ("repair.cli.evaluate", "Recompute the recorded input hashes; say which input differs."),
     "inspect": ("repair.cli.evaluate", "A checkpoint's kind, tensors, trainable numbers and record."),

@@ -43,6 +43,19 @@ def threshold_option(flag: str, help: str) -> Any:
     return Annotated[Optional[float], typer.Option(flag, callback=_finite_threshold, help=help)]
 
 
+def _baseline_names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """``--baseline ties,dare --baseline wise-ft`` -> the names, each known (else a usage error, exit 2)."""
+    if not values:
+        return None
+    from repair.eval.baselines import baseline_names
+    from repair.errors import UsageError
+
+    try:
+        return baseline_names(",".join(values))[0]
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 MinBaseOpt = threshold_option("--min-base", "Gate: minimum base accuracy (%).")
 MinNovelOpt = threshold_option("--min-novel", "Gate: minimum novel accuracy (%).")
 MinHmOpt = threshold_option("--min-hm", "Gate: minimum harmonic mean (%).")
@@ -69,12 +82,21 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     baselines: Annotated[bool, typer.Option(
-        "--baselines", help="Add WiSE-FT (best alpha) and the output ensemble of zero-shot and the FIRST checkpoint."
-    )] = False,
+        "--baselines", help="Add every baseline built from zero-shot and the FIRST checkpoint (WiSE-FT, task "
+                            "arithmetic, TIES, DARE, entropy-alpha, ensembles; README 'Baselines').")] = False,
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        "--baseline", metavar="NAME[,NAME]", callback=_baseline_names,
+        help="Add only these baselines (implies --baselines); repeatable.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option(
+        "--val-data", help="Labelled validation images of the base classes: the baselines' settings are chosen "
+                           "on them (never on the test data).")] = None,
+    val_novel_data: Annotated[Optional[list[Path]], typer.Option(
+        "--val-novel-data", help="Validation images of held-out classes (with --val-data); repeat for several.")
+    ] = None,
     wise_alpha: Annotated[Optional[float], typer.Option(
         "--wise-alpha", min=0.0, max=1.0,
-        help="With --baselines: use this WiSE-FT alpha (e.g. one chosen on a validation split) instead of the "
-             "best on the test data.")] = None,
+        help="With --baselines: use this WiSE-FT alpha (chosen elsewhere) instead of choosing one.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds DARE's random drop.")] = 0,
     min_base: MinBaseOpt = None,
     min_novel: MinNovelOpt = None,
     min_hm: MinHmOpt = None,
@@ -112,15 +134,17 @@ def eval_command(
             if markdown is not None and writes:
                 files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
                                              if model else None)
-                check_outside_input_folders(markdown, [data, *(novel_data or []), *folders])
+                check_outside_input_folders(markdown, [data, *(novel_data or []), *([val_data] if val_data else []),
+                                                       *(val_novel_data or []), *folders])
                 check_appendable(markdown, inputs=[*checkpoints, *files])
         with Progress("evaluating", quiet) as progress:
             report = evaluate(
                 checkpoints, data, novel_dir=novel_data,
                 backbone=BackboneSpec(model, pretrained, model_config) if model else None,
                 data_options=data_flags.options(progress=progress),
-                kind=value(kind), kind_options=kind_options, other_classes=other_classes, baselines=baselines,
-                wise_alpha=wise_alpha,
+                kind=value(kind), kind_options=kind_options, other_classes=other_classes,
+                baselines=baseline or baselines, val_dir=val_data, val_novel_dir=val_novel_data,
+                wise_alpha=wise_alpha, seed=seed,
                 device=rank_device(device), precision=value(precision),
             )
         leave()  # every rank is done with the group here (nothing when not distributed)

@@ -18,7 +18,7 @@ from repair.model.backbone import Backbone
 from repair.data.features import Features
 from repair.errors import IncompatibleCheckpointError
 
-EVAL_SCHEMA = "mergetune.eval/1"
+EVAL_SCHEMA = "mergetune.eval/2"
 ECE_BINS = 15
 
 
@@ -90,6 +90,8 @@ class ModelResult:
     novel_sets: dict[str, float] = field(default_factory=dict)  # accuracy per held-out set
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    chosen_by: str | None = None  # a baseline's: how its setting was chosen (repair.eval.baselines)
+    settings: dict[str, float] = field(default_factory=dict)  # a baseline's chosen setting, e.g. {"alpha": 0.5}
     _novel_eces: dict[str, float] = field(default_factory=dict, repr=False)
 
     def set_split(self, split: str, metrics: SplitMetrics) -> None:
@@ -168,16 +170,23 @@ class Evaluation:
             result.set_split(split, split_metrics(predictions, evalset.classnames))
         return result
 
-    def ensemble(self, name: str, first: str, second: str) -> ModelResult:
-        """Output ensemble: the mean of two models' class probabilities, per split."""
+    def ensemble(self, name: str, first: str, second: str, weight: float = 0.5) -> ModelResult:
+        """Output ensemble: ``(1 - weight) p_first + weight p_second`` of two models' class probabilities."""
         result = ModelResult(name, "baseline")
+        self.predictions[name] = {}
         for split, evalset in self.splits.items():
             a, b = self.predictions[first].get(split), self.predictions[second].get(split)
             if a is None or b is None:
                 result.notes.append(f"{split}: {first} or {second} cannot score these classes")
                 continue
-            result.set_split(split, split_metrics(Predictions((a.probs + b.probs) / 2, a.labels), evalset.classnames))
+            mixed = Predictions((1.0 - weight) * a.probs + weight * b.probs, a.labels)
+            self.predictions[name][split] = mixed
+            result.set_split(split, split_metrics(mixed, evalset.classnames))
         return result
+
+    def discard(self, name: str) -> None:
+        """Forget a model's predictions (a baseline's candidate once it is scored)."""
+        self.predictions.pop(name, None)
 
 
 def forgetting(results: Sequence[ModelResult], reference: str = "zero-shot", top: int | None = None

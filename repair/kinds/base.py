@@ -173,6 +173,9 @@ class Kind(nn.Module, ABC):
     Options: ClassVar[type[KindOptions]] = KindOptions
     # kinds that also match every file this one matches but could not load it (detection then picks this one)
     outranks: ClassVar[tuple[str, ...]] = ()
+    # whether element-wise arithmetic on the trainable tensors (a mean of checkpoints, a trimmed or dropped task
+    # vector) is that arithmetic on the model: False where they parametrise the weights non-linearly (LoRA's factors)
+    mergeable: ClassVar[bool] = True
 
     options: KindOptions
     scale: float  # the logit scale applied to cosine similarities (or a head's own scale)

@@ -258,6 +258,7 @@ class LoRA(ModelWeightsKind):
                         "folder (`...lora_A.weight`, `...lora_B.weight`)",
         scores_unseen_classes=True)  # the text tower, adapted or not, encodes any class name
     defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=1.0)  # not benchmarked yet
+    mergeable: ClassVar[bool] = False  # the mean of two (B, A) pairs is not the mean of their updates B A
 
     def __init__(self, backbone: Backbone, targets: Sequence[Target], factors: Mapping[str, torch.Tensor],
                  classnames: Sequence[str], templates: Sequence[str], options: LoraOptions | None = None, *,

@@ -20,7 +20,8 @@ from repair.errors import InputFileError
 from repair.record import BackboneIdentity, Record
 from repair.render.report import card_table
 
-EVAL_SCHEMA = "mergetune.eval/1"  # same string as repair.eval.metrics.EVAL_SCHEMA (kept here: no torch import)
+EVAL_SCHEMA = "mergetune.eval/2"  # same string as repair.eval.metrics.EVAL_SCHEMA (kept here: no torch import)
+READABLE_EVAL_SCHEMAS = ("mergetune.eval/1", EVAL_SCHEMA)  # /2 changed only the baselines section, which cards skip
 PIPELINE_TAG = "zero-shot-image-classification"
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
@@ -147,7 +148,7 @@ def _is_accuracy(value: object) -> bool:
 
 def _check_eval_report(report: object, source: str) -> dict[str, Any]:
     """Refuse anything but a mergetune eval report: a card must not show numbers of unknown meaning."""
-    if not isinstance(report, Mapping) or report.get("schema") != EVAL_SCHEMA:
+    if not isinstance(report, Mapping) or report.get("schema") not in READABLE_EVAL_SCHEMAS:
         raise InputFileError(f"{source}: not a mergetune eval report (expected \"schema\": \"{EVAL_SCHEMA}\")")
     models = report.get("models")
     if not isinstance(models, list):
@@ -215,15 +216,22 @@ def _front_matter(record: Record) -> str:
 
 
 def _method_name(record: Record) -> str:
+    soup = record.result.get("soup") if record.stage == "soup" else None
+    if soup is not None:
+        return f"a {soup.get('method', 'uniform')} model soup (`mergetune soup`): the mean of fine-tuned checkpoints"
     if record.stage == "finetune":
-        return "plain fine-tuning from the zero-shot model (`mergetune finetune`, both MergeTune terms off)"
-    return "MergeTune continued fine-tuning"
+        name = "plain fine-tuning from the zero-shot model (`mergetune finetune`, both MergeTune terms off)"
+    else:
+        name = "MergeTune continued fine-tuning"
+    every = record.train.get("weight_ensemble")
+    return name + (f", weights averaged every {every} steps (ZSCL's weight ensemble)" if every else "")
 
 
 def _intro(record: Record, filename: str) -> str:
     what = _kind_description(record.kind)
-    made = ("repaired with MergeTune continued fine-tuning" if record.stage != "finetune"
-            else "fine-tuned from zero-shot CLIP (the baseline MergeTune repairs)")
+    made = {"finetune": "fine-tuned from zero-shot CLIP (the baseline MergeTune repairs)",
+            "soup": "averaged from fine-tuned checkpoints (a model soup)"}.get(
+        record.stage, "repaired with MergeTune continued fine-tuning")
     return (f"# {_md(filename)}\n\n"
             f"A CLIP {what} checkpoint, {made} by mergetune. Using it needs the "
             "frozen CLIP backbone named below, which is loaded separately.")
@@ -250,6 +258,8 @@ def _tensor_list(shapes: Mapping[str, Sequence[int]]) -> str:
 
 
 def _method_section(record: Record) -> str:
+    if record.stage == "soup":
+        return _soup_section(record)
     objective, train, result = record.objective, record.train, record.result
     data = {"shots": record.data.shots, "val_fraction": record.data.val_fraction,
             "output_dtype": record.data.output_dtype}
@@ -275,6 +285,17 @@ def _method_section(record: Record) -> str:
     return "\n".join(lines)
 
 
+def _soup_section(record: Record) -> str:
+    soup = record.result.get("soup") or {}
+    lines = [f"## Method: {_method_name(record)}", "", "| ingredient | sha256 | in the soup |", "|---|---|---|"]
+    lines += [f"| {_code(item.get('name'))} | {_code(item.get('sha256'))} | {'yes' if item.get('kept') else 'no'} |"
+              for item in soup.get("ingredients") or []]
+    if soup.get("method") == "greedy":
+        lines += ["", "Greedy: ingredients ranked by their validation score; each kept only if the soup's score "
+                      "did not drop."]
+    return "\n".join(lines)
+
+
 def _classes_section(record: Record) -> str:
     names = record.classnames
     listed = ", ".join(_md(name) for name in names) or "not recorded"
@@ -291,10 +312,16 @@ def _provenance_section(record: Record, filename: str, file_sha256: str | None) 
         lines.append(f"- this file: {_code(filename)}, sha256 {_code(file_sha256)}")
     if checkpoint is not None:
         lines.append(f"- input checkpoint: {_code(checkpoint.name)}, sha256 {_code(checkpoint.sha256)}")
+    elif record.stage == "soup":
+        lines.append("- input checkpoints: the ingredients above")
     else:
         lines.append("- input checkpoint: none (trained from the zero-shot model)")
-    lines.append(f"- training images: {_number(data.images)}, manifest sha256 {_code(data.manifest_sha256)}")
-    if data.val_images:
+    if data is None:
+        lines.append("- images: none")
+    else:
+        what = "validation images" if record.stage == "soup" else "training images"
+        lines.append(f"- {what}: {_number(data.images)}, manifest sha256 {_code(data.manifest_sha256)}")
+    if data is not None and data.val_images:
         lines.append(f"- held-out images: {_number(data.val_images)}, manifest sha256 "
                      f"{_code(data.val_manifest_sha256)}")
     for tower, digest in (("visual", backbone.visual_sha256), ("text", backbone.text_sha256)):

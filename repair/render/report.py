@@ -29,6 +29,21 @@ class EvalTable:
         return lines + ["| " + " | ".join([escape(row[0]), *row[1:]]) + " |" for row in self.rows]
 
 
+def model_label(row: Mapping[str, Any]) -> str:
+    """A row's name as people read it; a baseline's says what it chose and how:
+    ``wise-ft (alpha 0.6; validation split)``."""
+    if row.get("role") != "baseline" or not row.get("chosen_by"):
+        return str(row["name"])
+    settings = ", ".join(f"{key} {value:g}" for key, value in (row.get("settings") or {}).items())
+    return f"{row['name']} ({settings}; {row['chosen_by']})" if settings else f"{row['name']} ({row['chosen_by']})"
+
+
+def skipped_baselines(report: Mapping[str, Any]) -> list[str]:
+    """One line per baseline that was asked for but not run, with the reason."""
+    skipped = (report.get("baselines") or {}).get("skipped") or {}
+    return [f"{name}: not run ({reason})" for name, reason in skipped.items()]
+
+
 def eval_table(report: Mapping[str, Any], *, ece: bool = True, always_novel: bool = False,
                label: Callable[[Mapping[str, Any]], str] | None = None) -> EvalTable:
     """The accuracy table of an eval report: model, base, (novel, HM), (ECE base)."""
@@ -36,7 +51,7 @@ def eval_table(report: Mapping[str, Any], *, ece: bool = True, always_novel: boo
     headers = ["model", "base"] + (["novel", "HM"] if has_novel else []) + (["ECE base"] if ece else [])
     rows, notes = [], []
     for row in report["models"]:
-        cells = [label(row) if label else row["name"], format_percent(row.get("base"))]
+        cells = [label(row) if label else model_label(row), format_percent(row.get("base"))]
         if has_novel:
             cells += [format_percent(row.get("novel")), format_percent(row.get("hm"))]
         if ece:
@@ -65,7 +80,7 @@ def rich_table(report: Mapping[str, Any]):
     lines = [f"most forgotten by {name}: " + ", ".join(f"{row['class']} {row['change']:+.1f}" for row in rows)
              for name, rows in most_forgotten(report).items()]
     lines += [f"{name}: {note}" for name, note in table_data.notes]
-    return table, lines
+    return table, lines + skipped_baselines(report)
 
 
 def eval_markdown(report: Mapping[str, Any], gate_failures: Sequence[str] | None = None, top: int = 5) -> str:
@@ -74,8 +89,12 @@ def eval_markdown(report: Mapping[str, Any], gate_failures: Sequence[str] | None
     for name, rows in most_forgotten(report, top).items():
         lines += ["", f"Classes that lost the most since zero-shot, {name}: " + ", ".join(
             f"{row['class']} ({row['split']}, {row['change']:+.1f})" for row in rows)]
-    if report.get("baselines") and report["baselines"].get("wise_ft"):
-        lines += ["", f"WiSE-FT alpha chosen by {report['baselines']['wise_ft']['selection']}."]
+    if report.get("baselines"):
+        validation = report["baselines"].get("validation")
+        where = f"the validation split {validation['base']['path']}" if validation else "no validation split"
+        lines += ["", f"Baselines' settings: chosen on {where}, label-free, or fixed defaults (never the test "
+                      "labels); each row says which."]
+        lines += [f"- {line}" for line in skipped_baselines(report)]
     if gate_failures is not None:
         verdict = "passed" if not gate_failures else "FAILED: " + "; ".join(gate_failures)
         lines += ["", f"**Gate {verdict}**"]
@@ -85,4 +104,4 @@ def eval_markdown(report: Mapping[str, Any], gate_failures: Sequence[str] | None
 def card_table(report: Mapping[str, Any], is_this_file: Callable[[Mapping[str, Any]], bool]) -> EvalTable:
     """The model card's table: base, novel, HM for every model, this file marked."""
     return eval_table(report, ece=False, always_novel=True,
-                      label=lambda row: row["name"] + (" (this file)" if is_this_file(row) else ""))
+                      label=lambda row: model_label(row) + (" (this file)" if is_this_file(row) else ""))

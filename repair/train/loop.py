@@ -60,6 +60,9 @@ class TrainConfig:
     warmup_steps: int | None = field(default=None, metadata={
         "help": "Linear warm-up steps [default: 5% of the steps].", "min": 0})
     seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
+    weight_ensemble: int | None = field(default=None, metadata={  # ZSCL's WE; see RunningMean
+        "help": "Write the running mean of the weights taken every N steps, the start counted (ZSCL's weight "
+                "ensemble), instead of the last weights.", "min": 1})
 
     def __post_init__(self) -> None:
         for name in ("lr", "step_size", "momentum", "weight_decay"):
@@ -132,10 +135,43 @@ class TrainResult:
     history: list[EpochReport] = field(default_factory=list)
     # what the workflow decided around the loop: the surrogate's build ("surrogate_build"), lam_zs auto's curve
     choices: dict[str, object] = field(default_factory=dict)
+    weight_ensemble: dict[str, int] | None = None  # {"every": N, "averaged": points in the mean}, with WE
 
     def as_dict(self) -> dict[str, object]:
+        extra = {"weight_ensemble": self.weight_ensemble} if self.weight_ensemble is not None else {}
         return {"steps": self.steps, "selected_epoch": self.selected_epoch,
-                "history": [asdict(report) for report in self.history], **self.choices}
+                "history": [asdict(report) for report in self.history], **extra, **self.choices}
+
+
+@dataclass
+class RunningMean:
+    """ZSCL's weight ensemble (Zheng et al., 2023): ``mean <- (mean * n + theta) / (n + 1)``, started at the
+    run's first weights (``n = 1``: ``w_zs`` for a fine-tuning, ``w_ft`` for a repair)."""
+
+    count: int
+    mean: dict[str, torch.Tensor]
+
+    @classmethod
+    def starting_at(cls, values: dict[str, torch.Tensor]) -> RunningMean:
+        return cls(1, {name: value.detach().clone() for name, value in values.items()})
+
+    @torch.no_grad()
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.mean[name].mul_(self.count).add_(value.detach()).div_(self.count + 1)
+        self.count += 1
+
+
+def check_weight_ensemble(config: TrainConfig, kind: Kind, held_out: bool) -> None:
+    """Refuse a weight ensemble where it means nothing, before any work."""
+    if config.weight_ensemble is None:
+        return
+    if held_out:
+        raise UsageError("--weight-ensemble writes the mean of the run's weights, --val-fraction keeps one epoch's: "
+                         "use one of them")
+    if not kind.mergeable:
+        raise UsageError(f"--weight-ensemble averages the trainable tensors, and a {kind.about.description}'s are "
+                         "not its weights (their mean is not the mean model)")
 
 
 @dataclass
@@ -151,6 +187,7 @@ class LoopState:
     best_accuracy: float | None = None
     best_weights: dict[str, torch.Tensor] | None = None
     selected_epoch: int | None = None
+    average: RunningMean | None = None  # the weight ensemble so far
 
 
 @dataclass(frozen=True)
@@ -162,13 +199,15 @@ class ProgressFile:
 
     def save(self, state: LoopState) -> None:
         tensors = {"rng": state.rng}
-        for group, values in (("w", state.weights), ("best", state.best_weights or {})):
+        average = state.average.mean if state.average is not None else {}
+        for group, values in (("w", state.weights), ("best", state.best_weights or {}), ("we", average)):
             tensors.update({f"{group}/{name}": value.detach().cpu().contiguous() for name, value in values.items()})
         for name, entries in state.optimizer.items():
             tensors.update({f"opt/{name}/{key}": value.detach().cpu().contiguous() for key, value in entries.items()})
         record = {"fingerprint": self.fingerprint, "epoch": state.epoch, "steps": state.steps,
                   "best_accuracy": state.best_accuracy, "selected_epoch": state.selected_epoch,
-                  "history": [asdict(report) for report in state.history]}
+                  "history": [asdict(report) for report in state.history],
+                  "averaged": state.average.count if state.average is not None else None}
         write_state_file(self.path, tensors, {"state": json.dumps(record)})
 
     def load(self, device: torch.device) -> LoopState:
@@ -193,10 +232,12 @@ class ProgressFile:
             if key.startswith("opt/"):
                 name, entry = key[len("opt/"):].rsplit("/", 1)
                 optimizer.setdefault(name, {})[entry] = value if entry == "step" else value.to(device)
+        averaged = record.get("averaged")
         return LoopState(epoch=record["epoch"], steps=record["steps"], weights=group("w"), optimizer=optimizer,
                          rng=tensors["rng"], history=[EpochReport(**item) for item in record["history"]],
                          best_accuracy=record["best_accuracy"], best_weights=group("best") or None,
-                         selected_epoch=record["selected_epoch"])
+                         selected_epoch=record["selected_epoch"],
+                         average=RunningMean(averaged, group("we")) if averaged else None)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -246,13 +287,15 @@ def train(
     """Run the loop in place on ``kind``'s trainable tensors; returns what happened.
 
     ``config`` must be resolved (:meth:`TrainConfig.for_kind`). With ``progress``, the state is saved after
-    every epoch; ``resume`` continues from it.
+    every epoch; ``resume`` continues from it. With ``config.weight_ensemble``, ``kind`` ends at the running
+    mean of its weights (:class:`RunningMean`).
     """
     total_steps = config.total_steps(len(train_set))
     result = TrainResult(steps=0, selected_epoch=None)
     if total_steps == 0:
         return result
     objective = objective.for_kind(kind)
+    check_weight_ensemble(config, kind, val_set is not None)
     if objective.chooses_lam_zs:
         raise UsageError("lam_zs='auto' is chosen before training (repair.train.select.choose_lam_zs); "
                          "train() takes a number")
@@ -262,6 +305,7 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup(total_steps)))
     generator = torch.Generator().manual_seed(config.seed)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+    average = RunningMean.starting_at(kind.snapshot()) if config.weight_ensemble else None
     epoch = 0
     if resume and progress is not None:
         state = progress.load(train_set.features.device)
@@ -277,6 +321,8 @@ def train(
         if state.best_weights is not None and state.best_accuracy is not None:
             best = (state.best_accuracy, state.best_weights)
             result.selected_epoch = state.selected_epoch
+        if average is not None and state.average is not None:
+            average = state.average
     while result.steps < total_steps:
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
@@ -289,6 +335,8 @@ def train(
             optimizer.step()
             schedule.step()
             result.steps += 1
+            if average is not None and result.steps % config.weight_ensemble == 0:
+                average.add(kind.snapshot())
             loss_sum += float(terms.total.detach()) * len(labels)
             correct += terms.correct
             seen += len(labels)
@@ -304,9 +352,12 @@ def train(
                 result.selected_epoch = epoch
         result.history.append(report)
         if progress is not None:
-            progress.save(_loop_state(kind, optimizer, generator, epoch, result, best))
+            progress.save(_loop_state(kind, optimizer, generator, epoch, result, best, average))
     if best is not None:
         kind.load_values(best[1])
+    if average is not None:
+        kind.load_values(average.mean)
+        result.weight_ensemble = {"every": config.weight_ensemble, "averaged": average.count}
     return result
 
 
@@ -333,14 +384,15 @@ def make_optimizer(kind: Kind, config: TrainConfig) -> tuple[torch.optim.Optimiz
 
 
 def _loop_state(kind: Kind, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
-                result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None) -> LoopState:
+                result: TrainResult, best: tuple[float, dict[str, torch.Tensor]] | None,
+                average: RunningMean | None = None) -> LoopState:
     state = {name: {key: value.detach().clone() for key, value in optimizer.state[parameter].items()
                     if isinstance(value, torch.Tensor)}
              for name, parameter in kind.trainable().items() if optimizer.state.get(parameter)}
     return LoopState(epoch=epoch, steps=result.steps, weights=kind.snapshot(), optimizer=state,
                      rng=generator.get_state(), history=list(result.history),
                      best_accuracy=best[0] if best else None, best_weights=best[1] if best else None,
-                     selected_epoch=result.selected_epoch)
+                     selected_epoch=result.selected_epoch, average=average)
 
 
 @contextmanager

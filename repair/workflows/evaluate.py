@@ -11,8 +11,8 @@ from typing import Any
 from repair.data import group
 from repair.data.features import Features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
-from repair.errors import UsageError
-from repair.eval.baselines import baselines as baseline_rows
+from repair.errors import DataError, UsageError
+from repair.eval.baselines import BASELINES, Baselines, baseline_names, check_request, run_baselines
 from repair.eval.metrics import EVAL_SCHEMA, EvalSet, Evaluation, ModelResult, Scorer, ZeroShot, forgetting
 from repair.io import TensorFile, read_tensors
 from repair.kinds import Kind, load_kind
@@ -54,8 +54,11 @@ def evaluate(
     kind: str | None = None,
     kind_options: KindChoices = None,
     other_classes: bool = False,
-    baselines: bool = False,
+    baselines: bool | str | Sequence[str] = False,
+    val_dir: str | Path | None = None,
+    val_novel_dir: str | Path | Sequence[str | Path] | None = None,
     wise_alpha: float | None = None,
+    seed: int = 0,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> dict[str, Any]:
@@ -65,21 +68,30 @@ def evaluate(
     Without ``backbone``, the one the first checkpoint records is loaded. The base folder must hold the
     classes each checkpoint records, unless ``other_classes`` and its kind can score other classes.
 
-    With ``baselines``, the first checkpoint is taken as the fine-tuned model and WiSE-FT
-    (weight interpolation from zero-shot, alpha 0..1) and the output ensemble are added.
-    WiSE-FT's alpha is the one with the best HM on this data (optimistic) unless ``wise_alpha``
-    fixes it, e.g. to the alpha a report on a validation split chose (:func:`best_wise_alpha`).
+    With ``baselines`` (``True``: all of :data:`~repair.eval.baselines.BASELINES`; or some names), the first
+    checkpoint is taken as the fine-tuned model and each baseline becomes a row (``role`` "baseline", its
+    name, ``chosen_by`` and ``settings``). Settings are chosen on the labelled validation folders ``val_dir``
+    (base classes) and ``val_novel_dir`` (held-out ones), never on the test folders; without them a baseline
+    uses its fixed default or is skipped (the report's ``baselines.skipped`` says why). ``wise_alpha`` fixes
+    WiSE-FT's alpha instead; ``seed`` seeds DARE's random drop.
     """
+    names, named = baseline_names(baselines)
+    val_novel = _as_list(val_novel_dir)
     if wise_alpha is not None and not 0.0 <= wise_alpha <= 1.0:
         raise UsageError(f"wise_alpha must lie in [0, 1], got {wise_alpha}")
-    if wise_alpha is not None and not baselines:
+    if wise_alpha is not None and "wise-ft" not in names:
         raise UsageError("--wise-alpha sets the WiSE-FT baseline's alpha: it needs --baselines")
+    if (val_dir is not None or val_novel) and not names:
+        raise UsageError("--val-data chooses the baselines' settings: it needs --baselines")
+    if val_novel and val_dir is None:
+        raise UsageError("--val-novel-data needs --val-data: the validation images of the base classes")
+    check_request(names, named, val_dir is not None)
     data_options = data_options or DataOptions(shots=None)
     with group.agreed():  # under eval --nproc, an input missing on one machine stops every rank alike
         files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
-        if baselines and not files:
+        if names and not files:
             raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
-        _check_distinct_folders(data_dir, _as_list(novel_dir))
+        _check_distinct_folders(data_dir, _as_list(novel_dir), val_dir, val_novel)
         records = [read_record(tensor_file) for tensor_file in files]
         if backbone is None and records and records[0] is not None:
             backbone = recorded_backbone(records[0])
@@ -90,6 +102,7 @@ def evaluate(
         base = load_evalset(backbone, base_folder, "base", data_options)
         novel = [load_evalset(backbone, folder, name, data_options)
                  for folder, name in zip(novel_folders, _novel_names(novel_folders))]
+        val_folders = _validation_folders(val_dir, val_novel, base_folder, data_options)
         warnings: list[str] = []
         kinds: dict[str, tuple[Kind, TensorFile]] = {}
         for tensor_file, record in zip(files, records):
@@ -97,7 +110,8 @@ def evaluate(
             if record is not None:
                 warnings += record.image_tower_warning(backbone.visual_fingerprint, backbone.spec.describe(),
                                                        tensor_file.path)
-            name = tensor_file.path.name if tensor_file.path.name not in kinds else str(tensor_file.path)
+            reserved = {*kinds, "zero-shot", *BASELINES}  # a row name is a key of per_class and forgetting
+            name = tensor_file.path.name if tensor_file.path.name not in reserved else str(tensor_file.path)
             model = load_kind(backbone, tensor_file, base.classnames, templates, kind=kind,
                               recorded_kind=record.kind if record else None,
                               recorded_options=record.kind_options if record else None, overrides=kind_options)
@@ -105,12 +119,20 @@ def evaluate(
             kinds[name] = (model, tensor_file)
     evaluation = Evaluation(base, novel)
     zero_shot_scale = _logit_scale(kind_options)
-    results = [evaluation.score("zero-shot", ZeroShot(backbone, templates, zero_shot_scale), "zero-shot")]
+    zero_shot = ZeroShot(backbone, templates, zero_shot_scale)
+    results = [evaluation.score("zero-shot", zero_shot, "zero-shot")]
     results += [evaluation.score(name, model) for name, (model, _) in kinds.items()]
     baseline_report = None
-    if baselines:
+    if names:
+        validation = _validation(backbone, val_folders, data_options)
         finetuned_name = next(iter(kinds))
-        rows, baseline_report = baseline_rows(evaluation, finetuned_name, kinds[finetuned_name][0], wise_alpha)
+        context = Baselines(kinds[finetuned_name][0], finetuned_name, zero_shot, evaluation, validation, seed,
+                            wise_alpha)
+        rows, baseline_report = run_baselines(context, names, named)
+        baseline_report["validation"] = _describe_validation(val_folders)
+        if val_folders and len(val_folders) == 1 and novel:
+            warnings.append("the validation split has no held-out classes (--val-novel-data): the baselines' "
+                            "settings were chosen on base accuracy alone, which favours the fine-tuned end")
         results += rows
     sources = {name: {"path": str(f.path), "sha256": f.sha256} for name, (_, f) in kinds.items()}
     return {
@@ -141,15 +163,53 @@ def _as_list(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
 
 
-def _check_distinct_folders(base_dir: str | Path, novel_dirs: Sequence[Path]) -> None:
+def _check_distinct_folders(base_dir: str | Path, novel_dirs: Sequence[Path], val_dir: str | Path | None = None,
+                            val_novel_dirs: Sequence[Path] = ()) -> None:
     """A held-out folder that is the base folder (or another held-out one) would pass base accuracy off as
-    novel accuracy, or weigh one set twice in the novel mean."""
+    novel accuracy, or weigh one set twice in the novel mean; a validation folder that is a test folder would
+    let test labels choose the baselines' settings."""
     seen = {os.path.realpath(base_dir): "the base folder (--data)"}
-    for folder in novel_dirs:
+    given = [(folder, "a held-out folder (--novel-data)", "a held-out folder given before") for folder in novel_dirs]
+    if val_dir is not None:
+        given.append((Path(val_dir), "a validation folder (--val-data)", "the validation folder (--val-data)"))
+    given += [(folder, "a validation folder (--val-novel-data)", "a validation folder given before")
+              for folder in val_novel_dirs]
+    for folder, role, seen_as in given:
         resolved = os.path.realpath(folder)
         if resolved in seen:
-            raise UsageError(f"{folder}: a held-out folder (--novel-data) that is {seen[resolved]} again")
-        seen[resolved] = "a held-out folder given before"
+            raise UsageError(f"{folder}: {role} that is {seen[resolved]} again")
+        seen[resolved] = seen_as
+
+
+def _validation_folders(val_dir: str | Path | None, val_novel: Sequence[Path], base_folder: ImageFolder,
+                        data_options: DataOptions) -> list[ImageFolder]:
+    """[validation base, validation held-out ...], scanned (cheap); the base one holds the test base classes."""
+    if val_dir is None:
+        return []
+    folder = scan_image_folder(val_dir, data_options.classnames_file)
+    if list(folder.folders) != list(base_folder.folders):
+        raise DataError(f"{val_dir}: the validation folder (--val-data) has classes {_listed(folder.folders)} but "
+                        f"--data has {_listed(base_folder.folders)}; it holds other images of the same classes")
+    return [folder, *(scan_image_folder(path) for path in val_novel)]
+
+
+def _validation(backbone: Backbone, folders: Sequence[ImageFolder], options: DataOptions) -> Evaluation | None:
+    if not folders:
+        return None
+    base, *held_out = folders
+    return Evaluation(load_evalset(backbone, base, "base", options),
+                      [load_evalset(backbone, folder, name, options)
+                       for folder, name in zip(held_out, _novel_names(held_out))])
+
+
+def _describe_validation(folders: Sequence[ImageFolder]) -> dict[str, Any] | None:
+    if not folders:
+        return None
+    return {"base": describe_folder(folders[0]), "novel": [describe_folder(folder) for folder in folders[1:]] or None}
+
+
+def _listed(names: Sequence[str], most: int = 6) -> str:
+    return f"[{', '.join(names[:most])}{', ...' if len(names) > most else ''}] ({len(names)})"
 
 
 def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:

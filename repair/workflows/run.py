@@ -22,7 +22,8 @@ from repair.io import TensorFile, output_lock, read_tensors
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
-from repair.train.loop import ProgressFile, StepReport, TrainConfig, TrainResult, seeded_run, train
+from repair.train.loop import (ProgressFile, StepReport, TrainConfig, TrainResult, check_weight_ensemble,
+                               seeded_run, train)
 from repair.train.objective import Objective
 from repair.train.curvature import read_vocabulary
 from repair.train.select import choose_lam_zs
@@ -112,6 +113,7 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     keeps it for ``resume=True``.
     """
     kind, options = inputs.kind, inputs.data_options
+    check_weight_ensemble(inputs.config, kind, inputs.held_out is not None)  # before encoding anything
     progress = inputs.progress_file(out)
     created_progress = not progress.path.exists()
     try:

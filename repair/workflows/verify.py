@@ -28,6 +28,8 @@ def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir:
     if finetuned is not None:
         recorded = record.inputs.checkpoint.sha256 if record.inputs.checkpoint else None
         checks.append(_check("fine-tuned checkpoint", recorded, read_tensors(finetuned).sha256))
+    if data_dir is not None and record.inputs.data is None:
+        raise UsageError(f"{output} records no images (a uniform soup): there is nothing to check --data against")
     if data_dir is not None:
         options = DataOptions(shots=record.data.shots, val_fraction=record.data.val_fraction, cache_dir=None)
         dataset, held_out = select_training_images(Path(data_dir), options, record.seed)
