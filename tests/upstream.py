@@ -105,3 +105,39 @@ def promptsrc_state_dict(backbone, n_cls: int, n_ctx: int = 4, depth: int = 9) -
         state[f"image_encoder.transformer.resblocks.{layer}.VPT_shallow"] = torch.randn(n_ctx, vision)
         state[f"text_encoder.transformer.resblocks.{layer}.VPT_shallow"] = torch.randn(n_ctx, width)
     return {name: value.half() for name, value in state.items()}
+
+
+def through_every_command(tmp_path: Path, tiny_spec, image_dirs, source: Path, kind: str, surrogates: list[str], *,
+                          out_name: str, novel: bool, extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """``inspect``, ``repair`` with each surrogate, ``eval`` (base-to-novel where the kind scores unseen classes),
+    ``path``, ``verify`` and ``push --dry-run`` on one upstream file, through the real CLI; the outputs by surrogate."""
+    import json
+
+    from cli_helpers import fast, invoke
+
+    report = json.loads(invoke("inspect", source, "--json").stdout)
+    assert report["kind"] == kind, report
+    outputs = {}
+    for surrogate in surrogates:
+        folder = tmp_path / surrogate
+        folder.mkdir()
+        out = folder / out_name
+        result = invoke("repair", source, "--data", image_dirs["train"], "--out", out, "--surrogate", surrogate,
+                        "--lam-zs", "1", *fast(tiny_spec), *extra)
+        assert result.exit_code == 0, result.output
+        outputs[surrogate] = out
+    fixed = outputs[surrogates[0]]
+    evaluation = ["--novel-data", image_dirs["novel"]] if novel else []
+    result = invoke("eval", source, fixed, "--data", image_dirs["test"], *evaluation, "--model", tiny_spec.model,
+                    "--baselines", "--no-cache", "--json", *extra)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["models"]
+    assert all((row["novel"] is not None) == novel for row in rows), rows
+    result = invoke("path", source, fixed, "--data", image_dirs["test"], "--out", tmp_path / "path.json",
+                    "--model", tiny_spec.model, "--points", "3", "--no-cache", *extra)
+    assert result.exit_code == 0, result.output
+    result = invoke("verify", fixed, "--ft", source)
+    assert result.exit_code == 0, result.output
+    result = invoke("push", fixed, "--repo", f"org/{kind}", "--dry-run", tmp_path / "stage")
+    assert result.exit_code == 0, result.output
+    return outputs

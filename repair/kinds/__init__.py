@@ -15,13 +15,14 @@ from repair.kinds.base import Claims, Kind, KindOptions, KindOutput, frozen_diff
 from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.encoder import FullImageEncoder
+from repair.kinds.kgcoop import KgCoOpPrompts
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
 from repair.kinds.projector import VisualProjector
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
-                                                               FullImageEncoder)}
+                                                               FullImageEncoder, KgCoOpPrompts)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -171,6 +172,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "detect_kind",
+           "FullImageEncoder", "KgCoOpPrompts", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options", "expected_layouts",
            "check_claims", "check_frozen", "Claims"]
