@@ -12,6 +12,7 @@ from typing import Any
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import Claims, Kind, KindOptions, KindOutput, frozen_differences
+from repair.kinds.clip_adapter import CLIPAdapter
 from repair.kinds.clipfit import CLIPFit
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.encoder import FullImageEncoder
@@ -22,7 +23,7 @@ from repair.kinds.projector import VisualProjector
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
-                                                               FullImageEncoder, KgCoOpPrompts)}
+                                                               FullImageEncoder, KgCoOpPrompts, CLIPAdapter)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -172,6 +173,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "KgCoOpPrompts", "detect_kind",
+           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options", "expected_layouts",
            "check_claims", "check_frozen", "Claims"]
