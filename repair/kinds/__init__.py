@@ -20,10 +20,11 @@ from repair.kinds.kgcoop import KgCoOpPrompts
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
 from repair.kinds.projector import VisualProjector
+from repair.kinds.taskres import TaskRes
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
-                                                               FullImageEncoder, KgCoOpPrompts, CLIPAdapter)}
+                                                               FullImageEncoder, KgCoOpPrompts, CLIPAdapter, TaskRes)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -173,6 +174,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "detect_kind",
+           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "TaskRes", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options", "expected_layouts",
            "check_claims", "check_frozen", "Claims"]
