@@ -21,10 +21,12 @@ from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
 from repair.kinds.projector import VisualProjector
 from repair.kinds.taskres import TaskRes
+from repair.kinds.tip_adapter import TipAdapterF
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
-                                                               FullImageEncoder, KgCoOpPrompts, CLIPAdapter, TaskRes)}
+                                                               FullImageEncoder, KgCoOpPrompts, CLIPAdapter, TaskRes,
+                                                               TipAdapterF)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -174,6 +176,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "TaskRes", "detect_kind",
+           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "TaskRes", "TipAdapterF", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options", "expected_layouts",
            "check_claims", "check_frozen", "Claims"]

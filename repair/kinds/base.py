@@ -307,6 +307,10 @@ class Kind(nn.Module, ABC):
                   options: KindOptions) -> Kind:
         """A fresh checkpoint at ``w_zs``: where plain fine-tuning starts."""
 
+    def start_from(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called by ``finetune`` with the encoded training images (``forward``'s inputs) and labels before the
+        first step: a kind whose starting point is built from them (Tip-Adapter's cache) builds it here."""
+
     # ------------------------------------------------------------------ scoring
 
     @abstractmethod

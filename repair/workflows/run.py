@@ -117,6 +117,8 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     created_progress = not progress.path.exists()
     try:
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
+        if inputs.stage == "finetune":
+            kind.start_from(train_set.features, train_set.labels)
         val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
                    if inputs.held_out is not None else None)
         surrogate = _prepare_surrogate(inputs, train_set)
