@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import repair
+import repair.kinds
 from cli_helpers import fast, invoke
 from upstream import (cocoop_state_dict, custom_clip_towers, dassl_save, maple_state_dict, prompt_buffers,
                       promptsrc_state_dict)
@@ -110,3 +111,55 @@ def test_coop_with_its_own_clip_towers_is_compared_with_the_backbone(tmp_path, b
     assert roles["state_dict.prompt_learner.token_prefix"] == "rebuilt"
     assert roles["state_dict.image_encoder.conv1.weight"] == roles["state_dict.logit_scale"] == "frozen"
     assert report["training_state"] and report["layout"] == "dassl"  # momentum buffers: listed, never read
+
+
+class _DeepPrompts(repair.kinds.CoOpPrompts):
+    """A stand-in for a kind registered later (MaPLe's, from the deep-prompt work): it declares MaPLe's tensors."""
+
+    name = "deep-prompts-test"
+
+    @classmethod
+    def matches(cls, tensor_file):
+        return any("compound_prompts_text" in key for key in tensor_file.tensors)
+
+    @classmethod
+    def claims(cls, tensor_file, options=None):
+        base = super().claims(tensor_file, options)
+        deep = tuple(key for key in tensor_file.tensors if "compound_prompt" in key or ".proj." in key)
+        return repair.kinds.Claims(trained=(*base.trained, *deep), rebuilt=base.rebuilt,
+                                   frozen={k: v for k, v in base.frozen.items() if k not in deep})
+
+
+def test_a_kind_registered_later_claims_its_files_by_declaration(tmp_path, backbone, tiny_spec):
+    state = maple_state_dict(backbone, N_CLS)
+    path = dassl_save(tmp_path / "model.pth.tar-2", state, trained=("prompt_learner.ctx",))
+    assert invoke("inspect", path).exit_code == 5
+    repair.kinds.register(_DeepPrompts)
+    try:
+        report = json.loads(invoke("inspect", path, "--json").stdout)
+        assert report["kind"] == "deep-prompts-test"  # the file is claimed whole: detected, nothing left over
+        roles = {tensor["name"]: tensor["role"] for tensor in report["tensors"]}
+        assert roles["state_dict.prompt_learner.compound_prompts_text.0"] == "trained"
+        assert roles["state_dict.text_encoder.ln_final.weight"] == "frozen"
+        plain = tmp_path / "ctx.safetensors"  # a plain prompt both kinds claim whole: never a guess
+        save_file({"ctx": torch.randn(4, backbone.text_width), "compound_prompts_text.0": torch.randn(4, 32)}, plain)
+        assert json.loads(invoke("inspect", plain, "--json").stdout)["kind"] == "deep-prompts-test"
+        save_file({"ctx": torch.randn(4, backbone.text_width)}, plain)
+        assert json.loads(invoke("inspect", plain, "--json").stdout)["kind"] == "coop"  # the new kind does not match
+    finally:
+        repair.kinds.KINDS.pop(_DeepPrompts.name)
+
+
+def test_a_file_two_kinds_claim_whole_is_refused_naming_kind(tmp_path, backbone):
+    class Twin(repair.kinds.CoOpPrompts):
+        name = "twin-test"
+
+    repair.kinds.register(Twin)
+    try:
+        plain = tmp_path / "ctx.safetensors"
+        save_file({"ctx": torch.randn(4, backbone.text_width)}, plain)
+        result = invoke("inspect", plain)
+        assert result.exit_code == 5 and "could be coop, twin-test; pass --kind" in result.output
+        assert invoke("inspect", plain, "--kind", "coop").exit_code == 0
+    finally:
+        repair.kinds.KINDS.pop(Twin.name)
