@@ -140,4 +140,8 @@ def through_every_command(tmp_path: Path, tiny_spec, image_dirs, source: Path, k
     assert result.exit_code == 0, result.output
     result = invoke("push", fixed, "--repo", f"org/{kind}", "--dry-run", tmp_path / "stage")
     assert result.exit_code == 0, result.output
+    from repair.kinds import KINDS
+
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert KINDS[kind].about.description in card and (tmp_path / "stage" / fixed.name).exists()
     return outputs

@@ -18,20 +18,22 @@ line (exit 5) naming the tensors left over and ``--kind``:
 
 - ``trained``: the tensors the kind trains; written back with their new values.
 - ``fixed``: tensors the kind reads and uses as they are, never trains (TaskRes's stored base text
-  features, Tip-Adapter's cache keys and values, a CNN's BatchNorm statistics).
+  features, Tip-Adapter's cache values, a CNN's BatchNorm statistics).
 - ``rebuilt``: buffers the kind rebuilds itself and so never reads (CoOp's ``token_prefix`` /
   ``token_suffix``, recomputed from the current class names).
 - ``frozen``: ``file key -> open_clip name`` of copies of the frozen backbone (a Dassl ``CustomCLIP``
   saved whole: ``image_encoder.*`` -> ``visual.*``, ``text_encoder.*`` -> the text tower). They are
-  compared with the loaded backbone before anything else (:func:`check_frozen`): a difference is
-  refused, since the kind would score with the backbone's weights, not the file's.
+  compared with the loaded backbone before anything else (:func:`repair.kinds.check_frozen`): a
+  difference is refused, since the kind would score with the backbone's weights, not the file's.
 - ``ignored``: ``file key -> why``: tensors the method saves but never uses (KgCoOp's ``bias_vectors``).
 
 Every group but ``trained`` is written back unchanged, so an output has the input's tensors, names and
 dtypes. The default declaration (:meth:`Kind.claims`) is ``trainable_keys`` as ``trained`` plus, as
 ``frozen``, every other tensor whose name is an open_clip CLIP weight (:func:`backbone_name`); a kind
 adds its own groups by overriding ``claims`` and calling ``super().claims(...)`` or building a
-:class:`Claims` itself. Detection (``repair.kinds.detect_kind``) picks among the kinds that match a
+:class:`Claims` itself; a key belongs to one group only (:meth:`Claims.roles` raises otherwise), so a
+kind that trains tensors inside the towers (deep prompts such as ``...resblocks.N.VPT_shallow``) lists
+them as ``trained`` and passes them to :func:`backbone_copies` as ``exclude``. Detection (``repair.kinds.detect_kind``) picks among the kinds that match a
 file only those whose claims leave nothing over, so a kind registered later (deep prompts, adapters
 in the towers) takes the files it claims whole, and no other kind reads them halfway.
 """
