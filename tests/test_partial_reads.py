@@ -123,8 +123,8 @@ class _DeepPrompts(repair.kinds.CoOpPrompts):
         return any("compound_prompts_text" in key for key in tensor_file.tensors)
 
     @classmethod
-    def claims(cls, tensor_file, options=None):
-        base = super().claims(tensor_file, options)
+    def claims(cls, tensor_file, options=None, backbone=None):
+        base = super().claims(tensor_file, options, backbone)
         deep = tuple(key for key in tensor_file.tensors if "compound_prompt" in key or ".proj." in key)
         return repair.kinds.Claims(trained=(*base.trained, *deep), rebuilt=base.rebuilt,
                                    frozen={k: v for k, v in base.frozen.items() if k not in deep})

@@ -95,9 +95,11 @@ def _partial_read(tensor_file: TensorFile, kind: type[Kind], left: Sequence[str]
             "them (pass --kind to name one that does)")
 
 
-def check_claims(cls: type[Kind], tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
-    """The kind's claims on a file, refused in one line when they leave any tensor over."""
-    claims = cls.claims(tensor_file, options)
+def check_claims(cls: type[Kind], tensor_file: TensorFile, options: KindOptions | None = None,
+                 backbone: Backbone | None = None) -> Claims:
+    """The kind's claims on a file (by names, or with the loaded ``backbone``), refused in one line when they
+    leave any tensor over."""
+    claims = cls.claims(tensor_file, options, backbone)
     left = claims.unclaimed(list(tensor_file.tensors))
     if left:
         raise IncompatibleCheckpointError(_partial_read(tensor_file, cls, left))
@@ -147,7 +149,7 @@ def read_kind(cls: type[Kind], backbone: Backbone, tensor_file: TensorFile, clas
               templates: Sequence[str], options: KindOptions) -> Kind:
     """A file as ``cls`` at ``w_ft``: its claims checked (nothing left over, frozen copies equal to the backbone),
     then read; the tensors it does not train are kept for the output."""
-    claims = check_claims(cls, tensor_file, options)
+    claims = check_claims(cls, tensor_file, options, backbone)
     check_frozen(tensor_file, claims, backbone, cls)
     model = cls.from_file(backbone, tensor_file, classnames, templates, options)
     model.keep_source(tensor_file, claims)

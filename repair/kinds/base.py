@@ -291,9 +291,14 @@ class Kind(nn.Module, ABC):
         """Names of the file's tensors this kind trains (what ``inspect`` reports)."""
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """What this kind reads from ``tensor_file``, every tensor in one group (see the module docstring).
-        Default: :meth:`trainable_keys` trained, and the other tensors named as CLIP's own weights frozen."""
+        Default: :meth:`trainable_keys` trained, and the other tensors named as CLIP's own weights frozen.
+
+        Without ``backbone`` (detection, ``inspect``) by names alone; with the loaded backbone (reading the file)
+        a kind whose trained tensors depend on the model (CLIPFit's normalisation layers of a CNN) says exactly
+        which, so that none of them is compared as a frozen copy."""
         trained = cls.trainable_keys(tensor_file, options)
         return Claims(trained=tuple(trained), frozen=backbone_copies(list(tensor_file.tensors), trained))
 

@@ -122,10 +122,16 @@ class CLIPFit(Kind):
         return [key for key in tensor_file.tensors if is_clipfit_name(model_key(key))]
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """Its tensors trained; in a full state dict every other CLIP weight frozen: compared with the backbone,
-        so a fully fine-tuned CLIP is refused rather than repaired as CLIPFit with its other weights as-is."""
-        trained = cls.trainable_keys(tensor_file, options)
+        so a fully fine-tuned CLIP is refused rather than repaired as CLIPFit with its other weights as-is. With
+        the backbone, its own CLIPFit tensors (e.g. a CNN's downsampling BatchNorms, which names alone miss)."""
+        if backbone is not None:
+            wanted = set(clipfit_names(backbone))
+            trained = [key for key in tensor_file.tensors if model_key(key) in wanted]
+        else:
+            trained = cls.trainable_keys(tensor_file, options)
         return Claims(trained=tuple(trained), frozen=backbone_copies(list(tensor_file.tensors), trained))
 
     @classmethod

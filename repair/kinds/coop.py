@@ -211,7 +211,8 @@ class CoOpPrompts(Kind):
         return [found[0]] if found else []
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """``ctx`` trained; its ``token_prefix`` / ``token_suffix`` rebuilt from the class names; copies of the
         CLIP towers (a Dassl ``CustomCLIP`` saved whole) frozen. Anything else (a second context, a meta-net,
         deep or vision prompts) is left over, so the file is not read as a plain prompt."""

@@ -219,7 +219,8 @@ class FullImageEncoder(ModelWeightsKind):
         return keys + ([key for key in head if key] if head else [])
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """The image tower (and head) trained, a CNN's BatchNorm statistics fixed; the text tower beside it frozen
         (compared with the backbone's, whose text tower scores) or, with a head, ignored (the head scores)."""
         prefix = visual_prefix(tensor_file)

@@ -58,7 +58,8 @@ class KgCoOpPrompts(CoOpPrompts):
         return found is not None and found[0][: -len("ctx")] + "bias_vectors" in tensor_file.tensors
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """CoOp's claims, and KgCoOp's unused tensors ignored."""
         found = find_ctx(tensor_file)
         if found is None:

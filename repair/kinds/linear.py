@@ -125,7 +125,8 @@ class LinearHead(Kind):
         return [key for key in found if key] if found else []
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """The head trained; scikit-learn's bookkeeping arrays ignored; copies of CLIP's weights frozen."""
         trained = cls.trainable_keys(tensor_file, options)
         ignored = {key: "scikit-learn's bookkeeping, not weights" for key in tensor_file.tensors

@@ -103,7 +103,8 @@ class TaskRes(Kind):
         return [found[1]] if found else []
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """The residual trained, the stored base fixed (read and used as it is)."""
         found = find_residual(tensor_file)
         if found is None:

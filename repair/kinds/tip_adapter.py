@@ -102,7 +102,8 @@ class TipAdapterF(Kind):
         return [ADAPTER] if cls.matches(tensor_file) else []
 
     @classmethod
-    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> Claims:
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
         """``best_F`` trained, the values fixed, the keys ignored (training-free Tip-Adapter's ``F``)."""
         if not cls.matches(tensor_file):
             return Claims(trained=())
