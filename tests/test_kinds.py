@@ -57,9 +57,13 @@ def test_linear_head_from_sklearn_npz_and_key_prefix(tmp_path, backbone, image_d
     out = zero_steps(backbone, npz, image_dirs["train"])
     assert torch.equal(out["coef_"], weight.double()) and torch.equal(out["intercept_"], bias.double())
     odd = tmp_path / "odd.safetensors"
-    save_file({"probe.weight": weight, "probe.bias": bias, "other.weight": torch.zeros(2, 2)}, odd)
+    save_file({"probe.weight": weight, "probe.bias": bias}, odd)
     out = zero_steps(backbone, odd, image_dirs["train"], kind="linear", key_prefix="probe.")
-    assert torch.equal(out["probe.weight"], weight) and "other.weight" not in out
+    assert torch.equal(out["probe.weight"], weight)
+    odd = tmp_path / "odder.safetensors"
+    save_file({"probe.weight": weight, "probe.bias": bias, "other.weight": torch.zeros(2, 2)}, odd)
+    with pytest.raises(IncompatibleCheckpointError, match=r"leave 1 of its 3 tensors unread: other.weight \[2, 2\]"):
+        zero_steps(backbone, odd, image_dirs["train"], kind="linear", key_prefix="probe.")  # never dropped silently
 
 
 def test_linear_head_with_wrong_row_count_is_refused(tmp_path, backbone, image_dirs):
@@ -112,7 +116,8 @@ def test_coop_from_dassl_checkpoint(tmp_path, backbone, image_dirs):
     torch.save({"state_dict": {"ctx": ctx, "token_prefix": prefix, "token_suffix": prefix[:, :, :]},
                 "epoch": 50, "optimizer": optimizer.state_dict(), "scheduler": scheduler}, path)
     out = zero_steps(backbone, path, image_dirs["train"], ctx_init="a photo")
-    assert list(out) == ["state_dict.ctx"] and torch.equal(out["state_dict.ctx"], ctx)  # the input's own name
+    assert list(out) == ["state_dict.ctx", "state_dict.token_prefix", "state_dict.token_suffix"]  # the input's names
+    assert torch.equal(out["state_dict.ctx"], ctx) and torch.equal(out["state_dict.token_prefix"], prefix)
 
 
 # ----------------------------------------------------------------------------- path terms

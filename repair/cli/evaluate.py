@@ -261,12 +261,15 @@ def _print_inspection(report: dict[str, Any]) -> None:
 
     say(f"{report['path']}: {report['kind']} checkpoint ({report['kind_title']}), {report['trainable_numbers']:,} "
         f"trainable numbers ({report['format']}, sha256 {report['sha256'][:12]})")
-    table = Table("tensor", "shape", "dtype", "trained")
+    table = Table("tensor", "shape", "dtype", "role")
     for tensor in report["tensors"][:50]:
-        table.add_row(tensor["name"], str(tensor["shape"]), tensor["dtype"], "yes" if tensor["trainable"] else "")
+        table.add_row(tensor["name"], str(tensor["shape"]), tensor["dtype"], tensor["role"])
     stdout.print(table)
     if len(report["tensors"]) > 50:
         say(f"... and {len(report['tensors']) - 50} more tensors (--json lists all)")
+    if report["training_state"]:
+        say(f"training state, not read: {len(report['training_state'])} optimizer/scheduler tensors "
+            f"(e.g. {report['training_state'][0]['name']})")
     metadata = report["metadata"]
     towers = metadata.get("backbone") if isinstance(metadata.get("backbone"), dict) else {}
     if towers.get("image_tower"):

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from repair.io.layouts import OUTPUT_FORMATS
 from repair.kinds import KINDS
 from repair.train.surrogates import SURROGATES
 from repair.data.features import default_cache_dir
@@ -31,6 +32,7 @@ from repair.workflows.run import OUTPUT_DTYPES
 KindName = enum.Enum("KindName", {name: name for name in KINDS}, type=str)
 SurrogateName = enum.Enum("SurrogateName", {name: name for name in SURROGATES}, type=str)
 OutputDtype = enum.Enum("OutputDtype", {name: name for name in OUTPUT_DTYPES}, type=str)
+OutputFormat = enum.Enum("OutputFormat", {name: name for name in OUTPUT_FORMATS}, type=str)
 
 
 class Precision(str, enum.Enum):

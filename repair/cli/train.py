@@ -16,6 +16,7 @@ from repair.cli.options import (
     KindName,
     KindOpt,
     OtherClassesOpt,
+    OutputFormat,
     RunFlags,
     ShotsOpt,
     SurrogateName,
@@ -31,7 +32,7 @@ from repair.train.objective import Objective
 from repair.workflows.run import RunOutcome, finetune, repair
 
 app = command_group()
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the safetensors file.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the output (see --format).")]
 
 
 def report_run(outcome: RunOutcome, as_json: bool) -> None:
@@ -81,6 +82,10 @@ def repair_command(
                        ] = 1.0,
     path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
     other_classes: OtherClassesOpt = False,
+    output_format: Annotated[Optional[OutputFormat], typer.Option(
+        "--format", help="Output packaging: 'input' (the input's own: a Dassl checkpoint stays one, a Hugging Face "
+                         "folder stays one; other files become safetensors) or 'safetensors' [default: input, or "
+                         "safetensors when --out ends in .safetensors].")] = None,
     shots: ShotsOpt = 16,
     val_fraction: ValOpt = 0.0,
     backbone: Any = None, config: Any = None, data_flags: Any = None, settings: Any = None,
@@ -92,7 +97,8 @@ def repair_command(
                                       surrogate=value(surrogate)))  # refuses e.g. --lam-zs inf in one line
     train_and_report("repairing", functools.partial(repair, finetuned, data, out, objective=objective),
                      backbone, data_flags, shots, val_fraction, settings, config=config, kind=value(kind),
-                     kind_options=kind_options, other_classes=other_classes, vocabulary=vocabulary)
+                     kind_options=kind_options, other_classes=other_classes, vocabulary=vocabulary,
+                     output_format=value(output_format))
 
 
 @app.command("finetune")

@@ -15,10 +15,17 @@ What lives where:
   :func:`write_cache_entry` / :func:`read_cache_entry` for best-effort caches and
   :func:`write_state_file` for resumable training state; the output checks (writability probe,
   regular files only, the per-output lock) and checksummed cache entries.
+* :mod:`repair.io.layout` / :mod:`repair.io.layouts` -- how a file's tensors are packaged (a flat file,
+  a Dassl checkpoint (:mod:`repair.io.dassl`), a Hugging Face CLIP folder (:mod:`repair.io.hf_clip`),
+  Tip-Adapter's cache files (:mod:`repair.io.tip_adapter`)) and :func:`write_layout`, which writes an
+  output the way its input was packaged.
 """
 
 from repair.io import read, write
+from repair.io.layout import FLAT, Layout
+from repair.io.layouts import OUTPUT_FORMATS, check_layout_output, output_layout, write_layout
 from repair.io.read import *  # noqa: F403 (each module's __all__ is the package's surface)
 from repair.io.write import *  # noqa: F403
 
-__all__ = [*read.__all__, *write.__all__]
+__all__ = [*read.__all__, *write.__all__, "FLAT", "Layout", "OUTPUT_FORMATS", "check_layout_output",
+           "output_layout", "write_layout"]

@@ -31,7 +31,10 @@ from repair.errors import (
     UnsafeFileError,
 )
 from repair.io._messages import _describe_exception, _fail
+from repair.io.dassl import dassl_layout, split_training_state
+from repair.io.layout import FLAT, Layout
 from repair.io.npz import _load_npz
+from repair.io.tip_adapter import read_tip_adapter, tip_adapter_file
 from repair.io.unpickle import _Inert, _Malformed, _Refused, _restricted_pickle_module, inert_state
 
 __all__ = [
@@ -72,6 +75,7 @@ _MAX_VALUES = 100_000  # plain (non-tensor) leaves kept beside the tensors
 _PLAIN_LEAVES = (str, int, float, bool, type(None))
 ADAPTER_CONFIG = "adapter_config.json"  # a Hugging Face PEFT adapter folder: its config ...
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # ... and its tensors
+HF_CONFIG = "config.json"  # a Hugging Face transformers model folder
 _MAX_ADAPTER_CONFIG = 1024 * 1024
 
 
@@ -84,6 +88,9 @@ class TensorFile:
     kinds read their layout from them. ``metadata`` is the safetensors ``__metadata__``, a
     torch checkpoint's top-level ``metadata`` mapping (its string entries), or a PEFT folder's
     weights metadata plus its ``adapter_config.json`` text under :data:`ADAPTER_CONFIG`.
+    ``layout`` says how the tensors were packaged (an output is packaged the same way);
+    ``training_state`` lists, by name and shape, tensors of the optimizer and scheduler a
+    training checkpoint carries (a Dassl file's momentum buffers): read, but never weights.
     """
 
     path: Path
@@ -92,6 +99,8 @@ class TensorFile:
     metadata: dict[str, str]
     sha256: str
     values: dict[str, Any] = field(default_factory=dict)
+    layout: Layout = FLAT
+    training_state: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def values_list(values: Mapping[str, Any], prefix: str) -> list[Any] | None:
@@ -472,12 +481,13 @@ _LOADERS: dict[str, Callable[[Path, int], tuple[Any, dict[str, str]]]] = {
 
 def _guarded_load(
     path: Path, fmt: str, size: int
-) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any], Layout]:
     """Turn every library failure into one InputFileError line; keep interrupts and OOM."""
     try:
         obj, metadata = _LOADERS[fmt](path, size)
         tensors, values = _flatten(path, obj)
-        return tensors, metadata or (_torch_metadata(obj) if fmt == "torch" else {}), values
+        layout = (dassl_layout(obj, values) if fmt == "torch" else None) or FLAT
+        return tensors, metadata or (_torch_metadata(obj) if fmt == "torch" else {}), values, layout
     except MergetuneError:
         raise
     except _Refused as exc:
@@ -505,20 +515,49 @@ def _guarded_load(
 def read_tensors(path: str | Path) -> TensorFile:
     """Load a checkpoint as flat, validated, CPU-owned tensors; never runs code from it.
 
-    A folder is read as a Hugging Face PEFT adapter (:func:`read_adapter_folder`).
+    A folder is read as a Hugging Face PEFT adapter (:func:`read_adapter_folder`), a Hugging Face transformers
+    CLIP model (:mod:`repair.io.hf_clip`) or Tip-Adapter's cache files (:mod:`repair.io.tip_adapter`, also
+    from its ``best_F_<n>shots.pt``).
     """
     p = Path(path)
     if p.is_dir():
-        return read_adapter_folder(p)
+        return _read_folder(p)
+    if tip_adapter_file(p) is not None and p.is_file():
+        return read_tip_adapter(p, _read_file)
+    return _read_file(p)
+
+
+def _read_folder(folder: Path) -> TensorFile:
+    if (folder / ADAPTER_CONFIG).is_file():
+        return read_adapter_folder(folder)
+    if (folder / HF_CONFIG).is_file():
+        from repair.io.hf_clip import read_hf_clip_folder  # the name map: only when such a folder is read
+
+        return read_hf_clip_folder(folder, _read_file)
+    best_f = tip_adapter_file(folder)
+    if best_f is not None:
+        return read_tip_adapter(best_f, _read_file)
+    raise _fail(InputFileError, folder, f"is a directory without {ADAPTER_CONFIG}; expected a checkpoint file, a PEFT "
+                                        f"adapter folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), a Hugging Face CLIP "
+                                        f"folder ({HF_CONFIG} + model.safetensors) or a Tip-Adapter cache_dir "
+                                        "(best_F_<n>shots.pt)")
+
+
+def _read_file(p: Path) -> TensorFile:
+    """One checkpoint file (not a folder)."""
     size = _regular_file_size(p)
     fmt = _sniff(p)
     try:
         digest = sha256_file(p)
     except OSError as exc:
         raise _fail(InputFileError, p, f"cannot read it ({exc.strerror or exc})") from None
-    raw, metadata, values = _guarded_load(p, fmt, size)
+    raw, metadata, values, layout = _guarded_load(p, fmt, size)
+    training_state: dict[str, tuple[int, ...]] = {}
+    if layout.name == "dassl":
+        raw, training_state = split_training_state(raw)
     tensors = _validated(p, raw)
-    return TensorFile(path=p, format=fmt, tensors=tensors, metadata=metadata, sha256=digest, values=values)
+    return TensorFile(path=p, format=fmt, tensors=tensors, metadata=metadata, sha256=digest, values=values,
+                      layout=layout, training_state=training_state)
 
 
 def read_adapter_folder(folder: Path) -> TensorFile:

@@ -42,6 +42,7 @@ __all__ = [
     "write_state_file",
     "write_torch_file",
     "write_adapter_folder",
+    "write_folder",
     "check_output_folder",
 ]
 
@@ -278,9 +279,16 @@ def _owned_tree(obj: object) -> object:
 ADAPTER_MARKER = "adapter_config.json"  # what makes an existing folder a PEFT adapter mergetune may replace
 
 
-def check_output_folder(target: Path, force: bool, inputs: Sequence[Path]) -> None:
-    """An output folder (a PEFT adapter): never an input, never a file, and an existing folder is replaced
-    only with force and only when it is itself a PEFT adapter folder (never a folder of other files)."""
+ADAPTER_FILES = (ADAPTER_MARKER, "adapter_model.safetensors", "README.md")
+
+
+def check_output_folder(target: Path, force: bool, inputs: Sequence[Path], *, marker: str | None = None,
+                        files: Sequence[str] = ()) -> None:
+    """An output folder (a PEFT adapter by default; ``marker`` and ``files`` for another layout: the file
+    that identifies such a folder, and every file it may hold): never an input, never a file, and an existing
+    folder is replaced only with force and only when it is itself such a folder (never a folder of other files)."""
+    marker, files = (marker, tuple(files)) if marker else (ADAPTER_MARKER, ADAPTER_FILES)
+    what = "PEFT adapter" if marker == ADAPTER_MARKER else f"{marker} folder"
     if not target.parent.is_dir():
         raise _fail(OutputExistsError, target, f"output directory {target.parent} does not exist")
     for source in inputs:
@@ -288,14 +296,13 @@ def check_output_folder(target: Path, force: bool, inputs: Sequence[Path]) -> No
             raise _fail(OutputExistsError, target,
                         f"is also an input ({source}); refusing to overwrite it even with force")
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise _fail(OutputExistsError, target, "exists and is not a folder; expected a path for a PEFT adapter folder")
+        raise _fail(OutputExistsError, target, f"exists and is not a folder; expected a path for a {what} folder")
     if target.is_dir():
         if not force:
             raise _fail(OutputExistsError, target, "already exists; expected a new path (or use --force)")
-        unknown = [entry.name for entry in target.iterdir()
-                   if entry.name not in (ADAPTER_MARKER, "adapter_model.safetensors", "README.md")]
-        if not (target / ADAPTER_MARKER).is_file() or unknown:
-            raise _fail(OutputExistsError, target, "is a folder that is not (only) a PEFT adapter; refusing to "
+        unknown = [entry.name for entry in target.iterdir() if entry.name not in (*files, marker)]
+        if not (target / marker).is_file() or unknown:
+            raise _fail(OutputExistsError, target, f"is a folder that is not (only) a {what}; refusing to "
                                                    "replace it even with --force")
 
 
@@ -308,22 +315,39 @@ def write_adapter_folder(
     force: bool = False,
     inputs: Sequence[Path] = (),
 ) -> Path:
-    """A folder of ``files`` (name -> bytes) plus ``adapter_model.safetensors``, made whole in a hidden
-    sibling folder and renamed into place: an interrupted run leaves no half-written adapter. With
-    force, an existing adapter folder is moved aside first and removed once the new one is in place."""
+    """A PEFT adapter folder: ``files`` (name -> bytes) plus ``adapter_model.safetensors`` (:func:`write_folder`)."""
+    return write_folder(path, files, {"adapter_model.safetensors": (tensors, metadata)}, force=force, inputs=inputs)
+
+
+def write_folder(
+    path: str | Path,
+    files: Mapping[str, bytes],
+    tensor_files: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]],
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    marker: str | None = None,
+    allowed: Sequence[str] = (),
+) -> Path:
+    """A folder of ``files`` (name -> bytes) and safetensors files (name -> (tensors, metadata)), made whole in a
+    hidden sibling folder and renamed into place: an interrupted run leaves no half-written folder. With force,
+    an existing folder of the same layout (``marker``, ``allowed``: see :func:`check_output_folder`) is moved
+    aside first and removed once the new one is in place."""
     target = Path(path)
-    check_output_folder(target, force, inputs)
+    check_output_folder(target, force, inputs, marker=marker, files=allowed)
     temp = _temp_folder(target)
     try:
         for name, data in files.items():
             (temp / name).write_bytes(data)
+            os.chmod(temp / name, 0o666 & ~_umask())
             _fsync(temp / name)
-        weights = temp / "adapter_model.safetensors"
-        owned = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                 for name, t in tensors.items()}
-        safetensors.torch.save_file(owned, str(weights), metadata=dict(metadata))
-        os.chmod(weights, 0o666 & ~_umask())
-        _fsync(weights)
+        for name, (tensors, metadata) in tensor_files.items():
+            weights = temp / name
+            owned = {key: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                     for key, t in tensors.items()}
+            safetensors.torch.save_file(owned, str(weights), metadata=dict(metadata))
+            os.chmod(weights, 0o666 & ~_umask())
+            _fsync(weights)
         _fsync(temp, directory=True)
         old = None
         if target.exists():

@@ -11,15 +11,41 @@ default surrogate and ``lam_zs``, and whether it can score classes it was not tr
 The CLI, the model card, the defaults table and the benchmark labels read these
 declarations; nothing else in the tree lists kinds. A new kind is one module under
 ``repair/kinds`` plus one registry line in ``repair/kinds/__init__.py``.
+
+**What a kind claims in a file** (:meth:`Kind.claims`, returning :class:`Claims`). Nothing is read
+halfway: every tensor of an input lands in exactly one of five groups, or the read is refused in one
+line (exit 5) naming the tensors left over and ``--kind``:
+
+- ``trained``: the tensors the kind trains; written back with their new values.
+- ``fixed``: tensors the kind reads and uses as they are, never trains (TaskRes's stored base text
+  features, Tip-Adapter's cache values, a CNN's BatchNorm statistics).
+- ``rebuilt``: buffers the kind rebuilds itself and so never reads (CoOp's ``token_prefix`` /
+  ``token_suffix``, recomputed from the current class names).
+- ``frozen``: ``file key -> open_clip name`` of copies of the frozen backbone (a Dassl ``CustomCLIP``
+  saved whole: ``image_encoder.*`` -> ``visual.*``, ``text_encoder.*`` -> the text tower). They are
+  compared with the loaded backbone before anything else (:func:`repair.kinds.check_frozen`): a
+  difference is refused, since the kind would score with the backbone's weights, not the file's.
+- ``ignored``: ``file key -> why``: tensors the method saves but never uses (KgCoOp's ``bias_vectors``).
+
+Every group but ``trained`` is written back unchanged, so an output has the input's tensors, names and
+dtypes. The default declaration (:meth:`Kind.claims`) is ``trainable_keys`` as ``trained`` plus, as
+``frozen``, every other tensor whose name is an open_clip CLIP weight (:func:`backbone_name`); a kind
+adds its own groups by overriding ``claims`` and calling ``super().claims(...)`` or building a
+:class:`Claims` itself; a key belongs to one group only (:meth:`Claims.roles` raises otherwise), so a
+kind that trains tensors inside the towers (deep prompts such as ``...resblocks.N.VPT_shallow``) lists
+them as ``trained`` and passes them to :func:`backbone_copies` as ``exclude``. Detection (``repair.kinds.detect_kind``) picks among the kinds that match a
+file only those whose claims leave nothing over, so a kind registered later (deep prompts, adapters
+in the towers) takes the files it claims whole, and no other kind reads them halfway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -27,12 +53,24 @@ import torch
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError, UsageError
-from repair.io import TensorFile, check_output_path, write_safetensors
+from repair.io import FLAT, Layout, TensorFile, check_layout_output, write_layout
 from repair.model.backbone import Backbone, ImageEncoder
 
 CLIP_INIT_STD = 0.02  # a step scale's last fallback: the std CLIP initialises its embeddings with
 STAGES = ("finetune", "repair", "eval", "path", "load")  # the workflows that build a kind
 WRAPPER_PREFIXES = ("module.", "model.", "state_dict.", "clip_model.", "clip.")
+# Dassl's CustomCLIP (CoOp and the code bases built on it) holds the towers under these names
+DASSL_TOWERS = (("image_encoder.", "visual."), ("text_encoder.", ""))
+_BLOCK = (r"resblocks\.\d+\.(ln_[12]\.(weight|bias)|attn\.(in_proj_weight|in_proj_bias|out_proj\.(weight|bias))"
+          r"|mlp\.(c_fc|c_proj)\.(weight|bias)|ls_[12]\.gamma)")
+_STATS = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_VISION = (rf"visual\.(conv1\.weight|class_embedding|positional_embedding|proj|ln_(pre|post)\.(weight|bias)"
+           rf"|transformer\.{_BLOCK}|(conv[123]|bn[123])\.{_STATS}"
+           rf"|layer\d\.\d+\.((conv[123]|bn[123])|downsample\.[012])\.{_STATS}"
+           r"|attnpool\.(positional_embedding|[qkvc]_proj\.(weight|bias))|trunk\..+|head\..+)")
+_TEXT = (rf"transformer\.{_BLOCK}|token_embedding\.weight|positional_embedding|ln_final\.(weight|bias)"
+         r"|text_projection(\.weight|\.bias)?|logit_scale|logit_bias|text\..+")
+CLIP_WEIGHT = re.compile(rf"^({_VISION}|{_TEXT})$")  # open_clip's names for CLIP's own weights
 
 
 def model_key(file_key: str) -> str:
@@ -44,6 +82,74 @@ def model_key(file_key: str) -> str:
             if file_key.startswith(prefix):
                 file_key, changed = file_key[len(prefix):], True
     return file_key
+
+
+def backbone_name(file_key: str) -> str | None:
+    """The open_clip name of the backbone weight a file's tensor is a copy of, or None when the name is not
+    one of CLIP's own weights (a prompt, an adapter, a head). Wrapper prefixes are removed and Dassl's
+    ``image_encoder.`` / ``text_encoder.`` mapped to open_clip's ``visual.`` / text tower first."""
+    name = model_key(file_key)
+    for module, replacement in DASSL_TOWERS:
+        if name.startswith(module):
+            name = replacement + name[len(module):]
+            break
+    return name if CLIP_WEIGHT.match(name) else None
+
+
+def backbone_copies(keys: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, str]:
+    """``file key -> open_clip name`` for the keys (but ``exclude``) that name CLIP's own weights."""
+    skipped = set(exclude)
+    return {key: name for key in keys if key not in skipped and (name := backbone_name(key)) is not None}
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a kind reads from one file: each tensor in exactly one group (see the module docstring)."""
+
+    trained: tuple[str, ...]
+    fixed: tuple[str, ...] = ()
+    rebuilt: tuple[str, ...] = ()
+    frozen: Mapping[str, str] = field(default_factory=dict)  # file key -> open_clip name in the backbone
+    ignored: Mapping[str, str] = field(default_factory=dict)  # file key -> why the method never uses it
+
+    def roles(self) -> dict[str, str]:
+        """``file key -> group``; a key declared twice is the kind's bug, not the file's."""
+        roles: dict[str, str] = {}
+        for role, keys in (("trained", self.trained), ("fixed", self.fixed), ("rebuilt", self.rebuilt),
+                           ("frozen", self.frozen), ("ignored", self.ignored)):
+            for key in keys:
+                if key in roles:
+                    raise ValueError(f"{key!r} is declared both {roles[key]} and {role}")
+                roles[key] = role
+        return roles
+
+    def unclaimed(self, keys: Sequence[str]) -> list[str]:
+        """The keys of a file this declaration leaves over (the read is refused when there are any)."""
+        roles = self.roles()
+        return [key for key in keys if key not in roles]
+
+
+def frozen_differences(tensor_file: TensorFile, frozen: Mapping[str, str], reference: Mapping[str, torch.Tensor]
+                       ) -> tuple[list[str], list[tuple[str, float]]]:
+    """(keys naming no tensor of ``reference`` or of another shape, keys whose values differ with the largest
+    absolute difference). A copy matches when it equals the reference cast to the file's dtype, up to that dtype's
+    rounding: a file saved in fp16 from the same weights passes, a fine-tuned tensor does not."""
+    foreign, differing = [], []
+    for key, name in frozen.items():
+        tensor, expected = tensor_file.tensors[key], reference.get(name)
+        if expected is None or tuple(tensor.shape) != tuple(expected.shape):
+            foreign.append(key)
+            continue
+        if not tensor.is_floating_point():
+            if not torch.equal(tensor, expected.detach().to("cpu", tensor.dtype)):
+                differing.append((key, float("nan")))
+            continue
+        cast = expected.detach().to("cpu", tensor.dtype).float()
+        difference = float((tensor.float() - cast).abs().max()) if tensor.numel() else 0.0
+        tolerance = 2 * torch.finfo(tensor.dtype).eps * max(1.0, float(cast.abs().max()) if cast.numel() else 0.0)
+        if difference > tolerance:
+            differing.append((key, difference))
+    return foreign, differing
 
 
 class PathSpace(str, enum.Enum):
@@ -176,6 +282,8 @@ class Kind(nn.Module, ABC):
     # whether element-wise arithmetic on the trainable tensors (a mean of checkpoints, a trimmed or dropped task
     # vector) is that arithmetic on the model: False where they parametrise the weights non-linearly (LoRA's factors)
     mergeable: ClassVar[bool] = True
+    # True where the kind writes its own layouts whatever --format says (LoRA: a CLIP-LoRA file or a PEFT folder)
+    own_layouts: ClassVar[bool] = False
 
     options: KindOptions
     scale: float  # the logit scale applied to cosine similarities (or a head's own scale)
@@ -202,6 +310,18 @@ class Kind(nn.Module, ABC):
         """Names of the file's tensors this kind trains (what ``inspect`` reports)."""
 
     @classmethod
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
+        """What this kind reads from ``tensor_file``, every tensor in one group (see the module docstring).
+        Default: :meth:`trainable_keys` trained, and the other tensors named as CLIP's own weights frozen.
+
+        Without ``backbone`` (detection, ``inspect``) by names alone; with the loaded backbone (reading the file)
+        a kind whose trained tensors depend on the model (CLIPFit's normalisation layers of a CNN) says exactly
+        which, so that none of them is compared as a frozen copy."""
+        trained = cls.trainable_keys(tensor_file, options)
+        return Claims(trained=tuple(trained), frozen=backbone_copies(list(tensor_file.tensors), trained))
+
+    @classmethod
     @abstractmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
                   templates: Sequence[str], options: KindOptions) -> Kind:
@@ -212,6 +332,10 @@ class Kind(nn.Module, ABC):
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
                   options: KindOptions) -> Kind:
         """A fresh checkpoint at ``w_zs``: where plain fine-tuning starts."""
+
+    def start_from(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called by ``finetune`` with the encoded training images (``forward``'s inputs) and labels before the
+        first step: a kind whose starting point is built from them (Tip-Adapter's cache) builds it here."""
 
     # ------------------------------------------------------------------ scoring
 
@@ -237,7 +361,27 @@ class Kind(nn.Module, ABC):
 
     @abstractmethod
     def export(self) -> dict[str, torch.Tensor]:
-        """The tensors to write: the input's names, shapes and dtypes, current values."""
+        """The trained tensors to write: the input's names, shapes and dtypes, current values."""
+
+    def keep_source(self, tensor_file: TensorFile, claims: Claims) -> None:
+        """Hold the input's tensors this kind does not train, so the output has all of them, unchanged and in
+        the input's order (called once the file is read: :func:`repair.kinds.read_kind`)."""
+        trained = set(claims.trained)
+        self.source_keys = list(tensor_file.tensors)
+        self.carried = {key: tensor for key, tensor in tensor_file.tensors.items() if key not in trained}
+
+    def output_tensors(self) -> dict[str, torch.Tensor]:
+        """What an output holds: :meth:`export`'s tensors and the input's others, in the input's order."""
+        exported = dict(self.export())
+        carried: dict[str, torch.Tensor] = getattr(self, "carried", {})
+        tensors = {}
+        for key in getattr(self, "source_keys", ()):
+            if key in exported:
+                tensors[key] = exported.pop(key)
+            elif key in carried:
+                tensors[key] = carried[key]
+        tensors.update(exported)
+        return tensors
 
     def recorded_options(self) -> dict[str, Any]:
         """The options as an output records them: with the scale this checkpoint actually used, so a
@@ -260,15 +404,16 @@ class Kind(nn.Module, ABC):
 
     @classmethod
     def check_output(cls, out: Path, tensor_file: TensorFile | None, options: KindOptions, force: bool,
-                     inputs: Sequence[Path]) -> None:
+                     inputs: Sequence[Path], layout: Layout = FLAT) -> None:
         """Refuse an output path this kind cannot write, before any work (the same check the write makes)."""
-        check_output_path(out, force, inputs)
+        check_layout_output(out, layout, force, inputs)
 
     def save(self, out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
-             force: bool = False, inputs: Sequence[Path] = ()) -> Path:
-        """Write ``tensors`` (from :meth:`export`) with the run's record, atomically. Default: safetensors;
-        a kind whose users load another format (a PEFT folder, a CLIP-LoRA torch file) writes that."""
-        return write_safetensors(out, tensors, metadata, force=force, inputs=inputs)
+             force: bool = False, inputs: Sequence[Path] = (), layout: Layout = FLAT) -> Path:
+        """Write ``tensors`` (from :meth:`output_tensors`) with the run's record, atomically, in ``layout``
+        (:func:`repair.io.output_layout`: the input's own, e.g. a Dassl checkpoint, or safetensors); a kind
+        whose users load another format (a PEFT folder, a CLIP-LoRA torch file) writes that."""
+        return write_layout(out, layout, tensors, metadata, force=force, inputs=inputs)
 
     # ------------------------------------------------------------------ surrogates
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
-from repair.kinds.base import logit_scale_option, model_key, option
+from repair.kinds.base import About, Claims, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
+from repair.kinds.base import backbone_copies, logit_scale_option, model_key, option
 from repair.model.backbone import Backbone, ImageEncoder, TemplatePrompts
 from repair.model.shared_prefix import CLASS_CHUNK
 
@@ -113,11 +113,26 @@ class CLIPFit(Kind):
 
     @classmethod
     def matches(cls, tensor_file: TensorFile) -> bool:
+        if tensor_file.layout.name == "hf-clip":  # whole fine-tuned towers: the image-encoder kind reads those
+            return False
         return any(is_clipfit_name(model_key(key)) for key in tensor_file.tensors)
 
     @classmethod
     def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         return [key for key in tensor_file.tensors if is_clipfit_name(model_key(key))]
+
+    @classmethod
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
+        """Its tensors trained; in a full state dict every other CLIP weight frozen: compared with the backbone,
+        so a fully fine-tuned CLIP is refused rather than repaired as CLIPFit with its other weights as-is. With
+        the backbone, its own CLIPFit tensors (e.g. a CNN's downsampling BatchNorms, which names alone miss)."""
+        if backbone is not None:
+            wanted = set(clipfit_names(backbone))
+            trained = [key for key in tensor_file.tensors if model_key(key) in wanted]
+        else:
+            trained = cls.trainable_keys(tensor_file, options)
+        return Claims(trained=tuple(trained), frozen=backbone_copies(list(tensor_file.tensors), trained))
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],

@@ -26,8 +26,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
-from repair.kinds.base import logit_scale_option, option
+from repair.kinds.base import About, Claims, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
+from repair.kinds.base import backbone_copies, logit_scale_option, option
 from repair.model.backbone import Backbone
 from repair.model.shared_prefix import CLASS_CHUNK
 
@@ -49,6 +49,22 @@ def find_ctx(tensor_file: TensorFile) -> tuple[str, torch.Tensor] | None:
         if key == "ctx" or key.endswith(".ctx"):
             return key, tensor_file.tensors[key]
     return None
+
+
+PROMPT_BUFFERS = ("token_prefix", "token_suffix")  # Dassl's prompt learners save these; rebuilt here
+
+
+def prompt_buffers(tensor_file: TensorFile, ctx_key: str, ctx: torch.Tensor) -> list[str]:
+    """The ``token_prefix`` / ``token_suffix`` beside ``ctx_key`` that fit it as CoOp's buffers do: one row per
+    class (one per context, for a class-specific one), the start token alone in the prefix, the context's
+    width. Others (PLOT's N prompts per class repeat every row N times) are not CoOp's, and stay unclaimed."""
+    stem = ctx_key[: -len("ctx")]
+    found = {name: tensor_file.tensors.get(stem + name) for name in PROMPT_BUFFERS}
+    rows = {int(t.shape[0]) for t in found.values() if t is not None and t.dim() == 3}
+    fits = (len(rows) == 1 and all(t is None or (t.dim() == 3 and t.shape[-1] == ctx.shape[-1]) for t in found.values())
+            and (found["token_prefix"] is None or found["token_prefix"].shape[1] == 1)
+            and (ctx.dim() == 2 or rows == {int(ctx.shape[0])}))
+    return [stem + name for name, tensor in found.items() if tensor is not None] if fits else []
 
 
 def _check_fits(backbone: Backbone, prompts: Sequence[str], n_ctx: int) -> None:
@@ -193,6 +209,20 @@ class CoOpPrompts(Kind):
     def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         found = find_ctx(tensor_file)
         return [found[0]] if found else []
+
+    @classmethod
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
+        """``ctx`` trained; its ``token_prefix`` / ``token_suffix`` rebuilt from the class names; copies of the
+        CLIP towers (a Dassl ``CustomCLIP`` saved whole) frozen. Anything else (a second context, a meta-net,
+        deep or vision prompts) is left over, so the file is not read as a plain prompt."""
+        found = find_ctx(tensor_file)
+        if found is None:
+            return Claims(trained=())
+        key, ctx = found
+        rebuilt = prompt_buffers(tensor_file, key, ctx)
+        return Claims(trained=(key,), rebuilt=tuple(rebuilt),
+                      frozen=backbone_copies(list(tensor_file.tensors), [key, *rebuilt]))
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],

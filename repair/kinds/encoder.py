@@ -35,7 +35,8 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, KindOptions, KindOutput, PathSpace, RepairDefaults, logit_scale_option, option
+from repair.kinds.base import CLIP_WEIGHT, About, Claims, KindOptions, KindOutput, PathSpace, RepairDefaults
+from repair.kinds.base import backbone_name, logit_scale_option, option
 from repair.kinds.clipfit import is_clipfit_name
 from repair.kinds.linear import implied_head_scale
 from repair.kinds.weights import ModelWeightsKind, Weights, along_path
@@ -44,6 +45,7 @@ from repair.model.backbone import Backbone
 HEAD = "classification_head"  # WiSE-FT's (and task vectors') name for the head module
 TEXT_SIDE = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "text.")
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+PROJ = "visual.proj"
 
 
 # --------------------------------------------------------------------------- layouts (no model needed)
@@ -82,6 +84,13 @@ def holds_whole_tower(tensor_file: TensorFile) -> bool:
                                       for name in _tower_names(tensor_file, prefix))
 
 
+def _copy_name(key: str, prefix: str) -> str | None:
+    """The backbone weight a tensor beside the image tower copies (the text tower, under the tower's prefix)."""
+    if key.startswith(prefix) and CLIP_WEIGHT.match(key[len(prefix):]):
+        return key[len(prefix):]
+    return backbone_name(key)
+
+
 def _holds_text_tower(tensor_file: TensorFile, prefix: str) -> bool:
     return any(key.startswith(prefix) and key[len(prefix):].startswith(TEXT_SIDE) for key in tensor_file.tensors)
 
@@ -118,13 +127,19 @@ class FullImageEncoder(ModelWeightsKind):
     def __init__(self, backbone: Backbone, tower: dict[str, torch.Tensor],
                  head: tuple[torch.Tensor, torch.Tensor | None] | None, classnames: Sequence[str],
                  templates: Sequence[str], options: ImageEncoderOptions | None = None, *,
-                 file_keys: dict[str, str] | None = None, passthrough: dict[str, torch.Tensor] | None = None) -> None:
+                 file_keys: dict[str, str] | None = None, passthrough: dict[str, torch.Tensor] | None = None,
+                 borrowed: Sequence[str] = ()) -> None:
         super().__init__(backbone, classnames, templates, options)
         options = self.options
         self.path_space = options.path_space
         visual = backbone.model.visual
         device = backbone.device
-        self.names = ["visual." + name for name, _ in visual.named_parameters()]
+        # ``borrowed``: tower weights the file lacks by design (a transformers CLIPVisionModel has no projection):
+        # the backbone's, frozen, and never written
+        self.borrowed = set(borrowed)
+        own = {"visual." + name: value for name, value in visual.named_parameters()}
+        tower = {**tower, **{name: own[name].detach() for name in self.borrowed}}
+        self.names = [name for name in own if name not in self.borrowed]
         self._check_tower(tower, backbone)
         self.file_keys = file_keys or {}
         self.passthrough = passthrough or {}
@@ -186,9 +201,12 @@ class FullImageEncoder(ModelWeightsKind):
 
     @classmethod
     def matches(cls, tensor_file: TensorFile) -> bool:
-        """A whole image tower with a classification head, or without any text-tower tensors beside it."""
+        """A whole image tower with a classification head, or without any text-tower tensors beside it; or a
+        transformers CLIP folder (fine-tuned whole image towers are what is saved that way)."""
         if not holds_whole_tower(tensor_file):
             return False
+        if tensor_file.layout.name == "hf-clip":
+            return True
         return head_keys(tensor_file) is not None or not _holds_text_tower(tensor_file, visual_prefix(tensor_file))
 
     @classmethod
@@ -199,6 +217,23 @@ class FullImageEncoder(ModelWeightsKind):
         keys = [prefix + name for name in _tower_names(tensor_file, prefix) if not name.endswith(BUFFER_SUFFIXES)]
         head = head_keys(tensor_file)
         return keys + ([key for key in head if key] if head else [])
+
+    @classmethod
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
+        """The image tower (and head) trained, a CNN's BatchNorm statistics fixed; the text tower beside it frozen
+        (compared with the backbone's, whose text tower scores) or, with a head, ignored (the head scores)."""
+        prefix = visual_prefix(tensor_file)
+        if prefix is None:
+            return Claims(trained=())
+        trained = cls.trainable_keys(tensor_file, options)
+        fixed = [prefix + name for name in _tower_names(tensor_file, prefix) if name.endswith(BUFFER_SUFFIXES)]
+        others = [key for key in tensor_file.tensors if key not in {*trained, *fixed}]
+        copies = {key: name for key in others if (name := _copy_name(key, prefix)) is not None}
+        if head_keys(tensor_file) is not None:
+            ignored = {key: "its text tower: the classification head scores, not the text features" for key in copies}
+            return Claims(trained=tuple(trained), fixed=tuple(fixed), ignored=ignored)
+        return Claims(trained=tuple(trained), fixed=tuple(fixed), frozen=copies)
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],
@@ -221,9 +256,9 @@ class FullImageEncoder(ModelWeightsKind):
             file_keys.update({"head_weight": weight_key, **({"head_bias": bias_key} if bias_key else {})})
         used = set(file_keys.values())
         passthrough = {key: tensor for key, tensor in tensor_file.tensors.items() if key not in used}
-        if head is None:
-            _check_text_side(tensor_file, prefix, backbone)
-        return cls(backbone, tower, head, classnames, templates, options, file_keys=file_keys, passthrough=passthrough)
+        borrowed = [PROJ] if tensor_file.layout.name == "hf-clip" and prefix + PROJ not in tensor_file.tensors else []
+        return cls(backbone, tower, head, classnames, templates, options, file_keys=file_keys, passthrough=passthrough,
+                   borrowed=borrowed)
 
     @classmethod
     def zero_shot(cls, backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
@@ -327,7 +362,8 @@ class FullImageEncoder(ModelWeightsKind):
         for name, parameter in zip(self.names, self.params):
             tensors[self.file_keys.get(name, name)] = parameter.detach().cpu().to(self.input_dtypes[name])
         for name, tensor in self.fixed.items():
-            tensors.setdefault(self.file_keys.get(name, name), tensor.cpu())
+            if name not in self.borrowed:
+                tensors.setdefault(self.file_keys.get(name, name), tensor.cpu())
         if self.has_head:
             tensors[self.file_keys["head_weight"]] = self.head_weight.detach().cpu().to(self.head_dtype)
             if self.head_bias.requires_grad:
@@ -341,20 +377,3 @@ class FullImageEncoder(ModelWeightsKind):
         if self.has_head:
             details.update({"head_scale": self.scale, "head_bias": bool(self.head_bias.requires_grad)})
         return details
-
-
-def _check_text_side(tensor_file: TensorFile, prefix: str, backbone: Backbone) -> None:
-    """Without a head the backbone's text tower scores: a file whose text tower was fine-tuned too (FLYP's
-    contrastive fine-tuning trains both) would be scored with the wrong one, so it is refused."""
-    model = backbone.model.state_dict()
-    for key, tensor in tensor_file.tensors.items():
-        name = key[len(prefix):] if key.startswith(prefix) else None
-        if name is None or not name.startswith(TEXT_SIDE) or name not in model:
-            continue
-        reference = model[name]
-        if tensor.shape != reference.shape or not torch.equal(
-                tensor.float(), reference.detach().to("cpu", tensor.dtype).float()):
-            raise IncompatibleCheckpointError(
-                f"{tensor_file.path}: its text tower differs from the backbone's (e.g. {key}); without a "
-                f"{HEAD} this kind scores with the backbone's text tower, so a checkpoint whose text tower was "
-                "fine-tuned too cannot be repaired as an image encoder")

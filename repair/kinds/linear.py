@@ -17,10 +17,11 @@ from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, HeadFeatures, Kind, KindOptions, KindOutput, RepairDefaults
-from repair.kinds.base import logit_scale_option, model_key, option
+from repair.kinds.base import About, Claims, HeadFeatures, Kind, KindOptions, KindOutput, RepairDefaults
+from repair.kinds.base import backbone_copies, logit_scale_option, model_key, option
 from repair.model.backbone import Backbone
 
+SKLEARN_EXTRAS = ("classes_", "n_iter_", "n_features_in_")  # saved beside coef_ / intercept_ by LogisticRegression
 HEAD_NAMES = ("weight", "head.weight", "fc.weight", "classifier.weight", "linear.weight", "coef_")
 
 
@@ -122,6 +123,16 @@ class LinearHead(Kind):
     def trainable_keys(cls, tensor_file: TensorFile, options: KindOptions | None = None) -> list[str]:
         found = find_head(tensor_file, getattr(options, "key_prefix", None))
         return [key for key in found if key] if found else []
+
+    @classmethod
+    def claims(cls, tensor_file: TensorFile, options: KindOptions | None = None,
+               backbone: Backbone | None = None) -> Claims:
+        """The head trained; scikit-learn's bookkeeping arrays ignored; copies of CLIP's weights frozen."""
+        trained = cls.trainable_keys(tensor_file, options)
+        ignored = {key: "scikit-learn's bookkeeping, not weights" for key in tensor_file.tensors
+                   if key not in trained and model_key(key) in SKLEARN_EXTRAS}
+        return Claims(trained=tuple(trained), ignored=ignored,
+                      frozen=backbone_copies(list(tensor_file.tensors), [*trained, *ignored]))
 
     @classmethod
     def from_file(cls, backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str],

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
-from repair.io import (ADAPTER_CONFIG, TensorFile, check_output_folder, check_output_path, values_list,
+from repair.io import (ADAPTER_CONFIG, FLAT, Layout, TensorFile, check_output_folder, check_output_path, values_list,
                        write_adapter_folder, write_safetensors, write_torch_file)
 from repair.kinds.base import About, KindOptions, PathSpace, RepairDefaults, logit_scale_option, option
 from repair.kinds.weights import ModelWeightsKind, Weights
@@ -259,6 +259,7 @@ class LoRA(ModelWeightsKind):
         scores_unseen_classes=True)  # the text tower, adapted or not, encodes any class name
     defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=1.0)  # not benchmarked yet
     mergeable: ClassVar[bool] = False  # the mean of two (B, A) pairs is not the mean of their updates B A
+    own_layouts: ClassVar[bool] = True  # the input's layout, or --merge
 
     def __init__(self, backbone: Backbone, targets: Sequence[Target], factors: Mapping[str, torch.Tensor],
                  classnames: Sequence[str], templates: Sequence[str], options: LoraOptions | None = None, *,
@@ -453,14 +454,15 @@ class LoRA(ModelWeightsKind):
 
     @classmethod
     def check_output(cls, out: Path, tensor_file: TensorFile | None, options: KindOptions, force: bool,
-                     inputs: Sequence[Path]) -> None:
+                     inputs: Sequence[Path], layout: Layout = FLAT) -> None:
+        """LoRA writes its own layouts (the input's); ``layout`` (the generic choice) does not apply."""
         if cls.writes_folder(tensor_file, options):
             check_output_folder(out, force, inputs)
         else:
             check_output_path(out, force, inputs)
 
     def save(self, out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
-             force: bool = False, inputs: Sequence[Path] = ()) -> Path:
+             force: bool = False, inputs: Sequence[Path] = (), layout: Layout = FLAT) -> Path:
         """The input's layout (a CLIP-LoRA torch file, a PEFT folder), or with --merge the merged open_clip
         state dict (safetensors; the record under ``mergetune.merged``, so mergetune does not read it as LoRA)."""
         if self.options.merge:

@@ -316,9 +316,10 @@ SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, Fishe
 
 def refusals(kind: Kind) -> dict[str, str]:
     """Every surrogate this checkpoint cannot use, with the reason: the kind's own and the surrogates'. A kind
-    without a zero-shot point (it refuses ``fisher`` for that) cannot take any term estimated at ``w_zs``."""
+    without a zero-shot point (it refuses ``fisher`` and ``l2`` for that) cannot take any term estimated at
+    ``w_zs``; one that refuses ``fisher`` alone (CLIP-Adapter: a point, but no gradient there) still can."""
     own = kind.unsupported_surrogates()
-    no_point = own.get("fisher")
+    no_point = own.get("fisher") if "l2" in own else None
     refused = {}
     for name, cls in SURROGATES.items():
         reason = cls.refusal(kind) or (no_point if cls.needs_data else None)

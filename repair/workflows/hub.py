@@ -71,7 +71,7 @@ def _stage(checkpoint: Path, folder: Path, eval_report: Path | None, repo_id: st
         raise InputFileError(f"{checkpoint}: rename the checkpoint; {checkpoint.name} is reserved for the card/report")
     record = read_record(tensor_file)
     report, report_bytes = load_eval_report(Path(eval_report)) if eval_report is not None else (None, None)
-    is_folder = checkpoint.is_dir()  # a PEFT adapter folder: uploaded as a sub-folder of that name
+    is_folder = checkpoint.is_dir()  # a PEFT adapter, HF model or Tip-Adapter folder: a sub-folder of that name
     card = model_card(record, filename=checkpoint.name + ("/" if is_folder else ""), eval_report=report,
                       repo_id=repo_id,
                       shapes={name: tuple(t.shape) for name, t in tensor_file.tensors.items()},
@@ -119,13 +119,15 @@ def _copy_verified(source: Path, target: Path, sha256: str) -> Path:
 
 
 def _copy_folder_verified(source: Path, target: Path, sha256: str) -> Path:
-    """An adapter folder's two files, copied and checked against the folder's validated hash."""
-    from repair.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_tensors
+    """An output folder's files (a PEFT adapter's two, a Hugging Face model's, Tip-Adapter's cache files), copied
+    and checked against the folder's validated hash."""
+    from repair.io import read_tensors
 
     target.mkdir()
     try:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            shutil.copyfile(source / name, target / name)
+        for entry in sorted(source.iterdir()):
+            if entry.is_file() and not entry.is_symlink() and not entry.name.startswith("."):
+                shutil.copyfile(entry, target / entry.name)
         if read_tensors(target).sha256 != sha256:
             raise InputFileError(f"{source}: the folder changed while it was being copied; try again")
     except BaseException:

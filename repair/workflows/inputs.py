@@ -15,7 +15,7 @@ from typing import Protocol
 from repair.data.features import Features, default_cache_dir, extract_features, load_pixels
 from repair.data.folders import ImageFolder, scan_image_folder
 from repair.errors import IncompatibleCheckpointError, OutputExistsError
-from repair.io import TensorFile, check_output_path, check_writable
+from repair.io import FLAT, Layout, TensorFile, check_output_path, check_writable
 from repair.kinds import Kind, KindOptions
 from repair.model.backbone import Backbone, BackboneSpec, ImageEncoder, load_backbone
 from repair.record import Record
@@ -131,12 +131,13 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 
 
 def check_kind_output(cls: type[Kind], out: Path, tensor_file: TensorFile | None, options: KindOptions,
-                      force: bool, inputs: Sequence[Path]) -> None:
-    """:func:`check_output` for the output this kind writes (a file, or a folder such as a PEFT adapter)."""
+                      force: bool, inputs: Sequence[Path], layout: Layout = FLAT) -> None:
+    """:func:`check_output` for the output this kind writes in ``layout`` (a file, or a folder such as a PEFT
+    adapter or a Hugging Face model)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise OutputExistsError(f"{out.parent}: output directory does not exist")
-    cls.check_output(out, tensor_file, options, force, [Path(source) for source in inputs])
+    cls.check_output(out, tensor_file, options, force, [Path(source) for source in inputs], layout)
     check_writable(out.parent)
 
 

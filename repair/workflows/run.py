@@ -18,8 +18,8 @@ import torch
 
 from repair.data.folders import ImageFolder, load_templates
 from repair.errors import Terminated, UsageError
-from repair.io import TensorFile, output_lock, read_tensors
-from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
+from repair.io import OUTPUT_FORMATS, TensorFile, output_layout, output_lock, read_tensors
+from repair.kinds import Kind, KindOptions, kind_class, plan_kind, read_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
 from repair.train.loop import (ProgressFile, StepReport, TrainConfig, TrainResult, check_weight_ensemble,
@@ -71,6 +71,7 @@ class RunInputs:
     data_options: DataOptions
     output_dtype: str = "input"
     source: TensorFile | None = None  # the fine-tuned checkpoint a repair starts from
+    output_format: str | None = None  # repair.io.OUTPUT_FORMATS; None: by the output's name
     vocabulary: tuple[str, ...] | None = None  # generic concepts of the reference vocabulary (None: packaged)
 
     def fingerprint(self) -> str:
@@ -118,6 +119,8 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     created_progress = not progress.path.exists()
     try:
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
+        if inputs.stage == "finetune":
+            kind.start_from(train_set.features, train_set.labels)
         val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
                    if inputs.held_out is not None else None)
         surrogate = _prepare_surrogate(inputs, train_set)
@@ -136,7 +139,9 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         result.choices.update(choices)
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
-        path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources)
+        layout = output_layout(inputs.source.layout if inputs.source else None, inputs.output_format, out)
+        path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources,
+                         layout=layout)
     except (KeyboardInterrupt, Terminated):
         raise
     except BaseException:
@@ -183,15 +188,21 @@ def resolve_surrogate(objective: Objective, kind: Kind) -> tuple[Objective, list
 
 
 def export(kind: Kind, output_dtype: str) -> dict[str, torch.Tensor]:
-    """The kind's tensors in the input's dtypes, or all floating tensors in ``output_dtype``."""
+    """The output's tensors (the trained ones and the input's others) in the input's dtypes, or all floating
+    tensors in ``output_dtype``."""
     dtype = OUTPUT_DTYPES[output_dtype]
     return {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-            for name, tensor in kind.export().items()}
+            for name, tensor in kind.output_tensors().items()}
 
 
 def _check_output_dtype(output_dtype: str) -> None:
     if output_dtype not in OUTPUT_DTYPES:
         raise UsageError(f"unknown output dtype {output_dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
+
+
+def _check_output_format(output_format: str | None) -> None:
+    if output_format not in (None, *OUTPUT_FORMATS):
+        raise UsageError(f"unknown output format {output_format!r}; choose {', '.join(OUTPUT_FORMATS)}")
 
 
 def repair(
@@ -207,6 +218,7 @@ def repair(
     kind_options: KindChoices = None,
     other_classes: bool = False,
     output_dtype: str = "input",
+    output_format: str | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     force: bool = False,
@@ -225,10 +237,15 @@ def repair(
     detected kind does not have is refused. A checkpoint recorded for other classes than ``data_dir``'s
     is refused unless ``other_classes`` and its kind can score them. Progress is saved next to ``out`` after every epoch;
     ``resume=True`` continues an interrupted run.
+
+    The output is written the way the input was packaged (a Dassl checkpoint stays one, a Hugging Face folder stays
+    one), or as one safetensors file with ``output_format="safetensors"`` or an ``out`` ending in ``.safetensors``
+    (:func:`repair.io.output_layout`); it holds every tensor of the input, the untrained ones unchanged.
     """
     finetuned, out = Path(finetuned), Path(out)
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
+    _check_output_format(output_format)
     files, folders = side_inputs(data_options, backbone, vocabulary)
     check_outside_input_folders(out, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
@@ -238,17 +255,22 @@ def repair(
         record = read_record(source)
         cls, options = plan_kind(source, kind=kind, recorded_kind=record.kind if record else None,
                                  recorded_options=record.kind_options if record else None, overrides=kind_options)
-        check_kind_output(cls, out, source, options, force, [finetuned, *files])
+        if output_format == "safetensors" and cls.own_layouts:
+            raise UsageError(f"--format safetensors does not apply to {cls.name} checkpoints: their output keeps the "
+                             "input's own layout")
+        check_kind_output(cls, out, source, options, force, [finetuned, *files],
+                          output_layout(source.layout, output_format, out))
         templates = load_templates(data_options.templates_file)
         concepts = tuple(read_vocabulary(vocabulary)) if vocabulary is not None else None
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
         backbone = resolve_backbone(backbone, device, precision)
         check_record_backbone(record, backbone, finetuned)
-        model = cls.from_file(backbone, source, dataset.classnames, templates, options)
+        model = read_kind(cls, backbone, source, dataset.classnames, templates, options)
         check_class_list(record, dataset, finetuned, model, other_classes=other_classes)
         resolved, notes = resolve_surrogate(objective, model)
         inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), resolved,
-                           config.for_kind(model, "repair"), data_options, output_dtype, source, concepts)
+                           config.for_kind(model, "repair"), data_options, output_dtype, source, output_format,
+                           concepts)
         outcome = fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
         outcome.notes.extend(notes)
         return outcome
