@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # three blocks per tower (deep prompts at blocks 1 and 2), image width 48 != text width 32 so that every
 # projection's shape is told apart, one patch grid of 4 x 4
@@ -61,4 +62,109 @@ def fp16_clip_state(backbone, prefix_visual: str, prefix_text: str) -> dict[str,
             continue  # token_embedding is not part of the text encoder module upstream
         half = any(part in name for part in ("attn.", "mlp.", "conv1", "proj"))
         state[key] = tensor.detach().clone().to(torch.float16 if half and "ln_" not in name else torch.float32)
+    return state
+
+
+def reference_block(block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One open_clip / OpenAI CLIP block on [L, N, D] (sequence first), attention from the raw weights."""
+    attn = block.attn
+    heads, width = attn.num_heads, x.shape[-1]
+    h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+    q, k, v = (h @ attn.in_proj_weight.t() + attn.in_proj_bias).chunk(3, dim=-1)
+
+    def split(t):  # [L, N, D] -> [N, H, L, d]
+        return t.reshape(t.shape[0], t.shape[1], heads, width // heads).permute(1, 2, 0, 3)
+
+    scores = split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5
+    if mask is not None:
+        scores = scores + mask
+    out = (scores.softmax(-1) @ split(v)).permute(2, 0, 1, 3).reshape(x.shape)
+    x = x + out @ attn.out_proj.weight.t() + attn.out_proj.bias
+    h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+    return x + block.mlp.c_proj(block.mlp.gelu(block.mlp.c_fc(h)))
+
+
+# ----------------------------------------------------------------------------- files as upstream writes them
+
+
+def _noise(generator: torch.Generator, *shape: int, std: float = 0.05) -> torch.Tensor:
+    return std * torch.randn(*shape, generator=generator)
+
+
+def _buffers(backbone, classnames, n_ctx: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``token_prefix`` / ``token_suffix`` as the prompt learners register them (fp16, full 77 positions)."""
+    tokens = backbone.tokenize([f"a photo of a {name}." for name in classnames])
+    with torch.no_grad():
+        embedding = backbone.model.token_embedding(tokens).half()
+    return {f"{prefix}token_prefix": embedding[:, :1].clone(), f"{prefix}token_suffix": embedding[:, 1 + n_ctx:].clone()}
+
+
+def _ctx(backbone, n_ctx: int, generator: torch.Generator) -> torch.Tensor:
+    tokens = backbone.tokenize(["a photo of a"])
+    with torch.no_grad():
+        words = backbone.model.token_embedding(tokens)[0, 1:1 + n_ctx]
+    return (words + _noise(generator, n_ctx, words.shape[-1])).half()
+
+
+def cocoop_state(backbone, classnames, seed: int = 0) -> dict[str, torch.Tensor]:
+    """CoCoOp's ``prompt_learner`` state dict under ``PREC: fp16`` (meta_net.half(), ctx in CLIP's dtype)."""
+    generator = torch.Generator().manual_seed(seed)
+    embed, width = backbone.embed_dim, backbone.text_width
+    hidden = embed // 16
+    state = {"ctx": _ctx(backbone, 4, generator)}
+    state.update({"meta_net.linear1.weight": _noise(generator, hidden, embed, std=0.3).half(),
+                  "meta_net.linear1.bias": _noise(generator, hidden).half(),
+                  "meta_net.linear2.weight": _noise(generator, width, hidden, std=0.3).half(),
+                  "meta_net.linear2.bias": _noise(generator, width).half()})
+    return {**state, **_buffers(backbone, classnames, 4)}
+
+
+def maple_state(backbone, classnames, seed: int = 0, vision: bool = True) -> dict[str, torch.Tensor]:
+    """MaPLe's whole ``CustomCLIP`` under ``PREC: fp16``, N_CTX 2, PROMPT_DEPTH 3 (this model's depth)."""
+    generator = torch.Generator().manual_seed(seed)
+    width, visual = backbone.text_width, backbone.model.visual.conv1.out_channels
+    learner = "prompt_learner."
+    state = {learner + "ctx": _ctx(backbone, 2, generator)}
+    if vision:
+        state.update({learner + "proj.weight": _noise(generator, visual, width, std=0.2).half(),
+                      learner + "proj.bias": _noise(generator, visual).half()})
+    for index in range(2):
+        state[f"{learner}compound_prompts_text.{index}"] = _noise(generator, 2, width, std=0.3)
+        if vision:
+            state[f"{learner}compound_prompt_projections.{index}.weight"] = _noise(generator, visual, width, std=0.2)
+            state[f"{learner}compound_prompt_projections.{index}.bias"] = _noise(generator, visual)
+    state.update(_buffers(backbone, classnames, 2, learner))
+    return {**state, **fp16_clip_state(backbone, "image_encoder.", "text_encoder.")}
+
+
+def promptsrc_state(backbone, classnames, seed: int = 0) -> dict[str, torch.Tensor]:
+    """PromptSRC's whole ``CustomCLIP`` under ``PREC: fp16``, 4 + 4 tokens, depth 3, with ``ZS_image_encoder``."""
+    generator = torch.Generator().manual_seed(seed)
+    width, visual = backbone.text_width, backbone.model.visual.conv1.out_channels
+    state = {"prompt_learner.ctx": _ctx(backbone, 4, generator), "image_encoder.VPT": _noise(generator, 4, visual, std=0.3)}
+    for index in (1, 2):
+        state[f"text_encoder.transformer.resblocks.{index}.VPT_shallow"] = _noise(generator, 4, width, std=0.3)
+        state[f"image_encoder.transformer.resblocks.{index}.VPT_shallow"] = _noise(generator, 4, visual, std=0.3)
+    state.update(_buffers(backbone, classnames, 4, "prompt_learner."))
+    frozen = fp16_clip_state(backbone, "image_encoder.", "text_encoder.")
+    teacher = fp16_clip_state(backbone, "prompt_learner.ZS_image_encoder.", "unused.")
+    return {**state, **frozen, **{key: value for key, value in teacher.items() if "ZS_image_encoder" in key}}
+
+
+def mma_state(backbone, classnames, seed: int = 0, layers: tuple[int, ...] = (2, 3), hidden: int = 8
+              ) -> dict[str, torch.Tensor]:
+    """MMA's ``adapter_learner`` state dict under ``PREC: amp`` (fp32), adapters at ``layers``."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = backbone.tokenize([f"a photo of a {name}." for name in classnames])
+    with torch.no_grad():
+        state = {"token_embedding": backbone.model.token_embedding(tokens).clone(), "tokenized_prompts": tokens.clone()}
+    for index in layers:
+        for tower, width in (("text_adapter", backbone.text_width),
+                             ("visual_adapter", backbone.model.visual.conv1.out_channels)):
+            state[f"{tower}.{index}.down.0.weight"] = _noise(generator, hidden, width, std=0.5)
+            state[f"{tower}.{index}.down.0.bias"] = _noise(generator, hidden)
+            state[f"{tower}.{index}.up.weight"] = _noise(generator, width, hidden, std=30.0)  # times the 0.001 scale
+            state[f"{tower}.{index}.up.bias"] = _noise(generator, width, std=30.0)
+        state[f"shared_adapter.{index}.0.weight"] = _noise(generator, hidden, hidden, std=0.5)
+        state[f"shared_adapter.{index}.0.bias"] = _noise(generator, hidden)
     return state

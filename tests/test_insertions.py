@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from insertion_helpers import save_deep_backbone
+from insertion_helpers import reference_block, save_deep_backbone
 from repair.model.backbone import BackboneSpec, load_backbone
 from repair.model.insertions import Insertions, encode_image, mma_adapter, text_states, with_insertions
 
@@ -23,25 +23,6 @@ PROMPTS = ["a photo of a red.", "a photo of a dark green.", "a photo of a cat.",
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     return load_backbone(BackboneSpec(model=save_deep_backbone(tmp_path_factory.mktemp("deep-clip"))))
-
-
-def _ref_block(block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One open_clip / OpenAI CLIP block on [L, N, D] (sequence first), attention from the raw weights."""
-    attn = block.attn
-    heads, width = attn.num_heads, x.shape[-1]
-    h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-    q, k, v = (h @ attn.in_proj_weight.t() + attn.in_proj_bias).chunk(3, dim=-1)
-
-    def split(t):  # [L, N, D] -> [N, H, L, d]
-        return t.reshape(t.shape[0], t.shape[1], heads, width // heads).permute(1, 2, 0, 3)
-
-    scores = split(q) @ split(k).transpose(-1, -2) / (width // heads) ** 0.5
-    if mask is not None:
-        scores = scores + mask
-    out = (scores.softmax(-1) @ split(v)).permute(2, 0, 1, 3).reshape(x.shape)
-    x = x + out @ attn.out_proj.weight.t() + attn.out_proj.bias
-    h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-    return x + block.mlp.c_proj(block.mlp.gelu(block.mlp.c_fc(h)))
 
 
 def _adapter_params(width: int, hidden: int, seed: int) -> list[torch.Tensor]:
@@ -86,7 +67,7 @@ def test_text_deep_prompts_and_adapters_match_the_upstream_forward(deep):
             if index in (1, 2):  # MaPLe: the counter's compound prompt replaces positions 1 .. n_ctx
                 x = torch.cat([x[:1], deep_prompts[index - 1].unsqueeze(1).expand(-1, x.shape[1], -1),
                                x[1 + n_ctx:]], dim=0)
-            out = _ref_block(block, x, model.attn_mask)
+            out = reference_block(block, x, model.attn_mask)
             if index in (0, 2):  # MMA: + adapter(ln_1(x)) after the block's MLP
                 ln = block.ln_1
                 out = out + _ref_adapter(adapters[index // 2], F.layer_norm(x, (width,), ln.weight, ln.bias, ln.eps),
@@ -138,7 +119,7 @@ def test_image_prompt_tokens_deep_prompts_and_adapters_match_the_upstream_forwar
         for index, block in enumerate(visual.transformer.resblocks):
             if index in (1, 2):  # the last n_ctx tokens replaced
                 x = torch.cat([x[:-2], deep_prompts[index - 1].unsqueeze(1).expand(-1, x.shape[1], -1)], dim=0)
-            out = _ref_block(block, x, None)
+            out = reference_block(block, x, None)
             if index in (0, 1):
                 out = out + _ref_adapter(adapters[1 + index], block.ln_1(x), scale)
             x = out

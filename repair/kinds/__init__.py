@@ -13,15 +13,19 @@ from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import Kind, KindOptions, KindOutput
 from repair.kinds.clipfit import CLIPFit
+from repair.kinds.cocoop import CoCoOp
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.encoder import FullImageEncoder
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
+from repair.kinds.maple import MaPLe
+from repair.kinds.mma import MMA
 from repair.kinds.projector import VisualProjector
+from repair.kinds.promptsrc import PromptSRC
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
-                                                               FullImageEncoder)}
+                                                               FullImageEncoder, CoCoOp, MaPLe, PromptSRC, MMA)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -93,5 +97,5 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "detect_kind",
+           "FullImageEncoder", "CoCoOp", "MaPLe", "PromptSRC", "MMA", "detect_kind",
            "kind_class", "load_kind", "plan_kind", "register", "resolve_options", "expected_layouts"]

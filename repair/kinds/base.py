@@ -19,6 +19,7 @@ import dataclasses
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -145,7 +146,7 @@ class KindOutput:
 
     logits: torch.Tensor  # [B, C]
     path_logits: torch.Tensor | None  # [K, B, C] at w_ft + t_k (w - w_ft)
-    class_features: torch.Tensor  # [C, E] normalised, at w
+    class_features: torch.Tensor  # [C, E] normalised, at w ([B, C, E] where each image has its own: CoCoOp)
 
 
 class Kind(nn.Module, ABC):
@@ -257,6 +258,12 @@ class Kind(nn.Module, ABC):
         """Surrogates that mean nothing for this checkpoint, each with the reason (e.g. no zero-shot point
         in prompt space for a randomly initialised prompt); a repair refuses them by name."""
         return {}
+
+    def zero_shot_model(self) -> AbstractContextManager[None] | None:
+        """For a kind whose tensors hold no zero-shot point (prompt tokens in the image sequence: MaPLe,
+        PromptSRC), a context in which it scores as zero-shot CLIP (its insertions off), so that what reads only
+        the zero-shot model's outputs (``distill``, ``lam_zs auto``) still applies. None: use ``w_zs``."""
+        return None
 
     def open_vocabulary_logits(self, inputs: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """``forward``'s inputs scored over any class list, differentiable in ``w``: what the open-vocabulary
