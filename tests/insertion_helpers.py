@@ -25,6 +25,10 @@ def save_deep_backbone(folder: Path, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**DEEP_CONFIG)
+        with torch.no_grad():  # LayerNorms start as the identity: move them, so that each one tells
+            for name, parameter in model.named_parameters():
+                if ".ln_" in name or name.startswith(("ln_", "visual.ln_")):
+                    parameter.add_(0.2 * torch.randn_like(parameter))
     save_file({name: t.contiguous().clone() for name, t in model.state_dict().items()},
               folder / "open_clip_model.safetensors")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": DEEP_CONFIG, "preprocess_cfg": {}}))

@@ -90,13 +90,13 @@ def test_text_deep_prompts_and_adapters_match_the_upstream_forward(deep):
     leaves = [ctx, *deep_prompts, *adapters[0], *adapters[1]]
     for mine, theirs in zip(_grads(ours, leaves), _grads(expected, leaves)):
         assert theirs.abs().sum() > 0
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     # in class chunks (checkpointed, recomputed in backward): the same numbers
     chunked = tower.encode_rows(torch.cat([pieces[:, :1], ctx.expand(len(tokens), -1, -1), pieces[:, 1 + n_ctx:]], 1),
                                 pooling, chunk_size=2)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(_grads(chunked, leaves), _grads(expected, leaves)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_image_prompt_tokens_deep_prompts_and_adapters_match_the_upstream_forward(deep):
@@ -134,7 +134,7 @@ def test_image_prompt_tokens_deep_prompts_and_adapters_match_the_upstream_forwar
     leaves = [tokens, *deep_prompts, *(p for params in adapters for p in params)]
     for mine, theirs in zip(_grads(ours, leaves), _grads(expected, leaves)):
         assert theirs.abs().sum() > 0
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # nothing inserted: open_clip's own forward
         torch.testing.assert_close(encode_image(visual, pixels, Insertions()), visual(pixels), rtol=0, atol=0)
 
@@ -183,7 +183,7 @@ def test_hf_text_tower_deep_prompts_match_a_layer_by_layer_forward(hf_backbone):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
         for mine, theirs in zip(_grads(ours, [ctx, prompt]), _grads(expected, [ctx, prompt])):
             assert theirs.abs().sum() > 0
-            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     assert not any(layer._forward_pre_hooks for layer in bert.encoder.layer)  # nothing left behind
 
 
