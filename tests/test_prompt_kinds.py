@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import repair
 from cli_helpers import invoke
-from insertion_helpers import (cocoop_state, dassl_save, fp16_clip_state, maple_state, mma_state, promptsrc_state, reference_block,
-                               save_deep_backbone)
+from insertion_helpers import (cocoop_state, dassl_save, fp16_clip_state, maple_state, mma_state, promptsrc_state,
+                               reference_block, save_deep_backbone)
 from repair.kinds import detect_kind, load_kind
 from repair.model.backbone import BackboneSpec, load_backbone
 

@@ -112,7 +112,8 @@ class MMA(InsertionKind):
                     continue  # a CNN: refused with its reason once the image tower is checked
                 expected = {_name(tower, index, "down.0", "weight"): [hidden, width],
                             _name(tower, index, "down.0", "bias"): [hidden],
-                            _name(tower, index, "up", "weight"): [width, hidden], _name(tower, index, "up", "bias"): [width]}
+                            _name(tower, index, "up", "weight"): [width, hidden],
+                            _name(tower, index, "up", "bias"): [width]}
                 for name, shape in expected.items():
                     if name not in values:
                         raise IncompatibleCheckpointError(f"an MMA checkpoint with layer {index} adapters lacks {name}")
@@ -125,7 +126,8 @@ class MMA(InsertionKind):
             for tower, blocks in limits.items():
                 if blocks is not None and index > blocks:
                     raise IncompatibleCheckpointError(
-                        f"the checkpoint has adapters at layer {index}, and this model's {tower} tower has {blocks} blocks")
+                        f"the checkpoint has adapters at layer {index}, and this model's {tower} tower has {blocks} "
+                        "blocks")
 
     # ------------------------------------------------------------------ the reparametrisation
 
