@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.shifts import CORRUPTIONS, STYLES, apply
-from benchmarks.splits import PACS_SHIFTED, Parts, dataset_parts
+from benchmarks.splits import PACS_SHIFTED, dataset_parts
 
 TASKS_VERSION = 1
 BASE_CLASSES = {"cifar10": 5, "flowers5": 3, "caltech101": 50, "gtsrb": 22,  # base = the first N classes

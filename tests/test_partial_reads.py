@@ -33,13 +33,15 @@ def refused(tiny_spec, image_dirs, tmp_path, checkpoint, *extra):
 
 @pytest.mark.parametrize("method", ["maple", "cocoop", "promptsrc"])
 def test_deep_prompt_and_meta_net_files_are_not_read_as_plain_coop(method, tmp_path, backbone, tiny_spec, image_dirs):
+    """Detected as their own kind (which claims every tensor); forced to CoOp, refused naming what CoOp leaves."""
     build = {"maple": maple_state_dict, "cocoop": cocoop_state_dict, "promptsrc": promptsrc_state_dict}[method]
     state = build(backbone, N_CLS)
     path = dassl_save(tmp_path / "model.pth.tar-5", state, trained=tuple(k for k in state if k.endswith("ctx")))
-    message = refused(tiny_spec, image_dirs, tmp_path, path)
+    inspected = invoke("inspect", path, "--json")
+    assert inspected.exit_code == 0 and json.loads(inspected.output)["kind"] == method
+    message = refused(tiny_spec, image_dirs, tmp_path, path, "--kind", "coop")
     hint = {"maple": "compound_prompt", "cocoop": "meta_net.linear1", "promptsrc": "VPT"}[method]
     assert "read as CoOp (coop)" in message and hint in message and "unread" in message
-    assert "--kind" in refused(tiny_spec, image_dirs, tmp_path, path, "--kind", "coop")  # naming the kind reads no more
 
 
 def test_a_vision_prompt_beside_ctx_is_refused(tmp_path, backbone, tiny_spec, image_dirs):
@@ -131,11 +133,13 @@ class _DeepPrompts(repair.kinds.CoOpPrompts):
 
 
 def test_a_kind_registered_later_claims_its_files_by_declaration(tmp_path, backbone, tiny_spec):
+    """The mechanism with a stand-in for MaPLe (the real kind is set aside while the test runs)."""
     state = maple_state_dict(backbone, N_CLS)
     path = dassl_save(tmp_path / "model.pth.tar-2", state, trained=("prompt_learner.ctx",))
-    assert invoke("inspect", path).exit_code == 5
-    repair.kinds.register(_DeepPrompts)
+    maple = repair.kinds.KINDS.pop("maple")
     try:
+        assert invoke("inspect", path).exit_code == 5
+        repair.kinds.register(_DeepPrompts)
         report = json.loads(invoke("inspect", path, "--json").stdout)
         assert report["kind"] == "deep-prompts-test"  # the file is claimed whole: detected, nothing left over
         roles = {tensor["name"]: tensor["role"] for tensor in report["tensors"]}
@@ -147,7 +151,8 @@ def test_a_kind_registered_later_claims_its_files_by_declaration(tmp_path, backb
         save_file({"ctx": torch.randn(4, backbone.text_width)}, plain)
         assert json.loads(invoke("inspect", plain, "--json").stdout)["kind"] == "coop"  # the new kind does not match
     finally:
-        repair.kinds.KINDS.pop(_DeepPrompts.name)
+        repair.kinds.KINDS.pop(_DeepPrompts.name, None)
+        repair.kinds.KINDS["maple"] = maple
 
 
 def test_a_file_two_kinds_claim_whole_is_refused_naming_kind(tmp_path, backbone):

@@ -203,6 +203,8 @@ def path_command(
             say(f"wrote {out}" + (f" and {png}" if png else ""))
 
         emit(report, as_json, human)
+        for warning in report["warnings"]:
+            say(f"warning: {warning}", err=True)
 
     run(action)
 

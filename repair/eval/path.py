@@ -96,10 +96,11 @@ def _point_key(start: str, end: str, t: float) -> object:
 
 
 def walk_segments(kind: Kind, anchors: dict[str, Values], ts: Sequence[float], classnames: Sequence[str],
-                   features: Callable[[], Features]) -> list[Segment]:
+                   features: Callable[[], Features],
+                   segments_to_walk: Sequence[tuple[str, str]] = SEGMENTS) -> list[Segment]:
     memo: dict[object, tuple[float, float]] = {}
     segments = []
-    for start, end in SEGMENTS:
+    for start, end in segments_to_walk:
         points = []
         for t in ts:
             key = _point_key(start, end, t)

@@ -14,19 +14,23 @@ from repair.io import TensorFile
 from repair.kinds.base import Claims, Kind, KindOptions, KindOutput, frozen_differences
 from repair.kinds.clip_adapter import CLIPAdapter
 from repair.kinds.clipfit import CLIPFit
+from repair.kinds.cocoop import CoCoOp
 from repair.kinds.coop import CoOpPrompts
 from repair.kinds.encoder import FullImageEncoder
 from repair.kinds.kgcoop import KgCoOpPrompts
 from repair.kinds.linear import LinearHead
 from repair.kinds.lora import LoRA
+from repair.kinds.maple import MaPLe
+from repair.kinds.mma import MMA
 from repair.kinds.projector import VisualProjector
+from repair.kinds.promptsrc import PromptSRC
 from repair.kinds.taskres import TaskRes
 from repair.kinds.tip_adapter import TipAdapterF
 from repair.model.backbone import Backbone
 
 KINDS: dict[str, type[Kind]] = {kind.name: kind for kind in (CoOpPrompts, LinearHead, CLIPFit, LoRA, VisualProjector,
                                                                FullImageEncoder, KgCoOpPrompts, CLIPAdapter, TaskRes,
-                                                               TipAdapterF)}
+                                                               TipAdapterF, CoCoOp, MaPLe, PromptSRC, MMA)}
 
 
 def register(kind: type[Kind]) -> type[Kind]:
@@ -178,6 +182,6 @@ def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
-           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "TaskRes", "TipAdapterF", "detect_kind",
-           "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options", "expected_layouts",
-           "check_claims", "check_frozen", "Claims"]
+           "FullImageEncoder", "KgCoOpPrompts", "CLIPAdapter", "TaskRes", "TipAdapterF", "CoCoOp", "MaPLe", "PromptSRC",
+           "MMA", "detect_kind", "kind_class", "load_kind", "plan_kind", "read_kind", "register", "resolve_options",
+           "expected_layouts", "check_claims", "check_frozen", "Claims"]

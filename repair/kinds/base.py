@@ -45,6 +45,7 @@ import enum
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -189,15 +190,15 @@ class KindOptions:
     """Base of every kind's ``Options``: typed, recorded in outputs, refused where they do not apply."""
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):  # "weight" from a record or a caller becomes PathSpace.weight
-            enum_type = type(field.default) if isinstance(field.default, enum.Enum) else None
-            current = getattr(self, field.name)
+        for declared in dataclasses.fields(self):  # "weight" from a record or a caller becomes PathSpace.weight
+            enum_type = type(declared.default) if isinstance(declared.default, enum.Enum) else None
+            current = getattr(self, declared.name)
             if enum_type is not None and not isinstance(current, enum_type):
                 try:
-                    object.__setattr__(self, field.name, enum_type(current))
+                    object.__setattr__(self, declared.name, enum_type(current))
                 except ValueError:
                     choices = ", ".join(member.value for member in enum_type)
-                    raise ValueError(f"{field.name} must be one of {choices}, not {current!r}") from None
+                    raise ValueError(f"{declared.name} must be one of {choices}, not {current!r}") from None
         scale = getattr(self, "logit_scale", None)
         if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
             raise ValueError(f"logit_scale must be a positive number, got {scale}")
@@ -266,7 +267,7 @@ class KindOutput:
 
     logits: torch.Tensor  # [B, C]
     path_logits: torch.Tensor | None  # [K, B, C] at w_ft + t_k (w - w_ft)
-    class_features: torch.Tensor  # [C, E] normalised, at w
+    class_features: torch.Tensor  # [C, E] normalised, at w ([B, C, E] where each image has its own: CoCoOp)
 
 
 class Kind(nn.Module, ABC):
@@ -421,6 +422,12 @@ class Kind(nn.Module, ABC):
         """Surrogates that mean nothing for this checkpoint, each with the reason (e.g. no zero-shot point
         in prompt space for a randomly initialised prompt); a repair refuses them by name."""
         return {}
+
+    def zero_shot_model(self) -> AbstractContextManager[None] | None:
+        """For a kind whose tensors hold no zero-shot point (prompt tokens in the image sequence: MaPLe,
+        PromptSRC), a context in which it scores as zero-shot CLIP (its insertions off), so that what reads only
+        the zero-shot model's outputs (``distill``, ``lam_zs auto``) still applies. None: use ``w_zs``."""
+        return None
 
     def open_vocabulary_logits(self, inputs: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """``forward``'s inputs scored over any class list, differentiable in ``w``: what the open-vocabulary

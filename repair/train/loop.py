@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from repair.data.features import Features
 from repair.errors import InputFileError, NumericalError, UsageError
 from repair.io import write_state_file
-from repair.kinds.base import Kind, Schedule
+from repair.kinds.base import Kind
 from repair.train.objective import Objective, mergetune_loss
 from repair.train.surrogates import Surrogate, build_surrogate
 

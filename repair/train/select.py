@@ -76,7 +76,7 @@ def choose_lam_zs(kind: Kind, objective: Objective, train_set: Features, config:
     fit_part, held = split_shots(train_set, config.seed)
     names = reference_vocabulary(kind.classnames, vocabulary) if scores_vocabulary(kind) else None
     start = kind.snapshot()
-    with AtZeroShot(kind):
+    with kind.zero_shot_model() or AtZeroShot(kind):
         zero_shot = _predictions(kind, held.features, names)
     finetuned = accuracy(kind, held)
     curve = []

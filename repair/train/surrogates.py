@@ -109,6 +109,7 @@ class FromImages:
 
     name: str
     needs_data = True
+    needs_zero_shot_point = True  # False: reads only the zero-shot model's outputs (Kind.zero_shot_model)
     open_vocabulary = False  # whether p is over the reference vocabulary rather than the repair classes
     stats: dict[str, object]
 
@@ -167,7 +168,8 @@ class FromImages:
 
     def __init__(self, kind: Kind, constants: dict[str, torch.Tensor], data: Features, seed: int,
                  vocabulary: tuple[str, ...] | None) -> None:
-        self.anchors = {name: value.detach() for name, value in kind.zero_shot_values().items()}
+        self.anchors = ({name: value.detach() for name, value in kind.zero_shot_values().items()}
+                        if self.needs_zero_shot_point else {})
         self.constants = constants
 
     def displacement(self, kind: Kind) -> torch.Tensor:
@@ -284,11 +286,12 @@ class DistillSurrogate(FromImages):
 
     name = "distill"
     open_vocabulary = True
+    needs_zero_shot_point = False  # a kind without one (MaPLe) scores as zero-shot CLIP in its zero_shot_model()
 
     @classmethod
     def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
                  ) -> dict[str, torch.Tensor]:
-        with AtZeroShot(kind), torch.no_grad():
+        with kind.zero_shot_model() or AtZeroShot(kind), torch.no_grad():
             logits = vocabulary_logits(kind, chosen_images(data, seed), vocabulary)
         return {"log_p_zs": F.log_softmax(logits.float(), dim=-1)}
 
@@ -317,12 +320,16 @@ SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, Fishe
 def refusals(kind: Kind) -> dict[str, str]:
     """Every surrogate this checkpoint cannot use, with the reason: the kind's own and the surrogates'. A kind
     without a zero-shot point (it refuses ``fisher`` and ``l2`` for that) cannot take any term estimated at
-    ``w_zs``; one that refuses ``fisher`` alone (CLIP-Adapter: a point, but no gradient there) still can."""
+    ``w_zs``; one that refuses ``fisher`` alone (CLIP-Adapter: a point, but no gradient there) still can. One that
+    scores as zero-shot CLIP all the same (:meth:`Kind.zero_shot_model`) keeps those that read only the zero-shot
+    model's outputs (``distill``)."""
     own = kind.unsupported_surrogates()
     no_point = own.get("fisher") if "l2" in own else None
+    outputs_only = kind.zero_shot_model() is not None  # it scores as zero-shot CLIP without a point
     refused = {}
     for name, cls in SURROGATES.items():
-        reason = cls.refusal(kind) or (no_point if cls.needs_data else None)
+        needs_point = cls.needs_data and (cls.needs_zero_shot_point or not outputs_only)
+        reason = cls.refusal(kind) or (no_point if needs_point else None)
         if reason is not None:
             refused[name] = reason
     return {**refused, **own}

@@ -17,7 +17,7 @@ from pathlib import Path
 from repair.data.features import Features, extract_features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
 from repair.errors import IncompatibleCheckpointError, MergetuneError, UsageError
-from repair.eval.path import FINETUNED, REPAIRED, ZERO_SHOT, Values, path_ts, walk_segments
+from repair.eval.path import FINETUNED, REPAIRED, SEGMENTS, ZERO_SHOT, Values, path_ts, walk_segments
 from repair.io import TensorFile, atomic_output, read_tensors
 from repair.kinds import Kind, detect_kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
@@ -142,11 +142,17 @@ def path_report(
     for model, tensor_file, record in ((ft_kind, ft_file, records[0]), (rep_kind, rep_file, records[1])):
         inputs.check_class_list(record, dataset, tensor_file.path, model, other_classes=other_classes)
     _check_compatible(ft_kind, rep_kind, finetuned, repaired)
-    anchors = {ZERO_SHOT: _zero_shot_point(ft_kind, rep_kind, finetuned, repaired),
-               FINETUNED: ft_kind.snapshot(), REPAIRED: rep_kind.snapshot()}
+    anchors = {FINETUNED: ft_kind.snapshot(), REPAIRED: rep_kind.snapshot()}
+    walked = SEGMENTS
+    if ft_kind.zero_shot_model() is None:
+        anchors[ZERO_SHOT] = _zero_shot_point(ft_kind, rep_kind, finetuned, repaired)
+    else:  # no zero-shot point in its tensors (MaPLe's image prompts): no segment can start there
+        walked = ((FINETUNED, REPAIRED),)
+        warnings.append(f"this {ft_kind.about.description} has no zero-shot point in its tensors; only the "
+                        f"{FINETUNED} -> {REPAIRED} segment is measured")
     del rep_kind  # scoring uses one kind: the fine-tuned file's, with its values swapped per point
     features = _feature_source(ft_kind, backbone, dataset, data_options)
-    segments = walk_segments(ft_kind, anchors, ts, dataset.classnames, features)
+    segments = walk_segments(ft_kind, anchors, ts, dataset.classnames, features, walked)
     return {
         "schema": PATH_SCHEMA,
         "backbone": backbone.spec.as_dict(),

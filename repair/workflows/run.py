@@ -157,8 +157,11 @@ def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
     if objective.lam_zs == 0.0:
         return None
     zero_shot = hashlib.sha256()  # the Fisher is taken at w_zs, which a file can set (LoRA's A, a ctx_init)
-    cached = getattr(SURROGATES[objective.surrogate], "needs_data", False)  # only data-built terms are cached
-    for name, value in sorted(kind.zero_shot_values().items() if cached else ()):
+    surrogate = SURROGATES[objective.surrogate]
+    cached = getattr(surrogate, "needs_data", False)  # only data-built terms are cached
+    # a kind without a zero-shot point gives distill the zero-shot model's outputs (Kind.zero_shot_model) instead
+    outputs_only = not getattr(surrogate, "needs_zero_shot_point", True) and kind.zero_shot_model() is not None
+    for name, value in sorted(kind.zero_shot_values().items() if cached and not outputs_only else ()):
         zero_shot.update(name.encode())
         zero_shot.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     cache_key = json.dumps([kind.name, kind.describe(), inputs.backbone.visual_fingerprint,
