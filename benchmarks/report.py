@@ -20,9 +20,12 @@ def kind_title(name: str) -> str:
     return KINDS[name].about.title if name in KINDS else name
 
 
+BASELINE_ORDER = ("wise-ft", "task-arithmetic", "ties", "dare", "entropy-alpha", "ensemble", "weighted-ensemble")
+
+
 def ordered(summary: dict[str, dict]) -> list[tuple[str, dict]]:
     """Methods in reading order: zero-shot, fine-tuned, the repairs, then the baselines."""
-    rank = {"zero-shot": 0, "fine-tuned": 1, "wise-ft": 3, "ensemble": 4}
+    rank = {"zero-shot": 0, "fine-tuned": 1, **{name: 3 + i for i, name in enumerate(BASELINE_ORDER)}}
     return sorted(summary.items(), key=lambda item: (rank.get(item[0], 2), item[0]))
 
 

@@ -41,16 +41,17 @@ import torch
 from benchmarks.proxy import ProxyConfig, ensure_proxy
 from benchmarks.splits import missing_datasets
 from benchmarks.tasks import BaseToNovelTask, RobustnessTask, Sizes, base_to_novel_task, domain_task, robustness_task
-from repair import DataOptions, best_wise_alpha, evaluate, finetune, repair
+from repair import DataOptions, evaluate, finetune, repair
 from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
 from repair.data.features import default_cache_dir, extract_features
 from repair.data.folders import scan_image_folder
-from repair.errors import IncompatibleCheckpointError, NumericalError, UsageError
+from repair.errors import NumericalError, UsageError
 from repair.io.write import atomic_output
 from repair.train.objective import Objective
 from repair.train.surrogates import SURROGATES
 from repair.train.loop import TrainConfig
+from repair.eval.baselines import BASELINES
 
 SCHEMA = "mergetune.bench/3"  # 3: seconds per seed (seed_s) replace a block's wall_s; workers recorded
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +205,7 @@ class Plan:
     # (10,000 test images; 3,500 clean and corrupted) (benchmarks/README.md, "Cost")
     left_out: tuple[tuple[str, str], ...] = (("tiny_imagenet", "clipfit"), ("robustness", "clipfit"))
     protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(TOWERS_PROTOCOL))
+    baselines: tuple[str, ...] = ("wise-ft", "ensemble")  # eval --baseline names; settings chosen on validation
 
 
 PLANS = {
@@ -264,40 +266,51 @@ def plan_repairs(kind: str, plan: Plan, seed: int = 0) -> dict[str, RepairSpec]:
 
 
 def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, dict[str, object]]:
-    """Evaluate-report rows renamed by method: zero-shot, fine-tuned, repaired (...), wise-ft, ensemble."""
+    """Evaluate-report rows renamed by method: zero-shot, fine-tuned, repaired (...), and each baseline by its
+    name (wise-ft, ensemble, ties, ...) with how it was chosen."""
     by_path = {str(path): method for method, path in paths.items()}
     rows = {}
     for model in report["models"]:
         if model["role"] == "zero-shot":
             method = "zero-shot"
         elif model["role"] == "baseline":
-            method = "wise-ft" if model["name"].startswith("wise-ft") else "ensemble"
+            method = model["name"]
         else:
             method = by_path[model["source"]["path"]]
         rows[method] = {"base": model["base"], "novel": model["novel"], "hm": model["hm"],
                         "novel_sets": model["novel_sets"]}
-    alpha = (report.get("baselines") or {}).get("wise_ft") or {}
+        if model["role"] == "baseline":
+            rows[method].update(chosen_by=model["chosen_by"], settings=model["settings"])
     if "wise-ft" in rows:
-        rows["wise-ft"]["alpha"] = alpha.get("best_alpha")
+        rows["wise-ft"]["alpha"] = rows["wise-ft"]["settings"].get("alpha")
+    return rows
+
+
+def baseline_val_rows(report: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Each validation-chosen baseline's score on the validation split at its chosen settings (its curve point)."""
+    rows = {}
+    for name, choice in ((report.get("baselines") or {}).get("chosen") or {}).items():
+        point = next((point for point in choice.get("curve") or ()
+                      if all(point.get(key) == value for key, value in choice["settings"].items())), None)
+        if choice["chosen_by"] == "validation split" and point is not None:
+            rows[name] = {key: point[key] for key in ("base", "novel", "hm", "novel_sets") if key in point}
     return rows
 
 
 def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]], test: tuple[Path, list[Path]],
-                            backbone) -> dict[str, dict[str, object]]:
-    """Every method on the validation folders (WiSE-FT's alpha chosen there), then on the test folders.
+                            backbone, baselines: tuple[str, ...] = (), seed: int = 0) -> dict[str, dict[str, object]]:
+    """Every method on the validation folders, then on the test folders with the baselines' settings chosen on
+    the validation folders (``evaluate(..., val_dir=...)``), never on test.
 
     The validation rows come back under ``"val"``: the protocol is judged (does fine-tuning
     forget?) and defaults are chosen (which surrogate, which lam_zs) on them, never on test.
     """
-    val_report = evaluate(list(paths.values()), val[0], novel_dir=val[1], backbone=backbone, baselines=True)
-    try:
-        alpha = best_wise_alpha(val_report)
-    except IncompatibleCheckpointError:  # a kind without zero-shot values has no WiSE-FT
-        alpha = None
-    report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone, baselines=True,
-                      wise_alpha=alpha)
+    val_report = evaluate(list(paths.values()), val[0], novel_dir=val[1], backbone=backbone)
+    report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone,
+                      baselines=list(baselines) or False, val_dir=val[0] if baselines else None,
+                      val_novel_dir=val[1] if baselines else None, seed=seed)
     rows = method_rows(report, paths)
-    rows["val"] = method_rows(val_report, paths)
+    rows["val"] = {**method_rows(val_report, paths), **baseline_val_rows(report)}
     return rows
 
 
@@ -306,7 +319,7 @@ def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, w
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
                            backbone, log)
     return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
-                                   backbone)
+                                   backbone, plan.baselines, seed)
 
 
 def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
@@ -314,7 +327,7 @@ def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work:
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
                            backbone, log)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
-                                   backbone)
+                                   backbone, plan.baselines, seed)
     for row in [*(row for method, row in rows.items() if method != "val"), *rows["val"].values()]:
         row["shifted"] = row.pop("novel")  # "novel" here is the mean over the shifted test sets
         row["novel_sets"] = {key.split(":", 1)[-1].removeprefix("test-").removeprefix("val-"): value
@@ -652,6 +665,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--surrogates", nargs="+", default=None,
                         help="repairs to run: surrogate names at the protocol's lam_zs, NAME:auto or NAME:LAM")
     parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
+    parser.add_argument("--baselines", nargs="*", default=None,
+                        help="eval baselines to score beside the repairs (settings chosen on validation); "
+                             "default: wise-ft ensemble; 'all' for every one")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
                         "(quick runs: quick.json)")
     parser.add_argument("--include-left-out", action="store_true",
@@ -667,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = quick(plan) if args.quick else plan
     overrides = {"seeds": args.seeds, "datasets": args.datasets, "b2n_kinds": args.kinds,
                  "domain_kinds": args.domain_kinds, "robustness_kinds": args.robustness_kinds,
-                 "surrogates": args.surrogates, "style": args.style}
+                 "surrogates": args.surrogates, "style": args.style,
+                 "baselines": (tuple(BASELINES) if args.baselines == ["all"] else args.baselines)}
     plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
                             for key, value in overrides.items() if value is not None})
     if args.surrogates is not None:  # exactly the ones asked for
