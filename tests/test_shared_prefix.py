@@ -70,6 +70,35 @@ def test_coop_weight_space_path_points_share_the_suffixes(prompts):
     _assert_same(shared, plain)
 
 
+@pytest.fixture(scope="module")
+def two_block_backbone(tmp_path_factory):
+    """The tiny CLIP with two text blocks: the second sees what the first made of each prefix."""
+    import json
+
+    from conftest import _save_local_dir
+    from repair.model.backbone import BackboneSpec, load_backbone
+    from repair.synthetic import TINY_CONFIG
+
+    model_cfg = json.loads(TINY_CONFIG.read_text())
+    model_cfg["text_cfg"]["layers"] = 2
+    return load_backbone(BackboneSpec(model=_save_local_dir(tmp_path_factory.mktemp("two-blocks"), model_cfg)))
+
+
+def test_several_prefixes_through_several_blocks_equal_one_at_a_time(two_block_backbone):
+    """Weight-space path points are G prefixes encoded together: each must equal its own encoding (the rows of
+    G > 1 prefixes were once regrouped in the wrong order after the first block)."""
+    torch.manual_seed(0)
+    ctx = init_context(two_block_backbone, "a photo of a") + 0.1 * torch.randn(4, two_block_backbone.text_width)
+    kind = CoOpPrompts(two_block_backbone, ctx, NAMES, ["a photo of a {}."])
+    contexts = torch.stack([kind.ctx_ft, kind.ctx_ft + 0.3, kind.ctx_ft - 0.2])
+    with torch.no_grad():
+        together = kind._text_features(contexts, kind.bank)
+        alone = torch.stack([kind._text_features(context, kind.bank) for context in contexts])
+        kind.shared_prefix = False
+        plain = kind._text_features(contexts, kind.bank)
+    assert torch.allclose(together, alone, atol=ATOL) and torch.allclose(together, plain, atol=ATOL)
+
+
 def test_coop_under_no_grad_with_chunks(prompts):
     with torch.no_grad():
         plain = prompts.class_features()

@@ -94,10 +94,8 @@ class CoCoOp(Kind):
     defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # not benchmarked yet
     outranks: ClassVar[tuple[str, ...]] = ("coop",)  # CoOp finds its ctx and would drop the meta-network
     text_chunk_size: int | None = CLASS_CHUNK
-    # one [SOS][ctx + shift] prefix per image encoded once for all classes (repair.model.shared_prefix) is the
-    # intended speed-up, but that encoder mixes up its rows for more than one prefix in towers of two or more
-    # blocks (reported; fixed where it lives): until then every prompt is encoded whole, which is exact
-    shared_prefix: bool = False
+    # one [SOS][ctx + shift] prefix per image, encoded once for all classes (repair.model.shared_prefix)
+    shared_prefix: bool = True
 
     def __init__(self, backbone: Backbone, values: Mapping[str, torch.Tensor], classnames: Sequence[str],
                  templates: Sequence[str], options: CoCoOpOptions | None = None, *,

@@ -146,10 +146,12 @@ def _layers(transformer: Transformer, x_suffix: torch.Tensor, suffix_eot: torch.
             return key_values, _finish_block(block, weights, layout.end_rows(x), _merge_heads(attended).squeeze(-2))
         attended = layout.pack(_merge_heads(_attend_after_prefix(query, key, value, prefix_key, prefix_value,
                                                                  layout.causal)))
-        if prefix_qkv is not None:
+        width = x.shape[-1]
+        attended = attended.reshape(-1, width)
+        if prefix_qkv is not None:  # in the order of rows.joined: every prefix row, then every suffix row
             attended_prefix = F.scaled_dot_product_attention(prefix_query, prefix_key, prefix_value, is_causal=True)
-            attended = torch.cat([_merge_heads(attended_prefix), attended], dim=1)
-        x_prefix, x = rows.split(_finish_block(block, weights, rows.joined, attended.reshape(-1, x.shape[-1])))
+            attended = torch.cat([_merge_heads(attended_prefix).reshape(-1, width), attended])
+        x_prefix, x = rows.split(_finish_block(block, weights, rows.joined, attended))
     raise ValueError("a text transformer without blocks")
 
 
