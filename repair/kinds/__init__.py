@@ -68,7 +68,7 @@ def plan_kind(tensor_file: TensorFile, *, kind: str | None = None, recorded_kind
               overrides: Mapping[str, Any] | KindOptions | None = None) -> tuple[type[Kind], KindOptions]:
     """The kind of a file and its options, without a model: cheap, so workflows refuse bad options early."""
     cls = detect_kind(tensor_file, kind, recorded_kind)
-    return cls, resolve_options(cls, recorded_options, overrides)
+    return cls, resolve_options(cls, recorded_options, overrides, source=tensor_file.path)
 
 
 def load_kind(backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[str], templates: Sequence[str], *,
@@ -82,14 +82,12 @@ def load_kind(backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[
 
 
 def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
-                    overrides: Mapping[str, Any] | KindOptions | None = None) -> KindOptions:
-    """One kind's options; an ``Options`` instance must be that kind's own."""
-    if isinstance(overrides, KindOptions):
-        if not isinstance(overrides, cls.Options):
-            raise IncompatibleCheckpointError(
-                f"{type(overrides).__name__} are not options of {cls.name} checkpoints")
-        return overrides
-    return cls.Options.resolve(cls.name, recorded, overrides)
+                    overrides: Mapping[str, Any] | KindOptions | None = None, source: object = None) -> KindOptions:
+    """One kind's options; an ``Options`` instance must be that kind's own. A recorded option given again
+    with another value is refused (:meth:`KindOptions.resolve`)."""
+    if isinstance(overrides, KindOptions) and not isinstance(overrides, cls.Options):
+        raise IncompatibleCheckpointError(f"{type(overrides).__name__} are not options of {cls.name} checkpoints")
+    return cls.Options.resolve(cls.name, recorded, overrides, source)
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",
