@@ -94,3 +94,107 @@ def test_2_an_options_object_from_python_cannot_outrank_the_record_either(backbo
                              kind_options=CoOpOptions(ctx_init="a photo of a"))
     assert report["models"][1]["base"] == repair.evaluate([front_prompt], image_dirs["test"],
                                                           backbone=backbone)["models"][1]["base"]
+
+
+# ----------------------------------------------------------------------------- 3. data means what it says
+
+
+def test_3_a_classnames_mapping_with_an_unknown_folder_is_refused_by_name(tmp_path, tiny_spec, image_dirs,
+                                                                          front_prompt):
+    names = tmp_path / "names.txt"
+    names.write_text("blue: navy\ngren: lime\nred: crimson\nyellow: gold\n")  # one typo: 'gren'
+    line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--classnames", names,
+                        *model(tiny_spec)), 6)
+    assert "'gren'" in line and "does not have" in line
+
+
+def test_3_a_mapping_line_among_plain_names_is_refused(tmp_path, tiny_spec, image_dirs, front_prompt):
+    names = tmp_path / "names.txt"
+    names.write_text("blue: navy\nlime\ncrimson\ngold\n")
+    line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--classnames", names,
+                        *model(tiny_spec)), 6)
+    assert "'lime'" in line and "folder: name" in line
+
+
+def test_3_a_correct_text_mapping_names_the_classes(tmp_path, tiny_spec, image_dirs, front_prompt):
+    names = tmp_path / "names.txt"
+    names.write_text("yellow: gold\nblue: navy\ngreen: lime\nred: crimson\n")
+    result = cli("eval", front_prompt, "--data", image_dirs["test"], "--classnames", names, "--json",
+                 *model(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["base"]["classes"] == ["navy", "lime", "crimson", "gold"]
+
+
+def test_3_novel_data_sharing_classes_with_data_is_refused(tmp_path, tiny_spec, image_dirs, front_prompt):
+    mixed = make_image_folder(tmp_path / "mixed", ["red", "cyan"], 3, seed=5)
+    line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--novel-data", mixed,
+                        *model(tiny_spec)), 2)
+    assert "red" in line and "shares" in line
+    copy = tmp_path / "copy"
+    for source in image_dirs["test"].iterdir():  # the same classes and images under another path
+        (copy / source.name).mkdir(parents=True)
+        for image in source.iterdir():
+            (copy / source.name / image.name).write_bytes(image.read_bytes())
+    line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--novel-data", copy,
+                        *model(tiny_spec)), 2)
+    assert "40 of the images" in line
+
+
+def test_3_a_shifted_set_of_the_same_classes_is_still_a_held_out_set(tmp_path, tiny_spec, image_dirs, front_prompt):
+    shifted = make_image_folder(tmp_path / "shifted", ["blue", "green", "red", "yellow"], 3, seed=9)
+    result = cli("eval", front_prompt, "--data", image_dirs["test"], "--novel-data", shifted, *model(tiny_spec))
+    assert result.exit_code == 0, result.output
+
+
+def _data(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", ["blue", "red"], 3, seed=1)
+
+
+@pytest.mark.parametrize("place, expected", [
+    ("red/more/extra.png", "sub-folder"),  # an image one level down in a class folder
+    ("red/extra.heic", "does not read .heic"),  # a format we do not decode
+    ("red/extra", "without an image file extension"),  # a PNG saved without its extension
+    ("extra.png", "outside any class folder"),  # an image beside the class folders
+])
+def test_3_images_that_would_not_be_read_are_refused_by_name(tmp_path, tiny_spec, front_prompt, place, expected):
+    data = _data(tmp_path)
+    target = data / place
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((data / "red" / "0000.png").read_bytes())
+    line = one_line(cli("eval", front_prompt, "--data", data, "--other-classes", *model(tiny_spec)), 6)
+    assert place.split("/")[-1] in line and expected in line
+
+
+def test_3_an_image_of_a_readable_format_is_read_not_skipped(tmp_path, tiny_spec, front_prompt):
+    data = _data(tmp_path)
+    (data / "red" / "extra.jfif").write_bytes((data / "red" / "0000.png").read_bytes())
+    result = cli("eval", front_prompt, "--data", data, "--other-classes", "--json", *model(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["base"]["images"] == 7
+
+
+def test_3_a_16_bit_image_is_scaled_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from repair.data.features import open_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).convert("RGB").save(tmp_path / "flat.png")
+    deep, flat = (np.asarray(open_image(tmp_path / name), dtype=np.int16) for name in ("deep.png", "flat.png"))
+    assert np.abs(deep - flat).max() <= 1  # today: 255 almost everywhere
+
+
+def test_3_a_16_bit_image_is_scored_as_its_8_bit_twin_through_the_cli(tmp_path, tiny_spec, front_prompt):
+    import numpy as np
+    from PIL import Image
+
+    eight, sixteen = _data(tmp_path / "a"), _data(tmp_path / "b")
+    for image in sorted(eight.rglob("*.png")):
+        grey = np.asarray(Image.open(image).convert("L")).astype(np.uint16)
+        Image.fromarray(grey).convert("RGB").save(image)
+        Image.fromarray(grey * 257).save(sixteen / image.relative_to(eight))  # the same picture in 16 bits
+    reports = [json.loads(cli("eval", front_prompt, "--data", data, "--other-classes", "--json", "--no-cache",
+                              *model(tiny_spec)).stdout) for data in (eight, sixteen)]
+    assert reports[0]["models"] == reports[1]["models"]

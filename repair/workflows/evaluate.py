@@ -87,6 +87,7 @@ def evaluate(
         templates = load_templates(data_options.templates_file)
         base_folder = scan_image_folder(data_dir, data_options.classnames_file)
         novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
+        _check_held_out(base_folder, novel_folders)
         base = load_evalset(backbone, base_folder, "base", data_options)
         novel = [load_evalset(backbone, folder, name, data_options)
                  for folder, name in zip(novel_folders, _novel_names(novel_folders))]
@@ -150,6 +151,23 @@ def _check_distinct_folders(base_dir: str | Path, novel_dirs: Sequence[Path]) ->
         if resolved in seen:
             raise UsageError(f"{folder}: a held-out folder (--novel-data) that is {seen[resolved]} again")
         seen[resolved] = "a held-out folder given before"
+
+
+def _check_held_out(base: ImageFolder, held_out: Sequence[ImageFolder]) -> None:
+    """A held-out set holds other classes than the base set (base-to-novel), or exactly its classes in other
+    images (a domain shift, a corruption). One that shares some base classes, or base images, would score base
+    accuracy as novel accuracy."""
+    for folder in held_out:
+        shared = [name for name in folder.folders if name in base.folders]
+        if shared and set(folder.folders) != set(base.folders):
+            raise UsageError(f"{folder.root}: a held-out folder (--novel-data) that shares class(es) "
+                             f"{', '.join(shared[:5])} with --data {base.root}; held-out classes must be other "
+                             "classes (a domain-shifted set has exactly the classes of --data)")
+        if shared:
+            images = set(base.file_hashes()).intersection(folder.file_hashes())
+            if images:
+                raise UsageError(f"{folder.root}: a held-out folder (--novel-data) that holds {len(images)} of the "
+                                 f"images of --data {base.root}; held-out images must be other images")
 
 
 def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:
