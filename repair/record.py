@@ -8,6 +8,7 @@ The backbone check (was this file made against these weights?) lives on it too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from repair.errors import IncompatibleCheckpointError, InputFileError
 FORMAT = "mergetune/2"
 READABLE_FORMATS = ("mergetune/1", FORMAT)
 METADATA_KEY = "mergetune"  # the safetensors metadata entry holding the record as JSON
+TENSORS_SEAL = "mergetune.tensors_sha256"  # the output's own tensors, hashed when written (verify rechecks)
+RECORD_SEAL = "mergetune.record_sha256"  # the record's JSON, hashed when written
 
 
 def versions() -> dict[str, str]:
@@ -106,9 +109,17 @@ class Record:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_metadata(self) -> dict[str, str]:
-        """The safetensors metadata of an output: the record, plus its format and kind for other tools."""
-        return {"format": self.format, "kind": self.kind, METADATA_KEY: json.dumps(self.as_dict(), sort_keys=True)}
+    def to_metadata(self, tensors: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """The safetensors metadata of an output: the record, plus its format and kind for other tools; with
+        the output's ``tensors``, a seal of both (their hashes), so ``verify`` can check the file itself."""
+        record = json.dumps(self.as_dict(), sort_keys=True)
+        metadata = {"format": self.format, "kind": self.kind, METADATA_KEY: record}
+        if tensors is not None:
+            from repair.io.write import tensors_checksum
+
+            metadata[TENSORS_SEAL] = tensors_checksum(tensors)
+            metadata[RECORD_SEAL] = hashlib.sha256(record.encode()).hexdigest()
+        return metadata
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: Path | str) -> Record | None:
@@ -172,6 +183,17 @@ class Record:
         if self.backbone.visual_sha256 not in (None, visual_fingerprint):
             return [f"{Path(source).name} was made with another image tower or transform than the loaded {loaded}"]
         return []
+
+
+def seal_checks(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> list[tuple[str, str, str]] | None:
+    """(what, recorded, now) for a sealed output's tensors and record; None for a file written without a seal."""
+    if TENSORS_SEAL not in metadata or RECORD_SEAL not in metadata:
+        return None
+    from repair.io.write import tensors_checksum
+
+    record = hashlib.sha256(metadata.get(METADATA_KEY, "").encode()).hexdigest()
+    return [("this file's tensors", metadata[TENSORS_SEAL], tensors_checksum(tensors)),
+            ("this file's record", metadata[RECORD_SEAL], record)]
 
 
 def _upgraded(data: dict[str, Any]) -> dict[str, Any]:

@@ -154,7 +154,7 @@ def test_verify_catches_a_changed_input_byte(tmp_path, tiny_spec, image_dirs, ch
                "--val-fraction", "0.2", "--epochs", "1").exit_code == 0
     ok = cli("verify", fixed, "--ft", ft, "--data", data, "--model", tiny_spec.model, "--json")
     assert ok.exit_code == 0, ok.output
-    assert [check["ok"] for check in json.loads(ok.stdout)["checks"]] == [True] * 5
+    assert [check["ok"] for check in json.loads(ok.stdout)["checks"]] == [True] * 7  # the file itself, then inputs
 
     for image in (data / "red").iterdir():  # every image of a class, so a sampled shot surely changes
         raw = bytearray(image.read_bytes())

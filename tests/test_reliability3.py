@@ -198,3 +198,93 @@ def test_3_a_16_bit_image_is_scored_as_its_8_bit_twin_through_the_cli(tmp_path, 
     reports = [json.loads(cli("eval", front_prompt, "--data", data, "--other-classes", "--json", "--no-cache",
                               *model(tiny_spec)).stdout) for data in (eight, sixteen)]
     assert reports[0]["models"] == reports[1]["models"]
+
+
+# ----------------------------------------------------------------------------- 4. nothing unfinished is published
+
+
+@pytest.fixture(scope="module")
+def repaired(tmp_path_factory, tiny_spec, image_dirs) -> dict[str, Path]:
+    """A fine-tuned prompt, its repair, and another fine-tuned prompt (not its input)."""
+    folder = tmp_path_factory.mktemp("repaired")
+    files = {name: folder / f"{name}.safetensors" for name in ("ft", "fixed", "other")}
+    for name, seed in (("ft", "0"), ("other", "3")):
+        assert cli("finetune", "--data", image_dirs["train"], "--out", files[name], "--seed", seed, *FAST,
+                   *model(tiny_spec)).exit_code == 0
+    assert cli("repair", files["ft"], "--data", image_dirs["train"], "--out", files["fixed"], *FAST,
+               *model(tiny_spec)).exit_code == 0
+    return files
+
+
+def test_4_a_cast_that_overflows_the_output_dtype_is_refused(tmp_path, tiny_spec, image_dirs, backbone):
+    big = tmp_path / "big.safetensors"
+    save_file({"ctx": init_context(backbone, "a photo of a") * 1e7}, big)  # finite in fp32, beyond fp16's 65504
+    out = tmp_path / "out.safetensors"
+    line = one_line(cli("repair", big, "--data", image_dirs["train"], "--out", out, "--dtype", "fp16",
+                        "--max-steps", "0", *FAST, *model(tiny_spec)), 9)
+    assert "ctx" in line and "float16" in line and "--dtype fp32" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["big.safetensors"]
+
+
+def _rewritten(source: Path, target: Path, change) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors, metadata = change(tensors, dict(metadata))
+    save_file(tensors, target, metadata=metadata)
+    return target
+
+
+def test_4_verify_checks_the_output_itself(tmp_path, repaired):
+    ok = cli("verify", repaired["fixed"], "--json")
+    assert ok.exit_code == 0, ok.output
+    assert [check["input"] for check in json.loads(ok.stdout)["checks"]] == ["this file's tensors",
+                                                                             "this file's record"]
+    tensors = _rewritten(repaired["fixed"], tmp_path / "tensors.safetensors",
+                         lambda t, m: ({name: value + 1e-3 for name, value in t.items()}, m))
+    assert "tensors changed" in one_line(cli("verify", tensors, "--ft", repaired["ft"]), 13)
+
+    def other_seed(tensors, metadata):
+        record = json.loads(metadata["mergetune"])
+        record["seed"] = 7
+        return tensors, {**metadata, "mergetune": json.dumps(record)}
+
+    record = _rewritten(repaired["fixed"], tmp_path / "record.safetensors", other_seed)
+    assert "record changed" in one_line(cli("verify", record), 13)
+
+
+def test_4_push_refuses_an_eval_report_that_does_not_score_the_file(tmp_path, tiny_spec, image_dirs, repaired):
+    report = tmp_path / "eval.json"
+    result = cli("eval", repaired["ft"], repaired["fixed"], "--data", image_dirs["test"], "--json",
+                 *model(tiny_spec))
+    report.write_text(result.stdout)
+    line = one_line(cli("push", repaired["other"], "--repo", "me/clip", "--eval-json", report, "--dry-run",
+                        tmp_path / "staged"), 2)
+    assert "other.safetensors" in line and "fixed.safetensors" in line
+    assert not (tmp_path / "staged").exists()
+    staged = cli("push", repaired["fixed"], "--repo", "me/clip", "--eval-json", report, "--dry-run",
+                 tmp_path / "staged")
+    assert staged.exit_code == 0, staged.output
+
+
+def test_4_path_refuses_an_ft_the_repair_was_not_made_from(tmp_path, tiny_spec, image_dirs, repaired):
+    out = tmp_path / "path.json"
+    line = one_line(cli("path", repaired["other"], repaired["fixed"], "--data", image_dirs["test"], "--out", out,
+                        *model(tiny_spec)[:-1]), 13)
+    assert "repaired from ft.safetensors" in line and "not from" in line and not out.exists()
+    loud = cli("path", repaired["ft"], repaired["other"], "--data", image_dirs["test"], "--out", out,
+               *model(tiny_spec)[:-1])  # a fine-tuned file as REPAIRED: said, not refused
+    assert loud.exit_code == 0 and "warning: other.safetensors may not be a repair" in loud.stderr
+
+
+@pytest.mark.parametrize("name, content", [
+    ("gate.toml", ""), ("gate.toml", "[gate]\n"), ("gate.json", "{}"), ("gate.json", '{"gate": {}}'),
+    ("gate.toml", "[gate]\nmin_hm = true\n"), ("gate.json", '{"min_base": false}'),
+])
+def test_4_a_gate_file_that_gates_nothing_is_refused(tmp_path, tiny_spec, image_dirs, repaired, name, content):
+    gate = tmp_path / name
+    gate.write_text(content)
+    line = one_line(cli("eval", repaired["fixed"], "--data", image_dirs["test"], "--novel-data",
+                        image_dirs["novel"], "--gate", gate, *model(tiny_spec)), 3)
+    assert name in line and ("gates nothing" in line or "must be numbers" in line)

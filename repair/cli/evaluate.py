@@ -172,6 +172,9 @@ def path_command(
             kind=value(kind), kind_options=kind_options, other_classes=other_classes, device=backbone.device,
         )
 
+        for warning in report["warnings"]:
+            say(f"warning: {warning}", err=True)
+
         def human() -> None:
             for segment in report["segments"]:
                 say(f"{segment['name']}: loss barrier {segment['loss_barrier']:.4f}, accuracy drop "
@@ -206,6 +209,8 @@ def verify_command(
         def human() -> None:
             for check in report["checks"]:
                 say(f"{check['input']}: {'matches' if check['ok'] else 'DIFFERS'}")
+            for note in report["notes"]:
+                say(f"note: {note}", err=True)
 
         emit(report, as_json, human)
         require_verified(report)

@@ -45,10 +45,12 @@ def load_thresholds(path: str | Path) -> Thresholds:
         unknown = sorted(set(table) - known) if isinstance(table, dict) else []
         raise InputFileError(f"{path}: expected keys {', '.join(sorted(known))}"
                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-    try:
-        values = {key: float(value) for key, value in table.items()}
-    except (TypeError, ValueError):
-        raise InputFileError(f"{path}: gate thresholds must be numbers") from None
+    if not table:
+        raise InputFileError(f"{path}: gates nothing (no thresholds); give at least one of {', '.join(sorted(known))}")
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in table.values()):
+        raise InputFileError(f"{path}: gate thresholds must be numbers "
+                             f"({', '.join(f'{key} = {value!r}' for key, value in table.items())})")
+    values = {key: float(value) for key, value in table.items()}
     bad = [key for key, value in values.items() if not math.isfinite(value)]
     if bad:  # nan would pass every comparison: a gate that can never fail
         raise InputFileError(f"{path}: gate thresholds must be finite numbers ({', '.join(bad)} is not)")

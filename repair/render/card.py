@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from repair.errors import InputFileError
+from repair.errors import InputFileError, UsageError
 from repair.record import BackboneIdentity, Record
 from repair.render.report import card_table
 
@@ -190,6 +190,8 @@ def model_card(record: Record | None, *, filename: str, eval_report: dict | None
             f"{filename}: no mergetune record in its metadata; only files written by "
             "`mergetune repair` or `mergetune finetune` can be described and pushed")
     report = _check_eval_report(eval_report, "eval report") if eval_report is not None else None
+    if report is not None:
+        _check_scores_this_file(report, filename, file_sha256)
     parts = [
         _front_matter(record),
         _intro(record, filename),
@@ -314,6 +316,17 @@ def _eval_section(report: Mapping[str, Any], filename: str, file_sha256: str | N
              *table.markdown(escape=_md)]
     notes = [f"- {_md(name)}: {_md(note)}" for name, note in table.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _check_scores_this_file(report: Mapping[str, Any], filename: str, file_sha256: str | None) -> None:
+    """A card's numbers must be this file's: a report in which no checkpoint row is it would publish another
+    model's accuracy under its name."""
+    rows = [row for row in report["models"] if row.get("role", "checkpoint") == "checkpoint"]
+    if not any(_is_this_file(row, filename, file_sha256) for row in rows):
+        scored = ", ".join(str(row["name"]) for row in rows) or "no checkpoint"
+        which = f" (sha256 {file_sha256[:12]})" if file_sha256 else ""
+        raise UsageError(f"the eval report scores {scored}, not {filename.rstrip('/')}{which}; evaluate this file "
+                         "(`mergetune eval ... --json`) and pass that report")
 
 
 def _is_this_file(row: Mapping[str, Any], filename: str, file_sha256: str | None) -> bool:

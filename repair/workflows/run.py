@@ -134,7 +134,8 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         result.choices.update(choices)
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
-        path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources)
+        tensors = export(kind, inputs.output_dtype)
+        path = kind.save(out, tensors, record.to_metadata(tensors), force=force, inputs=sources)
     except (KeyboardInterrupt, Terminated):
         raise
     except BaseException:
