@@ -288,3 +288,55 @@ def test_4_a_gate_file_that_gates_nothing_is_refused(tmp_path, tiny_spec, image_
     line = one_line(cli("eval", repaired["fixed"], "--data", image_dirs["test"], "--novel-data",
                         image_dirs["novel"], "--gate", gate, *model(tiny_spec)), 3)
     assert name in line and ("gates nothing" in line or "must be numbers" in line)
+
+
+# ----------------------------------------------------------------------------- 5. nothing lost
+
+
+@pytest.mark.parametrize("where", ["red/new.safetensors", "new.safetensors"])
+def test_5_a_new_output_under_an_input_data_folder_is_refused(tmp_path, tiny_spec, front_prompt, where):
+    data = _data(tmp_path)
+    out = data / where
+    line = one_line(cli("repair", front_prompt, "--data", data, "--out", out, "--other-classes", *FAST,
+                        *model(tiny_spec)), 8)
+    assert "inside the input folder" in line and not out.exists()
+
+
+def _interrupted(out: Path, ft: Path, data: Path, backbone) -> Path:
+    """A repair stopped by Ctrl-C in its third epoch: its progress file is kept for --resume."""
+    def stop(report) -> None:
+        if report.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        repair.repair(ft, data, out, backbone=backbone, config=repair.TrainConfig(epochs=4, batch_size=8, seed=11),
+                      data_options=repair.DataOptions(shots=4), on_step=stop)
+    progress = out.with_name(f".{out.name}.progress")
+    assert progress.exists()
+    return progress
+
+
+RESUMABLE = ["--epochs", "4", "--batch-size", "8", "--seed", "11", "--shots", "4"]
+
+
+def test_5_saved_progress_is_not_discarded_without_resume(tmp_path, tiny_spec, backbone, image_dirs, front_prompt):
+    out = tmp_path / "fixed.safetensors"
+    progress = _interrupted(out, front_prompt, image_dirs["train"], backbone)
+    saved = progress.read_bytes()
+    line = one_line(cli("repair", front_prompt, "--data", image_dirs["train"], "--out", out, *RESUMABLE,
+                        *model(tiny_spec)), 8)
+    assert "--resume" in line and "--force" in line and progress.name in line and "epoch 2" in line
+    assert progress.read_bytes() == saved and not out.exists()
+    resumed = cli("repair", front_prompt, "--data", image_dirs["train"], "--out", out, *RESUMABLE, "--resume",
+                  *model(tiny_spec))
+    assert resumed.exit_code == 0, resumed.output
+    assert out.exists() and not progress.exists()
+
+
+def test_5_force_discards_saved_progress(tmp_path, tiny_spec, backbone, image_dirs, front_prompt):
+    out = tmp_path / "fixed.safetensors"
+    progress = _interrupted(out, front_prompt, image_dirs["train"], backbone)
+    result = cli("repair", front_prompt, "--data", image_dirs["train"], "--out", out, *RESUMABLE, "--force",
+                 *model(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert out.exists() and not progress.exists()

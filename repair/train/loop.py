@@ -114,18 +114,33 @@ class ProgressFile:
                   "history": [asdict(report) for report in state.history]}
         write_state_file(self.path, tensors, {"state": json.dumps(record)})
 
-    def load(self, device: torch.device) -> LoopState:
+    def saved(self) -> dict | None:
+        """What the saved progress says about itself (its fingerprint, epoch, ...) without loading its tensors;
+        None when there is none."""
         if not self.path.is_file():
-            raise InputFileError(f"{self.path}: no saved progress to resume from; run without --resume")
+            return None
+        try:
+            with safe_open(self.path, "pt") as handle:
+                return json.loads(handle.metadata()["state"])
+        except Exception:
+            raise InputFileError(f"{self.path}: saved progress is damaged; delete it to start over") from None
+
+    def check_resumable(self) -> dict:
+        """The saved state's record, if it belongs to exactly this run; else a one-line refusal."""
+        record = self.saved()
+        if record is None:
+            raise UsageError(f"{self.path}: no saved progress to resume from; run without --resume")
+        if record.get("fingerprint") != self.fingerprint:
+            raise UsageError(f"{self.path}: saved progress belongs to another run (inputs or settings differ); "
+                             "resume with the same command, or pass --force instead of --resume to discard it")
+        return record
+
+    def load(self, device: torch.device) -> LoopState:
+        record = self.check_resumable()
         try:
             tensors = load_file(self.path)
-            with safe_open(self.path, "pt") as handle:
-                record = json.loads(handle.metadata()["state"])
         except Exception:
-            raise InputFileError(f"{self.path}: saved progress is damaged; run without --resume") from None
-        if record.get("fingerprint") != self.fingerprint:
-            raise InputFileError(f"{self.path}: saved progress belongs to another run (inputs or settings differ); "
-                                 "run without --resume to start over")
+            raise InputFileError(f"{self.path}: saved progress is damaged; delete it to start over") from None
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {key.split("/", 1)[1]: value.to(device) for key, value in tensors.items()

@@ -109,11 +109,10 @@ def side_inputs(data_options: DataOptions | None = None, backbone: Backbone | Ba
 
 
 def check_outside_input_folders(out: Path, folders: Sequence[Path]) -> None:
-    """Nothing that already exists inside an input folder (an image, a class folder, a model's weights) is an
-    output, not even with --force; input *files* are refused by :func:`repair.io.check_output_path`."""
+    """No output lies anywhere under an input folder (a data folder, a model's folder), whether or not it exists
+    yet, not even with --force: a new file there changes an input; input *files* are refused by
+    :func:`repair.io.check_output_path`."""
     out = Path(out)
-    if not (out.exists() or out.is_symlink()):
-        return
     where = Path(os.path.realpath(out))  # realpath, not resolve(): a symlink loop must not raise here
     for folder in folders:
         if where.is_relative_to(os.path.realpath(folder)):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from repair.data.folders import ImageFolder, load_templates
-from repair.errors import Terminated, UsageError
+from repair.errors import OutputExistsError, Terminated, UsageError
 from repair.io import TensorFile, output_lock, read_tensors
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
@@ -84,7 +84,7 @@ class RunInputs:
 
     def progress_file(self, out: Path) -> ProgressFile:
         """The per-epoch state file of a run writing ``out``, tied to exactly these inputs and settings."""
-        return ProgressFile(out.with_name(f".{out.name}.progress"), self.fingerprint())
+        return ProgressFile(progress_path(out), self.fingerprint())
 
     def record(self, result: TrainResult) -> Record:
         dataset, held_out = self.dataset, self.held_out
@@ -113,6 +113,11 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     """
     kind, options = inputs.kind, inputs.data_options
     progress = inputs.progress_file(out)
+    check_saved_progress(out, resume, force)
+    if resume:
+        progress.check_resumable()  # before encoding: a changed setting is refused at once
+    elif progress.path.exists():  # --force: the saved progress of another run is discarded
+        progress.remove()
     created_progress = not progress.path.exists()
     try:
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
@@ -144,6 +149,21 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         raise
     progress.remove()
     return RunOutcome(path, record, result)
+
+
+def progress_path(out: Path) -> Path:
+    """Where a run writing ``out`` saves its state after every epoch (hidden, next to it)."""
+    return Path(out).with_name(f".{Path(out).name}.progress")
+
+
+def check_saved_progress(out: Path, resume: bool, force: bool) -> None:
+    """Saved progress for ``out`` (an interrupted run: hours of work, maybe) is continued with ``resume`` or
+    discarded with ``force``; a run given neither refuses rather than overwrite it."""
+    saved = ProgressFile(progress_path(out), "").saved() if not (resume or force) else None
+    if saved is not None:
+        raise OutputExistsError(f"{out}: an interrupted run saved its progress here ({progress_path(out).name}, "
+                                f"epoch {saved.get('epoch', '?')}); pass --resume to continue it, or --force to "
+                                "discard it and start over")
 
 
 def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
@@ -232,6 +252,7 @@ def repair(
     check_outside_input_folders(out, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
         check_output(out, [finetuned, *files], force)
+    check_saved_progress(out, resume, force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
         source = read_tensors(finetuned)
         record = read_record(source)
@@ -279,6 +300,7 @@ def finetune(
     files, folders = side_inputs(data_options, backbone)
     check_outside_input_folders(out, [Path(data_dir), *folders])
     check_kind_output(cls, out, None, options, force, files)
+    check_saved_progress(out, resume, force)
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
@@ -289,4 +311,5 @@ def finetune(
         return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
-__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "resolve_surrogate", "OUTPUT_DTYPES"]
+__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "resolve_surrogate", "OUTPUT_DTYPES",
+           "check_saved_progress", "progress_path"]
