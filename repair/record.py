@@ -109,15 +109,14 @@ class Record:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_metadata(self, tensors: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def to_metadata(self, tensors_sha256: str | None = None) -> dict[str, str]:
         """The safetensors metadata of an output: the record, plus its format and kind for other tools; with
-        the output's ``tensors``, a seal of both (their hashes), so ``verify`` can check the file itself."""
+        the hash of the output's tensors (:func:`repair.io.tensors_checksum`), a seal of both, so ``verify``
+        can check the file itself."""
         record = json.dumps(self.as_dict(), sort_keys=True)
         metadata = {"format": self.format, "kind": self.kind, METADATA_KEY: record}
-        if tensors is not None:
-            from repair.io.write import tensors_checksum
-
-            metadata[TENSORS_SEAL] = tensors_checksum(tensors)
+        if tensors_sha256 is not None:
+            metadata[TENSORS_SEAL] = tensors_sha256
             metadata[RECORD_SEAL] = hashlib.sha256(record.encode()).hexdigest()
         return metadata
 
@@ -185,14 +184,13 @@ class Record:
         return []
 
 
-def seal_checks(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> list[tuple[str, str, str]] | None:
-    """(what, recorded, now) for a sealed output's tensors and record; None for a file written without a seal."""
+def seal_checks(metadata: Mapping[str, str], tensors_sha256: str) -> list[tuple[str, str, str]] | None:
+    """(what, recorded, now) for a sealed output's tensors (their hash now: ``tensors_sha256``) and record;
+    None for a file written without a seal."""
     if TENSORS_SEAL not in metadata or RECORD_SEAL not in metadata:
         return None
-    from repair.io.write import tensors_checksum
-
     record = hashlib.sha256(metadata.get(METADATA_KEY, "").encode()).hexdigest()
-    return [("this file's tensors", metadata[TENSORS_SEAL], tensors_checksum(tensors)),
+    return [("this file's tensors", metadata[TENSORS_SEAL], tensors_sha256),
             ("this file's record", metadata[RECORD_SEAL], record)]
 
 

@@ -340,3 +340,103 @@ def test_5_force_discards_saved_progress(tmp_path, tiny_spec, backbone, image_di
                  *model(tiny_spec))
     assert result.exit_code == 0, result.output
     assert out.exists() and not progress.exists()
+
+
+# ----------------------------------------------------------------------------- 6. exit codes and bounds
+
+
+def test_6_a_zero_length_prompt_is_refused_not_an_internal_error(tmp_path, tiny_spec, image_dirs):
+    empty = tmp_path / "empty.safetensors"
+    save_file({"ctx": torch.zeros(0, 32)}, empty)
+    line = one_line(cli("eval", empty, "--data", image_dirs["test"], *model(tiny_spec)), 5)
+    assert "no tokens" in line
+    out = tmp_path / "ft.safetensors"
+    line = one_line(cli("finetune", "--data", image_dirs["train"], "--out", out, "--ctx-init", " ", *FAST,
+                        *model(tiny_spec)), 2)
+    assert "ctx_init" in line and not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "seed must be at least 0"),
+    (["--seed", str(2**64)], "seed must be at most 9223372036854775807"),
+    (["--path-points", "1000000000000"], "path_points must be at most 100"),
+    (["--path-points", "0"], "path_points must be at least 1"),
+])
+def test_6_a_seed_or_path_points_out_of_bounds_is_a_usage_error(tmp_path, tiny_spec, image_dirs, front_prompt,
+                                                                  flags, message):
+    out = tmp_path / "fixed.safetensors"
+    line = one_line(cli("repair", front_prompt, "--data", image_dirs["train"], "--out", out, *flags, *FAST,
+                        *model(tiny_spec)), 2)
+    assert message in line and not out.exists()
+
+
+def test_6_path_points_of_a_path_report_are_bounded(tmp_path, tiny_spec, image_dirs, repaired):
+    line = one_line(cli("path", repaired["ft"], repaired["fixed"], "--data", image_dirs["test"], "--out",
+                        tmp_path / "p.json", "--points", str(10**12), *model(tiny_spec)[:-1]), 2)
+    assert "2 to 1001 points" in line
+
+
+def test_6_gate_thresholds_without_novel_data_are_a_usage_error_before_any_work(tmp_path, image_dirs, front_prompt):
+    gate = tmp_path / "gate.toml"
+    gate.write_text("[gate]\nmin_base = 10\nmax_forgetting = 5\n")
+    for flags in (["--min-hm", "50"], ["--gate", gate]):
+        line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], *flags,
+                            "--model", "no-such-model-is-ever-loaded"), 2)  # refused before a model is loaded
+        assert "need --novel-data" in line
+
+
+def test_6_resume_with_changed_settings_is_a_usage_error(tmp_path, tiny_spec, backbone, image_dirs, front_prompt):
+    out = tmp_path / "fixed.safetensors"
+    _interrupted(out, front_prompt, image_dirs["train"], backbone)
+    changed = [flag if flag != "11" else "12" for flag in RESUMABLE]  # another seed
+    line = one_line(cli("repair", front_prompt, "--data", image_dirs["train"], "--out", out, *changed, "--resume",
+                        *model(tiny_spec)), 2)
+    assert "another run" in line
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: repair.TrainConfig(epochs=-1), "epochs must be at least 0, got -1"),
+    (lambda: repair.TrainConfig(seed=2**64), "seed must be at most 9223372036854775807"),
+    (lambda: repair.TrainConfig(epochs="3"), "epochs must be an integer"),
+    (lambda: repair.Objective(path_points=10**12), "path_points must be at most 100"),
+    (lambda: repair.Objective(path_points=2.5), "path_points must be an integer"),
+    (lambda: repair.DataOptions(shots=0), "shots must be at least 1"),
+])
+def test_6_the_python_api_validates_its_value_objects_as_the_cli_does(make, message):
+    from repair.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        make()
+
+
+def test_6_the_cli_gives_the_api_s_message(tmp_path, tiny_spec, image_dirs, front_prompt):
+    line = one_line(cli("repair", front_prompt, "--data", image_dirs["train"], "--out", tmp_path / "o.safetensors",
+                        "--epochs", "-1", *model(tiny_spec)), 2)
+    assert "epochs must be at least 0, got -1" in line
+
+
+def test_6_public_functions_check_their_argument_types(tmp_path, backbone, image_dirs, front_prompt):
+    from repair.errors import UsageError
+
+    report = repair.evaluate(str(front_prompt), image_dirs["test"], backbone=backbone)  # one path, not characters
+    assert [row["name"] for row in report["models"]] == ["zero-shot", "front.safetensors"]
+    with pytest.raises(UsageError, match=r"repair\(\): config must be a TrainConfig"):
+        repair.repair(front_prompt, image_dirs["train"], tmp_path / "o.safetensors", backbone=backbone,
+                      config={"epochs": 1})
+    with pytest.raises(UsageError, match=r"evaluate\(\): backbone must be"):
+        repair.evaluate([front_prompt], image_dirs["test"], backbone="ViT-B-16")
+
+
+def test_6_predict_takes_one_image_or_a_list_and_refuses_an_empty_one(backbone, image_dirs, repaired):
+    from PIL import Image
+
+    from repair.errors import UsageError
+
+    classifier = repair.load_repaired(repaired["fixed"], backbone=backbone)
+    image = Image.open(sorted((image_dirs["test"] / "red").iterdir())[0])
+    assert classifier.predict(image) == classifier.predict([image])
+    assert len(classifier.predict([image, image])) == 2
+    with pytest.raises(UsageError, match="at least one"):
+        classifier.predict([])
+    with pytest.raises(UsageError, match="PIL images"):
+        classifier.predict(["red.png"])

@@ -24,6 +24,7 @@ from repair.data.features import Features
 from repair.errors import InputFileError, NumericalError, UsageError
 from repair.io import write_state_file
 from repair.kinds.base import Kind
+from repair.train.fields import check_fields
 from repair.train.objective import Objective, mergetune_loss
 from repair.train.surrogates import Surrogate, build_surrogate
 
@@ -40,12 +41,11 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum, in [0, 1).", "min": 0.0})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay.", "min": 0.0})
     warmup_epochs: int = field(default=1, metadata={"help": "Linear warm-up epochs.", "min": 0})
-    seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
+    seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation.",
+                                           "min": 0, "max": 2**63 - 1})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "momentum", "weight_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"{name} must be a finite number, got {getattr(self, name)}")
+        check_fields(self)  # types and the bounds above: one message for Python callers and the flags
         if not 0.0 <= self.momentum < 1.0:
             raise UsageError(f"momentum must lie in [0, 1), got {self.momentum}")
 

@@ -18,6 +18,7 @@ from repair.io import TensorFile, read_tensors
 from repair.kinds import Kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import versions
+from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
@@ -44,8 +45,9 @@ def load_evalset(backbone: Backbone, dataset: ImageFolder, name: str, options: D
     return EvalSet(name, dataset.classnames, features_for)
 
 
+@checked
 def evaluate(
-    checkpoints: Sequence[str | Path],
+    checkpoints: str | Path | Sequence[str | Path],
     data_dir: str | Path,
     *,
     novel_dir: str | Path | Sequence[str | Path] | None = None,
@@ -61,7 +63,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
 
-    ``novel_dir`` may be several held-out folders: each is reported, and "novel" is their mean.
+    ``checkpoints`` is one path or a list of them. ``novel_dir`` may be several held-out folders: each is
+    reported, and "novel" is their mean.
     Without ``backbone``, the one the first checkpoint records is loaded. The base folder must hold the
     classes each checkpoint records, unless ``other_classes`` and its kind can score other classes.
 
@@ -76,7 +79,7 @@ def evaluate(
         raise UsageError("--wise-alpha sets the WiSE-FT baseline's alpha: it needs --baselines")
     data_options = data_options or DataOptions(shots=None)
     with group.agreed():  # under eval --nproc, an input missing on one machine stops every rank alike
-        files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+        files = [read_tensors(path) for path in _as_list(checkpoints)]  # validate every input before loading a model
         if baselines and not files:
             raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
         _check_distinct_folders(data_dir, _as_list(novel_dir))

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from repair.errors import HubError, InputFileError, OutputExistsError, UsageError
 from repair.record import Record
 from repair.render.card import is_repo_id, load_eval_report, model_card, one_line
+from repair.train.fields import checked
 
 __all__ = ["HubError", "PushResult", "model_card", "prepare_upload", "push"]
 
@@ -44,6 +45,7 @@ class PushResult:
 # --------------------------------------------------------------------------- staging
 
 
+@checked
 def prepare_upload(checkpoint: Path, folder: Path, *, eval_report: Path | None = None,
                    repo_id: str | None = None) -> list[Path]:
     """Write into ``folder`` exactly what a push uploads: the checkpoint, README.md, eval.json.
@@ -158,6 +160,7 @@ def _undo(written: Sequence[Path], created: Path | None) -> None:
 # --------------------------------------------------------------------------- pushing
 
 
+@checked
 def push(checkpoint: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          eval_report: Path | None = None, dry_run_dir: Path | None = None, token: str | None = None,
          commit_message: str | None = None, endpoint: str | None = None) -> PushResult:

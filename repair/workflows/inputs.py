@@ -19,6 +19,7 @@ from repair.io import TensorFile, check_output_path, check_writable
 from repair.kinds import Kind, KindOptions
 from repair.model.backbone import Backbone, BackboneSpec, ImageEncoder, load_backbone
 from repair.record import Record
+from repair.train.fields import check_fields
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,15 @@ class DataOptions:
 
     classnames_file: Path | None = None
     templates_file: Path | None = None
-    shots: int | None = 16
-    val_fraction: float = 0.0
+    shots: int | None = field(default=16, metadata={"min": 1})
+    val_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None disables the cache
-    workers: int = 0
-    batch_size: int = 64
+    workers: int = field(default=0, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata={"min": 1})
     on_progress: Callable[[int, int], None] | None = None  # (images encoded, total) while encoding
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise OutputExistsError(f"{self.cache_dir}: the feature cache (--cache-dir or MERGETUNE_CACHE) is a "
                                     "file, not a folder; name a folder, or pass --no-cache")

@@ -22,6 +22,7 @@ from repair.io import TensorFile, atomic_output, read_tensors
 from repair.kinds import Kind, detect_kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import Record, versions
+from repair.train.fields import checked
 from repair.workflows import inputs
 from repair.workflows.inputs import DataOptions
 from repair.workflows.run import KindChoices
@@ -111,6 +112,7 @@ def _feature_source(kind: Kind, backbone: Backbone, dataset: ImageFolder,
 # --------------------------------------------------------------------------- report
 
 
+@checked
 def path_report(
     finetuned: str | Path,
     repaired: str | Path,
@@ -178,6 +180,7 @@ def path_report(
     }
 
 
+@checked
 def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Path, out: str | Path, *,
                  png: str | Path | None = None, force: bool = False, **options: object) -> dict[str, object]:
     """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""

@@ -18,7 +18,7 @@ import torch
 
 from repair.data.folders import ImageFolder, load_templates
 from repair.errors import OutputExistsError, Terminated, UsageError
-from repair.io import TensorFile, output_lock, read_tensors
+from repair.io import TensorFile, output_lock, read_tensors, tensors_checksum
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
@@ -27,6 +27,7 @@ from repair.train.objective import Objective
 from repair.train.curvature import read_vocabulary
 from repair.train.select import choose_lam_zs
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, refusals
+from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
@@ -103,6 +104,7 @@ class RunInputs:
         )
 
 
+@checked
 def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
         on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
     """Encode once, build the zero-shot term once, choose ``lam_zs`` if asked (``"auto"``), train, write ``out``
@@ -140,7 +142,7 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
         tensors = export(kind, inputs.output_dtype)
-        path = kind.save(out, tensors, record.to_metadata(tensors), force=force, inputs=sources)
+        path = kind.save(out, tensors, record.to_metadata(tensors_checksum(tensors)), force=force, inputs=sources)
     except (KeyboardInterrupt, Terminated):
         raise
     except BaseException:
@@ -213,6 +215,7 @@ def _check_output_dtype(output_dtype: str) -> None:
         raise UsageError(f"unknown output dtype {output_dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
 
 
+@checked
 def repair(
     finetuned: str | Path,
     data_dir: str | Path,
@@ -274,6 +277,7 @@ def repair(
         return outcome
 
 
+@checked
 def finetune(
     kind: str,
     data_dir: str | Path,

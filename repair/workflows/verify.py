@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from repair.errors import InputFileError, ProvenanceError, UsageError
-from repair.io import read_tensors
+from repair.io import read_tensors, tensors_checksum
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import seal_checks
+from repair.train.fields import checked
 from repair.workflows.inputs import DataOptions, read_record, resolve_backbone, select_training_images
 
 
+@checked
 def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir: str | Path | None = None,
            backbone: Backbone | BackboneSpec | None = None, device: str = "cpu",
            precision: str = "fp32") -> dict[str, Any]:
@@ -25,7 +27,7 @@ def verify(output: str | Path, *, finetuned: str | Path | None = None, data_dir:
     record = read_record(tensor_file)
     if record is None:
         raise InputFileError(f"{output}: no mergetune metadata to verify against")
-    sealed = seal_checks(tensor_file.metadata, tensor_file.tensors)
+    sealed = seal_checks(tensor_file.metadata, tensors_checksum(tensor_file.tensors))
     if sealed is None and finetuned is None and data_dir is None and backbone is None:
         raise UsageError(f"nothing to verify: {output} was written before mergetune sealed its outputs; "
                          "pass --ft, --data and/or --model")
