@@ -440,3 +440,33 @@ def test_6_predict_takes_one_image_or_a_list_and_refuses_an_empty_one(backbone, 
         classifier.predict([])
     with pytest.raises(UsageError, match="PIL images"):
         classifier.predict(["red.png"])
+
+
+# ----------------------------------------------------------------------------- 7. --json keeps its promise on failure
+
+
+@pytest.mark.parametrize("command", [
+    ["repair", "{missing}", "--data", "{data}", "--out", "{out}"],
+    ["finetune", "--data", "{missing}", "--out", "{out}"],
+    ["eval", "{missing}", "--data", "{data}"],
+    ["path", "{missing}", "{missing}", "--data", "{data}", "--out", "{out}"],
+    ["verify", "{missing}", "--ft", "{missing}"],
+    ["inspect", "{missing}"],
+    ["push", "{missing}", "--repo", "me/clip", "--dry-run", "{folder}"],
+    ["eval", "{missing}", "--data", "{data}", "--no-such-flag"],  # a parse error, before any command body runs
+])
+def test_7_every_json_command_prints_a_json_error_document(tmp_path, image_dirs, command):
+    values = {"missing": tmp_path / "missing.safetensors", "data": image_dirs["test"], "out": tmp_path / "o.safetensors",
+              "folder": tmp_path / "staged"}
+    result = cli(*[part.format(**values) for part in command], "--json")
+    assert result.exit_code in (2, 3, 6), result.output
+    document = json.loads(result.stdout)
+    assert document == {"error": result.stderr.strip().removeprefix("error: "), "exit_code": result.exit_code}
+
+
+def test_7_a_failed_gate_keeps_the_report_as_the_one_document(tiny_spec, image_dirs, repaired):
+    result = cli("eval", repaired["fixed"], "--data", image_dirs["test"], "--min-base", "100", "--json",
+                 *model(tiny_spec))
+    assert result.exit_code == 11
+    document = json.loads(result.stdout)  # one document: the report, with the gate's verdict in it
+    assert document["gate"]["passed"] is False
