@@ -66,6 +66,8 @@ class DataInput:
     manifest_sha256: str
     val_images: int = 0
     val_manifest_sha256: str | None = None
+    per_class: list[int] | None = None  # training images of each class: the shots actually used
+    val_per_class: list[int] | None = None  # held-out images of each class
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Record:
     result: dict[str, Any]  # repair.train.loop.TrainResult
     versions: dict[str, str] = field(default_factory=versions)
     format: str = FORMAT
+    scores_other_classes: bool | None = None  # can the file score classes it was not trained on (None: not recorded)
 
     # ------------------------------------------------------------------ writing and reading
 
@@ -162,6 +165,7 @@ class Record:
                              data=_typed(DataInput, inputs["data"])),
             "result": _mapping(data["result"]),
             "versions": {str(key): str(value) for key, value in _mapping(data.get("versions", {})).items()},
+            "scores_other_classes": data.get("scores_other_classes"),
         }
         if not isinstance(values["kind"], str) or not values["kind"] or not isinstance(values["backbone"].model, str):
             raise ValueError("no kind or backbone model")

@@ -470,3 +470,87 @@ def test_7_a_failed_gate_keeps_the_report_as_the_one_document(tiny_spec, image_d
     assert result.exit_code == 11
     document = json.loads(result.stdout)  # one document: the report, with the gate's verdict in it
     assert document["gate"]["passed"] is False
+
+
+# ----------------------------------------------------------------------------- 8. the model card tells the truth
+
+
+def _card(tmp_path: Path, checkpoint: Path, *extra: object) -> str:
+    staged = tmp_path / f"staged-{checkpoint.stem}"
+    result = cli("push", checkpoint, "--repo", "me/clip", "--dry-run", staged, *extra)
+    assert result.exit_code == 0, result.output
+    return (staged / "README.md").read_text()
+
+
+def test_8_one_value_per_option(tmp_path, tiny_spec, image_dirs, backbone):
+    foreign = tmp_path / "coop.safetensors"  # a CoOp prompt with no record: its n_ctx is read from the tensor
+    save_file({"ctx": init_context(backbone, "a photo of a")}, foreign)
+    fixed = tmp_path / "fixed.safetensors"
+    assert cli("repair", foreign, "--data", image_dirs["train"], "--out", fixed, "--max-steps", "1", *FAST,
+               *model(tiny_spec)).exit_code == 0
+    card = _card(tmp_path, fixed)
+    assert "not set" not in card  # today: "n ctx | `not set`" beside "n ctx | `4`"
+    for label in ("n ctx", "class specific", "seed"):
+        assert card.count(f"| {label} |") == 1, label
+    assert "| n ctx | `4` |" in card
+
+
+def test_8_the_shots_actually_used(tmp_path, tiny_spec, image_dirs):
+    head = tmp_path / "head.safetensors"  # 12 images per class: 16 shots asked, a quarter held out
+    assert cli("finetune", "--kind", "linear", "--data", image_dirs["train"], "--out", head, "--shots", "16",
+               "--val-fraction", "0.25", "--epochs", "1", "--batch-size", "8", *model(tiny_spec)).exit_code == 0
+    card = _card(tmp_path, head)
+    assert "| shots per class used | `9 (16 asked), 3 more held out for validation` |" in card
+    assert "| shots | `16` |" not in card
+
+
+def test_8_test_images_and_baselines_chosen_on_test_are_said(tmp_path, tiny_spec, image_dirs, repaired):
+    report = tmp_path / "eval.json"
+    result = cli("eval", repaired["ft"], repaired["fixed"], "--data", image_dirs["test"], "--novel-data",
+                 image_dirs["novel"], "--baselines", "--json", *model(tiny_spec))
+    assert result.exit_code == 0, result.output
+    report.write_text(result.stdout)
+    card = _card(tmp_path, repaired["fixed"], "--eval-json", report)
+    assert "Base accuracy rests on 40 test images of 4 classes; novel accuracy on 40 test images of 4 classes" in card
+    wise = next(line for line in card.splitlines() if line.startswith("| wise-ft"))
+    assert "chosen on these test images" in wise
+    ensemble = next(line for line in card.splitlines() if line.startswith("| ensemble"))
+    assert "chosen on these test images" not in ensemble
+
+
+def test_8_a_head_that_scores_only_its_classes_is_image_classification(tmp_path, tiny_spec, image_dirs, repaired):
+    head = tmp_path / "head.safetensors"
+    assert cli("finetune", "--kind", "linear", "--data", image_dirs["train"], "--out", head, *FAST,
+               *model(tiny_spec)).exit_code == 0
+    assert "pipeline_tag: image-classification\n" in _card(tmp_path, head)
+    assert "pipeline_tag: zero-shot-image-classification\n" in _card(tmp_path, repaired["fixed"])
+
+
+def test_8_license_in_the_front_matter_where_known(tmp_path, monkeypatch, repaired):
+    front = _card(tmp_path, repaired["fixed"], "--license", "apache-2.0").split("---")[1]
+    assert "license: apache-2.0" in front
+    line = one_line(cli("push", repaired["fixed"], "--repo", "me/clip", "--dry-run", tmp_path / "bad", "--license",
+                        "MIT or whatever"), 2)
+    assert "license" in line
+
+    # the base model's own license, read from its card in the local Hugging Face cache (no network)
+    from repair.record import BackboneIdentity
+    from repair.render.card import model_card
+    from repair.workflows.inputs import read_record
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--laion--CLIP-ViT-B-16-laion2B-s34B-b88K" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: mit\nlibrary_name: open_clip\n---\n# card\n")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    record = read_record(repair.read_tensors(repaired["fixed"]))
+    import dataclasses
+
+    on_the_hub = dataclasses.replace(record, backbone=BackboneIdentity("hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K"))
+    front = model_card(on_the_hub, filename="fixed.safetensors").split("---")[1]
+    assert "base_model: laion/CLIP-ViT-B-16-laion2B-s34B-b88K" in front and "license: mit" in front

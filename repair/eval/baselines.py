@@ -36,6 +36,7 @@ def wise_ft(evaluation: Evaluation, kind: Kind, alpha: float | None = None) -> t
         kind.load_values(tuned)
     best_alpha, best = max(curve, key=lambda item: selection_score(item[1]))
     best.name = f"wise-ft (a={best_alpha:.2f}, given)" if alpha is not None else f"wise-ft (best a={best_alpha:.1f})"
+    best.chosen_on_test = alpha is None
     report = {
         "best_alpha": best_alpha,
         "selection": ("the caller (--wise-alpha, e.g. from a validation split)" if alpha is not None else

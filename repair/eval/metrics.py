@@ -90,6 +90,7 @@ class ModelResult:
     novel_sets: dict[str, float] = field(default_factory=dict)  # accuracy per held-out set
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    chosen_on_test: bool = False  # a baseline whose setting (WiSE-FT's alpha) was chosen on this data: optimistic
     _novel_eces: dict[str, float] = field(default_factory=dict, repr=False)
 
     def set_split(self, split: str, metrics: SplitMetrics) -> None:

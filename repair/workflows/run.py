@@ -92,7 +92,9 @@ class RunInputs:
         checkpoint = None if self.source is None else CheckpointInput(self.source.path.name, self.source.sha256)
         data = DataInput(path=str(dataset.root), images=len(dataset), manifest_sha256=dataset.manifest_sha256(),
                          val_images=len(held_out) if held_out is not None else 0,
-                         val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None)
+                         val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None,
+                         per_class=[len(indices) for indices in dataset.indices_by_class()],
+                         val_per_class=[len(indices) for indices in held_out.indices_by_class()] if held_out else None)
         return Record(
             stage=self.stage, kind=self.kind.name, kind_options=self.kind.recorded_options(),
             kind_details=self.kind.describe(), trainable_numbers=self.kind.num_trainable(),
@@ -101,6 +103,7 @@ class RunInputs:
             objective=self.objective.as_dict(), train=self.config.as_dict(), seed=self.config.seed,
             data=DataSettings(self.data_options.shots, self.data_options.val_fraction, self.output_dtype),
             inputs=Inputs(checkpoint, data), result=result.as_dict(),
+            scores_other_classes=self.kind.scores_other_classes(),
         )
 
 
