@@ -141,7 +141,7 @@ def test_gate_exit_codes_and_markdown(tmp_path, tiny_spec, image_dirs, checkpoin
         assert refused.exit_code == 2 and flag in refused.output and "Traceback" not in refused.output
     no_novel = cli("eval", checkpoints["fixed"], "--data", image_dirs["test"], "--model", tiny_spec.model,
                    "--min-hm", "1")
-    assert no_novel.exit_code == 6 and "--novel-data" in no_novel.output
+    assert no_novel.exit_code == 2 and "--novel-data" in no_novel.output
 
 
 def test_verify_catches_a_changed_input_byte(tmp_path, tiny_spec, image_dirs, checkpoints):
