@@ -71,7 +71,7 @@ MAX_POINTS = 1001  # each point scores every image once: a finer path shows noth
 def path_ts(points: int) -> list[float]:
     """``points`` evenly spaced values from 0 to 1; ``i / (n - 1)`` keeps 0.3 as 0.3, not 0.30000000000000004."""
     if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_POINTS:
-        raise UsageError(f"a path needs 2 to {MAX_POINTS} points, got {points!r}")
+        raise UsageError(f"a path needs at least 2 and at most {MAX_POINTS} points, got {points!r}")
     return [index / (points - 1) for index in range(points)]
 
 
