@@ -138,6 +138,10 @@ def test_3_novel_data_sharing_classes_with_data_is_refused(tmp_path, tiny_spec, 
     line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--novel-data", copy,
                         *model(tiny_spec)), 2)
     assert "40 of the images" in line
+    (mixed / "red").rename(mixed / "Red")  # another folder, the same prompt: CLIP's tokenizer ignores case
+    line = one_line(cli("eval", front_prompt, "--data", image_dirs["test"], "--novel-data", mixed,
+                        *model(tiny_spec)), 2)
+    assert "Red" in line and "shares" in line
 
 
 def test_3_a_shifted_set_of_the_same_classes_is_still_a_held_out_set(tmp_path, tiny_spec, image_dirs, front_prompt):

@@ -160,8 +160,12 @@ def _check_held_out(base: ImageFolder, held_out: Sequence[ImageFolder]) -> None:
     """A held-out set holds other classes than the base set (base-to-novel), or exactly its classes in other
     images (a domain shift, a corruption). One that shares some base classes, or base images, would score base
     accuracy as novel accuracy."""
+    def prompts(folder: ImageFolder) -> dict[str, str]:  # CLIP's tokenizer ignores case and spacing
+        return {" ".join(name.split()).lower(): name for name in folder.classnames}
+
     for folder in held_out:
-        shared = [name for name in folder.folders if name in base.folders]
+        shared = [name for name in folder.folders if name in base.folders] or \
+            [name for key, name in prompts(folder).items() if key in prompts(base)]
         if shared and set(folder.folders) != set(base.folders):
             raise UsageError(f"{folder.root}: a held-out folder (--novel-data) that shares class(es) "
                              f"{', '.join(shared[:5])} with --data {base.root}; held-out classes must be other "
