@@ -107,8 +107,9 @@ def require_novel(thresholds: Thresholds, has_novel: bool) -> None:
     """Thresholds on novel accuracy need held-out data: without it they could never be checked (a usage error)."""
     needing = [name for name in ("min_novel", "min_hm", "max_forgetting") if getattr(thresholds, name) is not None]
     if needing and not has_novel:
-        raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in needing)} need --novel-data "
-                         "(held-out classes to measure novel accuracy on)")
+        raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in needing)} "
+                         f"{'need' if len(needing) > 1 else 'needs'} --novel-data (held-out classes to measure novel "
+                         "accuracy on)")
 
 
 def assemble(flags: Thresholds, gate_file: str | Path | None = None, has_novel: bool | None = None) -> Thresholds:

@@ -147,7 +147,7 @@ class CoOpOptions(KindOptions):
         super().__post_init__()
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}")
-        if not self.ctx_init.strip():
+        if not isinstance(self.ctx_init, str) or not self.ctx_init.strip():
             raise ValueError("ctx_init must hold at least one word (the prompt's zero-shot start, e.g. 'a photo of a')")
 
 

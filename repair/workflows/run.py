@@ -94,7 +94,7 @@ class RunInputs:
                          val_images=len(held_out) if held_out is not None else 0,
                          val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None,
                          per_class=[len(indices) for indices in dataset.indices_by_class()],
-                         val_per_class=[len(indices) for indices in held_out.indices_by_class()] if held_out else None)
+                         val_per_class=[len(indices) for indices in held_out.indices_by_class()] if held_out is not None else None)
         return Record(
             stage=self.stage, kind=self.kind.name, kind_options=self.kind.recorded_options(),
             kind_details=self.kind.describe(), trainable_numbers=self.kind.num_trainable(),
