@@ -8,6 +8,7 @@ The backbone check (was this file made against these weights?) lives on it too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from repair.errors import IncompatibleCheckpointError, InputFileError
 FORMAT = "mergetune/2"
 READABLE_FORMATS = ("mergetune/1", FORMAT)
 METADATA_KEY = "mergetune"  # the safetensors metadata entry holding the record as JSON
+TENSORS_SEAL = "mergetune.tensors_sha256"  # the output's own tensors, hashed when written (verify rechecks)
+RECORD_SEAL = "mergetune.record_sha256"  # the record's JSON, hashed when written
 
 
 def versions() -> dict[str, str]:
@@ -63,6 +66,8 @@ class DataInput:
     manifest_sha256: str
     val_images: int = 0
     val_manifest_sha256: str | None = None
+    per_class: list[int] | None = None  # training images of each class: the shots actually used
+    val_per_class: list[int] | None = None  # held-out images of each class
 
 
 @dataclass(frozen=True)
@@ -100,15 +105,23 @@ class Record:
     result: dict[str, Any]  # repair.train.loop.TrainResult
     versions: dict[str, str] = field(default_factory=versions)
     format: str = FORMAT
+    scores_other_classes: bool | None = None  # can the file score classes it was not trained on (None: not recorded)
 
     # ------------------------------------------------------------------ writing and reading
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_metadata(self) -> dict[str, str]:
-        """The safetensors metadata of an output: the record, plus its format and kind for other tools."""
-        return {"format": self.format, "kind": self.kind, METADATA_KEY: json.dumps(self.as_dict(), sort_keys=True)}
+    def to_metadata(self, tensors_sha256: str | None = None) -> dict[str, str]:
+        """The safetensors metadata of an output: the record, plus its format and kind for other tools; with
+        the hash of the output's tensors (:func:`repair.io.tensors_checksum`), a seal of both, so ``verify``
+        can check the file itself."""
+        record = json.dumps(self.as_dict(), sort_keys=True)
+        metadata = {"format": self.format, "kind": self.kind, METADATA_KEY: record}
+        if tensors_sha256 is not None:
+            metadata[TENSORS_SEAL] = tensors_sha256
+            metadata[RECORD_SEAL] = hashlib.sha256(record.encode()).hexdigest()
+        return metadata
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: Path | str) -> Record | None:
@@ -152,6 +165,7 @@ class Record:
                              data=None if inputs.get("data") is None else _typed(DataInput, inputs["data"])),
             "result": _mapping(data["result"]),
             "versions": {str(key): str(value) for key, value in _mapping(data.get("versions", {})).items()},
+            "scores_other_classes": data.get("scores_other_classes"),
         }
         if not isinstance(values["kind"], str) or not values["kind"] or not isinstance(values["backbone"].model, str):
             raise ValueError("no kind or backbone model")
@@ -172,6 +186,16 @@ class Record:
         if self.backbone.visual_sha256 not in (None, visual_fingerprint):
             return [f"{Path(source).name} was made with another image tower or transform than the loaded {loaded}"]
         return []
+
+
+def seal_checks(metadata: Mapping[str, str], tensors_sha256: str) -> list[tuple[str, str, str]] | None:
+    """(what, recorded, now) for a sealed output's tensors (their hash now: ``tensors_sha256``) and record;
+    None for a file written without a seal."""
+    if TENSORS_SEAL not in metadata or RECORD_SEAL not in metadata:
+        return None
+    record = hashlib.sha256(metadata.get(METADATA_KEY, "").encode()).hexdigest()
+    return [("this file's tensors", metadata[TENSORS_SEAL], tensors_sha256),
+            ("this file's record", metadata[RECORD_SEAL], record)]
 
 
 def _upgraded(data: dict[str, Any]) -> dict[str, Any]:

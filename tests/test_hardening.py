@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from repair import DataOptions, repair as run_repair
 from repair.io import read_tensors
 from repair.cli.app import app
-from repair.errors import InputFileError
+from repair.errors import UsageError
 from repair.kinds.coop import init_context
 from repair.train.loop import TrainConfig
 
@@ -61,9 +61,9 @@ def test_resume_refuses_progress_of_another_run(tmp_path, backbone, image_dirs, 
         run_repair(ft, image_dirs["train"], out, backbone=backbone, config=CONFIG, data_options=DATA,
                    on_step=interrupt_at(3))
     other = TrainConfig(epochs=4, batch_size=8, lr=0.5, seed=11)
-    with pytest.raises(InputFileError, match="another run"):
+    with pytest.raises(UsageError, match="another run"):  # a usage error (exit 2), before any work
         run_repair(ft, image_dirs["train"], out, backbone=backbone, config=other, data_options=DATA, resume=True)
-    with pytest.raises(InputFileError, match="no saved progress"):
+    with pytest.raises(UsageError, match="no saved progress"):
         run_repair(ft, image_dirs["train"], tmp_path / "new.safetensors", backbone=backbone, config=CONFIG,
                    data_options=DATA, resume=True)
 

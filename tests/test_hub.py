@@ -97,7 +97,8 @@ def test_card_names_backbone_method_kind_and_hyperparameters(repaired, tiny_mode
     surrogate, lam_zs = CoOpPrompts.defaults.surrogate, CoOpPrompts.defaults.lam_zs
     for expected in (f"| lam_zs (zero-shot surrogate weight) | `{lam_zs:g}` |", "| lam_lmc (path term weight) | `1` |",
                      "| path points K | `5` |", f"| surrogate | `{surrogate}` |", "| lr | `0.002` |",
-                     "| weight decay | `0.0005` |", "| shots | `4` |", "| seed | `0` |", "| n ctx | `4` |"):
+                     "| weight decay | `0.0005` |", "| shots per class used | `4 (4 asked)` |", "| seed | `0` |",
+                     "| n ctx | `4` |"):
         assert expected in card
     assert "blue, green, red, yellow" in card
     assert record.inputs.checkpoint.sha256 in card

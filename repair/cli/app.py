@@ -41,7 +41,7 @@ TERMINATED = "terminated; no output was written (progress is kept for --resume)"
 stdout = Console()
 stderr = Console(stderr=True)
 T = TypeVar("T")
-_state = {"debug": os.environ.get("MERGETUNE_DEBUG", "") not in ("", "0")}
+_state = {"debug": os.environ.get("MERGETUNE_DEBUG", "") not in ("", "0"), "json": False, "emitted": False}
 
 
 class LazyCommands(TyperGroup):
@@ -60,9 +60,11 @@ class LazyCommands(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl([(name, short_help) for name, (_, short_help) in COMMANDS.items()])
 
-    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+    def make_context(self, info_name: Any, args: list[str], *rest: Any, **kwargs: Any) -> Any:
+        # --json promises JSON on stdout, also for a failure: known before the command line is even parsed
+        _state.update(json="--json" in args[: args.index("--") if "--" in args else None], emitted=False)
         with _one_line_usage_errors():
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, *rest, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:
         with _one_line_usage_errors():
@@ -78,7 +80,7 @@ class OneLineUsageError(ClickUsageError):
 
     def show(self, file: Any = None) -> None:
         command = self.ctx.command_path if self.ctx is not None else "mergetune"
-        say(f"error: {self.format_message()} (see '{command} --help')", err=True)
+        fail(f"error: {self.format_message()} (see '{command} --help')", self.exit_code)
 
 
 @contextlib.contextmanager
@@ -119,23 +121,22 @@ def run(action: Callable[[], T]) -> T:
     try:
         return action()
     except Terminated:
-        stderr.print(TERMINATED, markup=False)
+        fail(TERMINATED, EXIT_TERMINATED)
         raise typer.Exit(EXIT_TERMINATED) from None
     except MergetuneError as exc:
         if _state["debug"]:
             raise
-        stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        fail(f"error: {exc}", exc.exit_code)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("interrupted; no output was written (progress is kept for --resume)", markup=False)
+        fail("interrupted; no output was written (progress is kept for --resume)", EXIT_INTERRUPTED)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
     except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
         if _state["debug"]:
             raise
-        stderr.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                     markup=False, highlight=False, soft_wrap=True)
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", EXIT_INTERNAL)
         raise typer.Exit(EXIT_INTERNAL) from None
     finally:
         if in_main_thread:
@@ -155,8 +156,19 @@ def emit(document: Any, as_json: bool, human: Callable[[], None]) -> None:
     """The one output decision: strict JSON on stdout (no NaN, no Infinity), or the human form."""
     if as_json:
         stdout.out(json.dumps(_strict(document), allow_nan=False), highlight=False)
+        _state["emitted"] = True  # a refusal after the report (a failed gate) must not add a second document
     else:
         human()
+
+
+def fail(line: str, exit_code: int) -> None:
+    """A failure's one line on stderr; with --json also a JSON error document on stdout (unless the command
+    already printed its document), so a CI step that redirects stdout never reads an empty file."""
+    say(line, err=True)
+    if _state.get("json") and not _state.get("emitted"):
+        message = line.removeprefix("error: ")
+        stdout.out(json.dumps({"error": message, "exit_code": exit_code}), highlight=False)
+        _state["emitted"] = True
 
 
 def _strict(value: Any) -> Any:

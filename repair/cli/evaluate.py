@@ -130,7 +130,8 @@ def eval_command(
         init_from_env()  # also when started as `torchrun -m repair.cli eval ...`
         writes = rank_and_world()[0] == 0  # --markdown is written by rank 0 alone, and checked there
         with agreed():  # a gate file that one machine lacks, or rank 0's summary path, stops every rank alike
-            thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate)
+            thresholds = gating.assemble(gating.Thresholds(min_base, min_novel, min_hm, max_forgetting), gate,
+                                         has_novel=bool(novel_data))
             if markdown is not None and writes:
                 files, folders = side_inputs(data_flags.options(), BackboneSpec(model, pretrained, model_config)
                                              if model else None)
@@ -178,7 +179,7 @@ def path_command(
     data: Annotated[Path, typer.Option("--data", help="Labelled test images (an ImageFolder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the JSON report.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also plot accuracy and loss along the paths.")] = None,
-    points: Annotated[int, typer.Option("--points", min=2, help="Points per segment, t = 0 .. 1.")] = 11,
+    points: Annotated[int, typer.Option("--points", help="Points per segment, t = 0 .. 1 (2..1001).")] = 11,
     kind: KindOpt = None,
     other_classes: OtherClassesOpt = False,
     force: ForceOpt = False,
@@ -195,6 +196,9 @@ def path_command(
             backbone=backbone.spec(), points=points, data_options=data_flags.options(),
             kind=value(kind), kind_options=kind_options, other_classes=other_classes, device=backbone.device,
         )
+
+        for warning in report["warnings"]:
+            say(f"warning: {warning}", err=True)
 
         def human() -> None:
             for segment in report["segments"]:
@@ -232,6 +236,8 @@ def verify_command(
         def human() -> None:
             for check in report["checks"]:
                 say(f"{check['input']}: {'matches' if check['ok'] else 'DIFFERS'}")
+            for note in report["notes"]:
+                say(f"note: {note}", err=True)
 
         emit(report, as_json, human)
         require_verified(report)

@@ -26,6 +26,9 @@ def push_command(
     dry_run: Annotated[Optional[Path], typer.Option(
         "--dry-run", help="Write the exact folder that would be uploaded here; upload nothing.")] = None,
     message: Annotated[Optional[str], typer.Option("--message", help="Commit message.")] = None,
+    license: Annotated[Optional[str], typer.Option(
+        "--license", help="The card's license (a Hub id: mit, apache-2.0, ...) [default: the base model's, where "
+                          "its card is in the local Hugging Face cache].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a checkpoint with a generated model card to the Hugging Face Hub (token: HF login or HF_TOKEN)."""
@@ -34,7 +37,7 @@ def push_command(
         from repair.workflows.hub import push
 
         result = push(checkpoint, repo, private=private, revision=revision, eval_report=eval_json,
-                      dry_run_dir=dry_run, commit_message=message)
+                      dry_run_dir=dry_run, commit_message=message, license=license)
 
         def human() -> None:
             if result.dry_run:

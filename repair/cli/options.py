@@ -168,10 +168,13 @@ def with_flags(name: str, group: type) -> Callable[[Callable[..., Any]], Callabl
 
 
 def _flag_annotation(field: dataclasses.Field, hint: Any) -> Any:
+    """The field's flag; its bounds are checked by the dataclass itself (one message for flags and Python),
+    and shown in the help."""
     if typing.get_origin(hint) is Annotated:
         return hint
-    bounds = {key: field.metadata[key] for key in ("min", "max") if key in field.metadata}
-    option = typer.Option("--" + field.name.replace("_", "-"), help=field.metadata.get("help", ""), **bounds)
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    bounds = f" [{low}..{high}]" if low is not None and high is not None else f" [>= {low}]" if low is not None else ""
+    option = typer.Option("--" + field.name.replace("_", "-"), help=field.metadata.get("help", "") + bounds)
     return Annotated[hint, option]
 
 

@@ -28,7 +28,7 @@ from repair.cli.options import (
     with_kind_options,
 )
 from repair.train.loop import TrainConfig
-from repair.train.objective import Objective
+from repair.train.objective import MAX_PATH_POINTS, Objective
 from repair.workflows.run import RunOutcome, finetune, repair
 
 app = command_group()
@@ -78,9 +78,10 @@ def repair_command(
         help="Weight of the zero-shot surrogate, or 'auto': chosen on a held-out quarter of the shots "
              "(default: the kind's, see README).")] = None,
     vocabulary: VocabularyOpt = None,
-    lam_lmc: Annotated[float, typer.Option("--lam-lmc", min=0.0, help="Weight of the path term towards the input.")
+    lam_lmc: Annotated[float, typer.Option("--lam-lmc", help="Weight of the path term towards the input (>= 0).")
                        ] = 1.0,
-    path_points: Annotated[int, typer.Option("--path-points", min=1, help="K points t=(k+0.5)/K on the path.")] = 5,
+    path_points: Annotated[int, typer.Option(
+        "--path-points", help=f"K points t=(k+0.5)/K on the path (1..{MAX_PATH_POINTS}).")] = 5,
     other_classes: OtherClassesOpt = False,
     output_format: Annotated[Optional[OutputFormat], typer.Option(
         "--format", help="Output packaging: 'input' (the input's own: a Dassl checkpoint stays one, a Hugging Face "

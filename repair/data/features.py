@@ -78,12 +78,26 @@ def open_image(path: Path) -> Image.Image:
     """Decode one image as RGB; a corrupt file is a DataError naming it (we never guess labels)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _as_rgb(image)
     except Image.DecompressionBombError:
         raise DataError(f"{path}: image too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} "
                         "pixels); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}); remove or replace it") from None
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. PIL's own conversion clips a 16-bit or 32-bit grey image at 255 (almost
+    all white): such values are scaled from their full range instead (16 bits; floats from 0..1 when they all
+    lie there, else read as 0..255)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        scaled = np.asarray(image).astype(np.float64).clip(0, 65535) / 257.0
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image).astype(np.float64))
+        scaled = (values * 255.0 if values.max(initial=0.0) <= 1.0 else values).clip(0.0, 255.0)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), "L").convert("RGB")
 
 
 def features_cache_key(encoder: ImageEncoder, file_hashes: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,7 +18,16 @@ from pathlib import Path
 
 from repair.errors import DataError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".webp",
+                              ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".qoi"})
+# image files of formats mergetune does not decode: refused by name, never skipped (a smaller class is another task)
+UNREAD_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".avifs", ".jxl", ".jp2", ".j2k", ".jpx", ".svg",
+                                     ".psd", ".exr", ".hdr", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf",
+                                     ".rw2", ".raf", ".eps", ".pcx", ".sgi", ".xcf"})
+# how the common image formats start: an image under another name (no extension, ".bak") is found by its content
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+                     b"\xff\x0a", b"\x00\x00\x00\x0cJXL ", b"\x00\x00\x00\x0cjP  ")
+_ISO_IMAGE_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -120,11 +130,15 @@ def scan_image_folder(root: str | Path, classnames_file: str | Path | None = Non
         raise DataError(f"{root}: a file, not a data folder (one folder of images per class)")
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    folders = sorted(entry.name for entry in _entries(root) if entry.is_dir())
+    entries = _entries(root)
+    stray = [entry for entry in entries if entry.is_file() and _is_image_file(entry)]
+    if stray:
+        raise DataError(f"{stray[0]}: an image outside any class folder; put it in its class's folder or remove it")
+    folders = sorted(entry.name for entry in entries if entry.is_dir())
     files: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
-        images = sorted(path for path in _entries(root / folder) if path.suffix.lower() in IMAGE_EXTENSIONS)
+        images = _class_images(root / folder)
         if not images:
             raise DataError(f"{root / folder}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files.extend(images)
@@ -151,6 +165,51 @@ def _entries(folder: Path) -> list[Path]:
     return entries
 
 
+def _class_images(folder: Path) -> list[Path]:
+    """The images of one class folder. Images it holds that would not be read are refused by name, never
+    skipped: one in a sub-folder, or of a format mergetune does not decode."""
+    images = []
+    for entry in _entries(folder):
+        if entry.is_dir():
+            nested = _first_image_under(entry)
+            if nested is not None:
+                raise DataError(f"{nested}: an image in a sub-folder of the class folder {folder}; only images "
+                                "directly in a class folder are read: move it up, or out of the data folder")
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(entry)
+        elif entry.suffix.lower() in UNREAD_IMAGE_EXTENSIONS:
+            raise DataError(f"{entry}: mergetune does not read {entry.suffix.lower()} images; convert it to PNG or "
+                            "JPEG, or remove it")
+        elif _is_image_file(entry):
+            raise DataError(f"{entry}: an image (by its content) without an image file extension; give it its "
+                            "format's extension (.jpg, .png, ...), or remove it")
+    return sorted(images)
+
+
+def _first_image_under(folder: Path) -> Path | None:
+    for parent, children, names in os.walk(folder):
+        children[:] = sorted(child for child in children if not child.startswith("."))
+        for name in sorted(names):
+            path = Path(parent) / name
+            if not name.startswith(".") and path.is_file() and (path.suffix.lower() in IMAGE_EXTENSIONS
+                                                                 or _is_image_file(path)):
+                return path
+    return None
+
+
+def _is_image_file(path: Path) -> bool:
+    """An image by its extension, or by how its content starts (a JPEG saved without its extension)."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in UNREAD_IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[4:8] == b"ftyp" and head[8:12] in _ISO_IMAGE_BRANDS)
+
+
 def check_classnames(classnames: Sequence[str], source: str | Path) -> None:
     """Two classes with one display name would get the same prompt: their scores would be meaningless."""
     empty = [index for index, name in enumerate(classnames) if not name.strip()]
@@ -173,7 +232,9 @@ def load_classnames(path: str | Path, folders: Sequence[str]) -> list[str]:
 
     JSON: ``{"folder": "name"}``, a list of names in folder order, or a list of
     ``{"folder": ..., "name": ...}`` records. Text: ``folder<TAB or colon>name`` per line,
-    or one name per line in sorted folder order.
+    or one name per line in sorted folder order. A file that looks like a mapping (every text
+    line a pair) is read as one: a folder it names that the data folder lacks is refused by
+    name, never turned into a list of names in folder order.
     """
     path = Path(path)
     try:
@@ -181,6 +242,10 @@ def load_classnames(path: str | Path, folders: Sequence[str]) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read class names ({exc.__class__.__name__})") from None
     mapping = _parse_classnames(path, text, folders)
+    unknown = [folder for folder in mapping if folder not in folders]
+    if unknown:
+        raise DataError(f"{path}: names class folder(s) {', '.join(map(repr, unknown[:5]))} that the data folder "
+                        f"does not have (its folders: {', '.join(folders[:8])}{', ...' if len(folders) > 8 else ''})")
     missing = [folder for folder in folders if folder not in mapping]
     if missing:
         raise DataError(f"{path}: no class name for folder(s) {', '.join(missing[:5])}")
@@ -197,7 +262,7 @@ def _parse_classnames(path: Path, text: str, folders: Sequence[str]) -> dict[str
             return {str(key): str(value) for key, value in data.items()}
         if isinstance(data, list) and all(isinstance(item, dict) for item in data):
             try:
-                return {str(item["folder"]): str(item["name"]) for item in data}
+                return _one_name_each(path, [(str(item["folder"]), str(item["name"])) for item in data])
             except KeyError:
                 raise DataError(f"{path}: JSON records need 'folder' and 'name'") from None
         if isinstance(data, list) and all(isinstance(item, str) for item in data):
@@ -205,9 +270,23 @@ def _parse_classnames(path: Path, text: str, folders: Sequence[str]) -> dict[str
         raise DataError(f"{path}: expected an object folder->name or a list of names")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     pairs = [_split_pair(line) for line in lines]
-    if pairs and all(pair is not None and pair[0] in folders for pair in pairs):
-        return dict(pair for pair in pairs if pair is not None)
+    if pairs and all(pair is not None for pair in pairs):
+        return _one_name_each(path, pairs)  # type: ignore[arg-type]
+    paired = [line for line, pair in zip(lines, pairs) if pair is not None and pair[0] in folders]
+    if paired:  # some lines map a folder, others do not: neither a mapping nor a list
+        line = next(line for line, pair in zip(lines, pairs) if pair is None)
+        raise DataError(f"{path}: {line!r} is not a 'folder: name' line, though {paired[0]!r} is; write every "
+                        "line as 'folder: name', or list only names (one per line, in folder order)")
     return _names_in_folder_order(path, lines, folders)
+
+
+def _one_name_each(path: Path, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for folder, name in pairs:
+        if folder in mapping:
+            raise DataError(f"{path}: class folder {folder!r} is named twice")
+        mapping[folder] = name
+    return mapping
 
 
 def _split_pair(line: str) -> tuple[str, str] | None:

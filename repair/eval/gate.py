@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from repair.errors import DataError, GateFailedError, InputFileError, UsageError
+from repair.errors import GateFailedError, InputFileError, UsageError
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,12 @@ def load_thresholds(path: str | Path) -> Thresholds:
         unknown = sorted(set(table) - known) if isinstance(table, dict) else []
         raise InputFileError(f"{path}: expected keys {', '.join(sorted(known))}"
                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-    try:
-        values = {key: float(value) for key, value in table.items()}
-    except (TypeError, ValueError):
-        raise InputFileError(f"{path}: gate thresholds must be numbers") from None
+    if not table:
+        raise InputFileError(f"{path}: gates nothing (no thresholds); give at least one of {', '.join(sorted(known))}")
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in table.values()):
+        raise InputFileError(f"{path}: gate thresholds must be numbers "
+                             f"({', '.join(f'{key} = {value!r}' for key, value in table.items())})")
+    values = {key: float(value) for key, value in table.items()}
     bad = [key for key, value in values.items() if not math.isfinite(value)]
     if bad:  # nan would pass every comparison: a gate that can never fail
         raise InputFileError(f"{path}: gate thresholds must be finite numbers ({', '.join(bad)} is not)")
@@ -80,10 +82,7 @@ def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
     """One line per failed threshold and checkpoint; empty when everything holds."""
     rows = report["models"]
     zero_shot = next(row for row in rows if row["role"] == "zero-shot")
-    needs_novel = thresholds.min_novel is not None or thresholds.min_hm is not None or \
-        thresholds.max_forgetting is not None
-    if needs_novel and report["data"]["novel"] is None:
-        raise DataError("--min-novel, --min-hm and --max-forgetting need --novel-data")
+    require_novel(thresholds, report["data"]["novel"] is not None)
     failures = []
     for row in rows:
         if row["role"] != "checkpoint":
@@ -104,12 +103,25 @@ def check(report: dict[str, object], thresholds: Thresholds) -> list[str]:
     return failures
 
 
-def assemble(flags: Thresholds, gate_file: str | Path | None = None) -> Thresholds:
-    """The thresholds a command enforces: the gate file's, overridden by the flags given."""
+def require_novel(thresholds: Thresholds, has_novel: bool) -> None:
+    """Thresholds on novel accuracy need held-out data: without it they could never be checked (a usage error)."""
+    needing = [name for name in ("min_novel", "min_hm", "max_forgetting") if getattr(thresholds, name) is not None]
+    if needing and not has_novel:
+        raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in needing)} "
+                         f"{'need' if len(needing) > 1 else 'needs'} --novel-data (held-out classes to measure novel "
+                         "accuracy on)")
+
+
+def assemble(flags: Thresholds, gate_file: str | Path | None = None, has_novel: bool | None = None) -> Thresholds:
+    """The thresholds a command enforces: the gate file's, overridden by the flags given. With ``has_novel``
+    (whether --novel-data is given), thresholds that need it are refused before any work."""
     problem = out_of_range(flags)
     if problem:
         raise UsageError(f"--{problem[0].replace('_', '-')} {problem[1]}")
-    return load_thresholds(gate_file).merged(flags) if gate_file else flags
+    thresholds = load_thresholds(gate_file).merged(flags) if gate_file else flags
+    if has_novel is not None:
+        require_novel(thresholds, has_novel)
+    return thresholds
 
 
 def apply(report: dict[str, object], thresholds: Thresholds) -> list[str] | None:

@@ -92,6 +92,7 @@ class ModelResult:
     notes: list[str] = field(default_factory=list)
     chosen_by: str | None = None  # a baseline's: how its setting was chosen (repair.eval.baselines)
     settings: dict[str, float] = field(default_factory=dict)  # a baseline's chosen setting, e.g. {"alpha": 0.5}
+    chosen_on_test: bool = False  # a baseline whose setting (WiSE-FT's alpha) was chosen on this data: optimistic
     _novel_eces: dict[str, float] = field(default_factory=dict, repr=False)
 
     def set_split(self, split: str, metrics: SplitMetrics) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from repair.data.features import Features
-from repair.errors import MergetuneError
+from repair.errors import UsageError
 from repair.kinds import Kind
 
 ZERO_SHOT, FINETUNED, REPAIRED = "zero-shot", "fine-tuned", "repaired"
@@ -65,10 +65,13 @@ def accuracy_drop(accuracies: Sequence[float]) -> float:
     return float(max(accuracies[0], accuracies[-1]) - min(accuracies))
 
 
+MAX_POINTS = 1001  # each point scores every image once: a finer path shows nothing more
+
+
 def path_ts(points: int) -> list[float]:
     """``points`` evenly spaced values from 0 to 1; ``i / (n - 1)`` keeps 0.3 as 0.3, not 0.30000000000000004."""
-    if points < 2:
-        raise MergetuneError(f"a path needs at least 2 points, got {points}")
+    if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_POINTS:
+        raise UsageError(f"a path needs at least 2 and at most {MAX_POINTS} points, got {points!r}")
     return [index / (points - 1) for index in range(points)]
 
 

@@ -13,7 +13,7 @@ import torch
 
 from repair.io.dassl import write_dassl
 from repair.io.layout import FLAT, Layout
-from repair.io.write import check_output_folder, check_output_path, write_safetensors
+from repair.io.write import check_finite, check_output_folder, check_output_path, write_safetensors
 
 OUTPUT_FORMATS = ("input", "safetensors")  # --format: the input's layout, or one safetensors file
 
@@ -62,5 +62,6 @@ def check_layout_output(out: Path, layout: Layout, force: bool, inputs: Sequence
 
 def write_layout(out: Path, layout: Layout, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
                  force: bool = False, inputs: Sequence[Path] = ()) -> Path:
-    """Write ``tensors`` (the input's names) with the run's record, atomically, in ``layout``."""
+    """Write ``tensors`` (the input's names) with the run's record, atomically, in ``layout``: only finite ones."""
+    check_finite(tensors, Path(out))
     return WRITERS[layout.name](Path(out), layout, tensors, metadata, force=force, inputs=inputs)

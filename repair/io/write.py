@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from repair.errors import InputFileError, OutputExistsError
+from repair.errors import InputFileError, NumericalError, OutputExistsError
 from repair.io._messages import _fail
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "atomic_output",
     "check_appendable",
     "check_output_path",
+    "check_finite",
     "check_writable",
     "output_lock",
     "tensors_checksum",
@@ -233,6 +234,16 @@ def _save_atomically(
     return target
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Nothing unfinished is published: a tensor with NaN or Inf (an fp16 cast that overflowed) is refused
+    before a byte is written. Inputs with them are refused on reading, so any here were made on the way out."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NumericalError(f"{path}: {name} would hold {bad} NaN/Inf value(s) as {str(tensor.dtype)[6:]} "
+                                 "(values beyond its range); nothing was written; write a wider dtype (--dtype fp32)")
+
+
 def write_safetensors(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -241,10 +252,11 @@ def write_safetensors(
     force: bool = False,
     inputs: Sequence[Path] = (),
 ) -> Path:
-    """Write tensors atomically; clones so views and shared storages serialise cleanly."""
+    """Write tensors atomically (finite ones only); clones so views and shared storages serialise cleanly."""
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; non-str entries: {bad!r}")
+    check_finite(tensors, Path(path))
     owned = {
         name: tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         for name, tensor in tensors.items()
@@ -259,9 +271,18 @@ def write_torch_file(
     formats whose own tool reads a torch file (CLIP-LoRA). Tensors are cloned so views save alone."""
     owned = _owned_tree(obj)
     target = Path(path)
+    check_finite(dict(_tree_tensors(owned)), target)
     with atomic_output(target, force=force, inputs=inputs) as temp:
         torch.save(owned, temp)
     return target
+
+
+def _tree_tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list)):
+        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from _tree_tensors(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def _owned_tree(obj: object) -> object:
@@ -335,6 +356,8 @@ def write_folder(
     aside first and removed once the new one is in place."""
     target = Path(path)
     check_output_folder(target, force, inputs, marker=marker, files=allowed)
+    for tensors, _ in tensor_files.values():
+        check_finite(tensors, target)
     temp = _temp_folder(target)
     try:
         for name, data in files.items():

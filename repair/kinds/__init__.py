@@ -144,7 +144,7 @@ def plan_kind(tensor_file: TensorFile, *, kind: str | None = None, recorded_kind
     """The kind of a file and its options, without a model: cheap, so workflows refuse bad options early.
     A kind that would leave tensors of the file unread is refused here (:func:`check_claims`)."""
     cls = detect_kind(tensor_file, kind, recorded_kind)
-    options = resolve_options(cls, recorded_options, overrides)
+    options = resolve_options(cls, recorded_options, overrides, source=tensor_file.path)
     check_claims(cls, tensor_file, options)
     return cls, options
 
@@ -171,14 +171,12 @@ def load_kind(backbone: Backbone, tensor_file: TensorFile, classnames: Sequence[
 
 
 def resolve_options(cls: type[Kind], recorded: Mapping[str, Any] | None = None,
-                    overrides: Mapping[str, Any] | KindOptions | None = None) -> KindOptions:
-    """One kind's options; an ``Options`` instance must be that kind's own."""
-    if isinstance(overrides, KindOptions):
-        if not isinstance(overrides, cls.Options):
-            raise IncompatibleCheckpointError(
-                f"{type(overrides).__name__} are not options of {cls.name} checkpoints")
-        return overrides
-    return cls.Options.resolve(cls.name, recorded, overrides)
+                    overrides: Mapping[str, Any] | KindOptions | None = None, source: object = None) -> KindOptions:
+    """One kind's options; an ``Options`` instance must be that kind's own. A recorded option given again
+    with another value is refused (:meth:`KindOptions.resolve`)."""
+    if isinstance(overrides, KindOptions) and not isinstance(overrides, cls.Options):
+        raise IncompatibleCheckpointError(f"{type(overrides).__name__} are not options of {cls.name} checkpoints")
+    return cls.Options.resolve(cls.name, recorded, overrides, source)
 
 
 __all__ = ["KINDS", "Kind", "KindOptions", "KindOutput", "CoOpPrompts", "LinearHead", "CLIPFit", "LoRA", "VisualProjector",

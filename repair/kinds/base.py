@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,7 @@ from repair.model.backbone import Backbone, ImageEncoder
 
 CLIP_INIT_STD = 0.02  # a step scale's last fallback: the std CLIP initialises its embeddings with
 STAGES = ("finetune", "repair", "eval", "path", "load")  # the workflows that build a kind
+READ_STAGES = ("eval", "path", "load")  # an option meaning something here describes the file, not one run
 WRAPPER_PREFIXES = ("module.", "model.", "state_dict.", "clip_model.", "clip.")
 # Dassl's CustomCLIP (CoOp and the code bases built on it) holds the towers under these names
 DASSL_TOWERS = (("image_encoder.", "visual."), ("text_encoder.", ""))
@@ -208,25 +210,69 @@ class KindOptions:
         return [field.name for field in dataclasses.fields(cls)]
 
     @classmethod
+    def file_options(cls) -> list[str]:
+        """The options that describe the file itself (the class token's place, ``w_zs``'s words, the logit
+        scale, ...): those that mean something whenever it is read (eval, path, load). The others (the
+        path space, ``merge``, a fine-tuning run's choices) are settings of one run, free to change."""
+        return [field.name for field in dataclasses.fields(cls)
+                if set(field.metadata.get("stages", STAGES)) & set(READ_STAGES)]
+
+    @classmethod
     def resolve(cls: type[O], kind_name: str, recorded: Mapping[str, Any] | None = None,
-                overrides: Mapping[str, Any] | None = None) -> O:
-        """Defaults, then what the file recorded, then the caller's choices (which must apply to this kind)."""
+                overrides: Mapping[str, Any] | KindOptions | None = None, source: object = None) -> O:
+        """Defaults, then what the file recorded, then the caller's choices (which must apply to this kind).
+
+        A file's record outranks a flag: an option that describes the file (:meth:`file_options`) given
+        again with another value than the file records is refused, never silently applied. ``overrides``
+        may be one ``Options`` instance; its fields left at their defaults take the recorded values.
+        """
+        known = {key: value for key, value in (recorded or {}).items() if key in cls.names() and value is not None}
+        if isinstance(overrides, KindOptions):
+            defaults = cls()
+            overrides = {name: getattr(overrides, name) for name in cls.names()
+                         if name not in known or getattr(overrides, name) != getattr(defaults, name)}
         overrides = dict(overrides or {})
         unknown = sorted(set(overrides) - set(cls.names()))
         if unknown:
             flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
             raise UsageError(f"{flags} does not apply to {kind_name} checkpoints"
                              f" (their options: {', '.join(cls.names()) or 'none'})")
-        known = {key: value for key, value in (recorded or {}).items() if key in cls.names() and value is not None}
         try:
-            return cls(**{**known, **overrides})
+            recorded_values, resolved = cls(**known), cls(**{**known, **overrides})
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{kind_name} options: {exc}") from None
+        for name in cls.file_options():
+            if name in known and name in overrides and not _same_value(getattr(resolved, name),
+                                                                       getattr(recorded_values, name)):
+                shown, given = (_shown(getattr(options, name)) for options in (recorded_values, resolved))
+                raise UsageError(f"{cls.flag(name)} {given}: {source or 'the checkpoint'} "
+                                 f"records {name} {shown}, and a file's record outranks a flag; leave "
+                                 f"{cls.flag(name)} out (or give {shown})")
+        return resolved
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of option ``name``."""
+        field = next(field for field in dataclasses.fields(cls) if field.name == name)
+        return field.metadata.get("flag") or "--" + name.replace("_", "-")
 
     def as_record(self) -> dict[str, Any]:
         """JSON-ready values (enums as their strings), as written into an output's record."""
         return {key: value.value if isinstance(value, enum.Enum) else value
                 for key, value in dataclasses.asdict(self).items()}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return format(value, "g") if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, numbers up to the rounding of a value written out and typed back in (a logit scale)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-4)
+    return a == b
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ class CoOpOptions(KindOptions):
         super().__post_init__()
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}")
+        if not isinstance(self.ctx_init, str) or not self.ctx_init.strip():
+            raise ValueError("ctx_init must hold at least one word (the prompt's zero-shot start, e.g. 'a photo of a')")
 
 
 class CoOpPrompts(Kind):
@@ -256,6 +258,9 @@ class CoOpPrompts(Kind):
                 f"ctx has shape {list(ctx.shape)}; expected [n_ctx, {backbone.text_width}] "
                 f"or [n_cls, n_ctx, {backbone.text_width}] for this model's text width"
             )
+        if ctx.shape[-2] == 0:
+            raise IncompatibleCheckpointError(f"ctx has shape {list(ctx.shape)}: a prompt of no tokens, nothing to "
+                                              "train or score")
         if ctx.dim() == 3 and ctx.shape[0] != len(classnames):
             raise IncompatibleCheckpointError(
                 f"class-specific ctx is for {ctx.shape[0]} classes but the data has {len(classnames)}"

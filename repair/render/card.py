@@ -16,13 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from repair.errors import InputFileError
+from repair.errors import InputFileError, UsageError
 from repair.record import BackboneIdentity, Record
 from repair.render.report import card_table
 
 EVAL_SCHEMA = "mergetune.eval/2"  # same string as repair.eval.metrics.EVAL_SCHEMA (kept here: no torch import)
 READABLE_EVAL_SCHEMAS = ("mergetune.eval/1", EVAL_SCHEMA)  # /2 changed only the baselines section, which cards skip
-PIPELINE_TAG = "zero-shot-image-classification"
+PIPELINE_TAG = "zero-shot-image-classification"  # a file that can score classes it was not trained on
+CLOSED_SET_TAG = "image-classification"  # one that scores only its own classes (a linear head, a CSC prompt)
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}  # YAML 1.1 would not read these as text
@@ -85,11 +87,34 @@ def _kind_description(kind: str) -> str:
 
 
 def _kind_options(record: Record) -> list[tuple[str, Any]]:
-    """The kind's options as recorded, in their declared order where the kind is known."""
+    """The kind's options that say how this file was made, in their declared order where the kind is known:
+    each once. Left out: options of another stage (a fine-tuning run's ``n_ctx`` in a repair's record), unset
+    ones, the logit scale (its own row) and those the file's facts (``kind_details``) state themselves."""
+    import dataclasses
+
     from repair.kinds import KINDS
 
-    names = KINDS[record.kind].Options.names() if record.kind in KINDS else list(record.kind_options)
-    return [(name, record.kind_options[name]) for name in names if name in record.kind_options]
+    fields = {field.name: field for field in dataclasses.fields(KINDS[record.kind].Options)} \
+        if record.kind in KINDS else {}
+    names = list(fields) if fields else list(record.kind_options)
+
+    def applies(name: str) -> bool:
+        return name not in fields or record.stage in fields[name].metadata.get("stages", (record.stage,))
+
+    return [(name, record.kind_options[name]) for name in names
+            if name in record.kind_options and record.kind_options[name] is not None and applies(name)
+            and name != "logit_scale" and name not in record.kind_details]
+
+
+def scores_other_classes(record: Record) -> bool:
+    """Whether the file can score classes it was not trained on: recorded since mergetune/2 outputs carry it,
+    else what its kind declares (a class-specific prompt cannot)."""
+    if record.scores_other_classes is not None:
+        return bool(record.scores_other_classes)
+    from repair.kinds import KINDS
+
+    declared = KINDS[record.kind].about.scores_unseen_classes if record.kind in KINDS else True
+    return declared and not record.kind_details.get("class_specific") and not record.kind_details.get("head")
 
 
 def _hub_base_model(backbone: BackboneIdentity) -> str | None:
@@ -180,19 +205,25 @@ def load_eval_report(path: Path) -> tuple[dict[str, Any], bytes]:
 
 
 def model_card(record: Record | None, *, filename: str, eval_report: dict | None = None, repo_id: str | None = None,
-               shapes: Mapping[str, Sequence[int]] | None = None, file_sha256: str | None = None) -> str:
+               shapes: Mapping[str, Sequence[int]] | None = None, file_sha256: str | None = None,
+               license: str | None = None) -> str:
     """The README.md for a Hub repo holding one mergetune output, generated from its record.
 
     ``shapes`` and ``file_sha256`` describe the file itself (the record cannot know its own
-    hash); ``repo_id`` adds a download line. All three are optional extras.
+    hash); ``repo_id`` adds a download line; ``license`` (a Hub license id) goes into the front matter,
+    else the base model's where its Hub card is in the local cache. All are optional extras.
     """
+    if license is not None and not _LICENSE.fullmatch(license):
+        raise UsageError(f"invalid license {license!r}: expected a Hub license id such as mit or apache-2.0")
     if record is None:
         raise InputFileError(
             f"{filename}: no mergetune record in its metadata; only files written by "
             "`mergetune repair` or `mergetune finetune` can be described and pushed")
     report = _check_eval_report(eval_report, "eval report") if eval_report is not None else None
+    if report is not None:
+        _check_scores_this_file(report, filename, file_sha256)
     parts = [
-        _front_matter(record),
+        _front_matter(record, license),
         _intro(record, filename),
         _what_section(record, filename, shapes),
         _method_section(record),
@@ -205,14 +236,32 @@ def model_card(record: Record | None, *, filename: str, eval_report: dict | None
     return "\n\n".join(part.rstrip("\n") for part in parts) + "\n"
 
 
-def _front_matter(record: Record) -> str:
-    lines = ["---", "library_name: mergetune", f"pipeline_tag: {PIPELINE_TAG}", "tags:",
+def _front_matter(record: Record, license: str | None) -> str:
+    tag = PIPELINE_TAG if scores_other_classes(record) else CLOSED_SET_TAG
+    lines = ["---", "library_name: mergetune", f"pipeline_tag: {tag}", "tags:",
              "- clip", "- mergetune", f"- {_yaml_scalar(record.kind)}"]
     base_model = _hub_base_model(record.backbone)
     if base_model:
         lines.append(f"base_model: {_yaml_scalar(base_model)}")
+    license = license or (_cached_license(base_model) if base_model else None)
+    if license:
+        lines.append(f"license: {_yaml_scalar(license)}")
     lines.append("---")
     return "\n".join(lines)
+
+
+def _cached_license(repo: str) -> str | None:
+    """The ``license`` of a Hub model's card when that card is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        card = try_to_load_from_cache(repo, "README.md")
+        text = Path(card).read_text(encoding="utf-8") if isinstance(card, str) else ""
+    except Exception:  # no cache, an old huggingface_hub: the card just has no license line
+        return None
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    found = re.search(r"^license:\s*([A-Za-z0-9.+-]+)\s*$", front, re.MULTILINE)
+    return found.group(1).lower() if found and _LICENSE.fullmatch(found.group(1).lower()) else None
 
 
 def _method_name(record: Record) -> str:
@@ -243,8 +292,7 @@ def _what_section(record: Record, filename: str, shapes: Mapping[str, Sequence[i
     if shapes is not None:
         rows.append(("tensors in this file", _tensor_list(shapes)))
     rows.append(("trainable numbers", _code(_number(record.trainable_numbers))))
-    rows += [("base model", _backbone_text(record.backbone)), ("method", _method_name(record)),
-             ("seed", _code(_number(record.seed)))]
+    rows += [("base model", _backbone_text(record.backbone)), ("method", _method_name(record))]
     if record.logit_scale is not None:
         rows.append(("logit scale", _code(_number(record.logit_scale))))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
@@ -257,15 +305,34 @@ def _tensor_list(shapes: Mapping[str, Sequence[int]]) -> str:
     return ", ".join(items) + (f" and {extra} more" if extra > 0 else "")
 
 
+def _shots_used(record: Record) -> str:
+    """The images per class the run trained on (a class with fewer than the shots asked keeps all it has; a
+    validation split takes some), with what was asked."""
+    data, asked = record.inputs.data, record.data.shots
+    per_class, held_out = data.per_class, data.val_per_class
+
+    def span(counts: Sequence[int]) -> str:
+        return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+
+    if not per_class:  # a record from before the counts were kept
+        return f"{asked} asked" if asked is not None else "all images"
+    text = span(per_class) + (f" ({asked} asked)" if asked is not None else " (all images)")
+    if held_out:
+        text += f", {span(held_out)} more held out for validation"
+    return text
+
+
 def _method_section(record: Record) -> str:
     if record.stage == "soup":
         return _soup_section(record)
     objective, train, result = record.objective, record.train, record.result
-    data = {"shots": record.data.shots, "val_fraction": record.data.val_fraction,
+    data = {"shots per class used": _shots_used(record), "val_fraction": record.data.val_fraction,
             "output_dtype": record.data.output_dtype}
+    start = ("starting from the zero-shot weights `w_zs`, both weights 0" if record.stage == "finetune"
+             else "starting from the fine-tuned weights `w_ft`")
     lines = [f"## Method: {_method_name(record)}", "",
              "`L(w) = CE(w) + lam_zs * S(w, w_zs) + lam_lmc * mean_k CE(w_ft + t_k (w - w_ft))`, "
-             "starting from the fine-tuned weights `w_ft`.", "",
+             f"{start}.", "",
              "| objective | value |", "|---|---|"]
     lines += [f"| {name} | {_code(_number(objective.get(key)))} |" for name, key in (
         ("lam_zs (zero-shot surrogate weight)", "lam_zs"), ("lam_lmc (path term weight)", "lam_lmc"),
@@ -273,8 +340,10 @@ def _method_section(record: Record) -> str:
     lines += [f"| {_md(name.replace('_', ' '))} | {_code(_number(value))} |" for name, value in _kind_options(record)
               if name != "logit_scale"]
     lines += ["", "| training | value |", "|---|---|"]
-    lines += [f"| {_md(key.replace('_', ' '))} | {_code(_number(value))} |" for key, value in train.items()]
-    lines += [f"| {_md(key.replace('_', ' '))} | {_code(_number(value))} |" for key, value in data.items()]
+    lines += [f"| {_md(key.replace('_', ' '))} | {_code(_number(value))} |" for key, value in train.items()
+              if value is not None]  # an unset limit (max_steps) is no value to show
+    lines += [f"| {_md(key.replace('_', ' '))} | {_code(value if isinstance(value, str) else _number(value))} |"
+              for key, value in data.items()]
     if result:
         lines.append(f"| steps run | {_code(_number(result.get('steps')))} |")
         if result.get("selected_epoch") is not None:
@@ -337,10 +406,34 @@ def _provenance_section(record: Record, filename: str, file_sha256: str | None) 
 def _eval_section(report: Mapping[str, Any], filename: str, file_sha256: str | None) -> str:
     table = card_table(report, lambda row: _is_this_file(row, filename, file_sha256))
     lines = ["## Evaluation", "", "Top-1 accuracy (%) from `mergetune eval` "
-             "(base: the repair classes; novel: held-out classes; HM: their harmonic mean).", "",
-             *table.markdown(escape=_md)]
+             "(base: the repair classes; novel: held-out classes; HM: their harmonic mean). "
+             + _test_images(report), "", *table.markdown(escape=_md)]
     notes = [f"- {_md(name)}: {_md(note)}" for name, note in table.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _check_scores_this_file(report: Mapping[str, Any], filename: str, file_sha256: str | None) -> None:
+    """A card's numbers must be this file's: a report in which no checkpoint row is it would publish another
+    model's accuracy under its name."""
+    rows = [row for row in report["models"] if row.get("role", "checkpoint") == "checkpoint"]
+    if not any(_is_this_file(row, filename, file_sha256) for row in rows):
+        scored = ", ".join(str(row["name"]) for row in rows) or "no checkpoint"
+        which = f" (sha256 {file_sha256[:12]})" if file_sha256 else ""
+        raise UsageError(f"the eval report scores {scored}, not {filename.rstrip('/')}{which}; evaluate this file "
+                         "(`mergetune eval ... --json`) and pass that report")
+
+
+def _test_images(report: Mapping[str, Any]) -> str:
+    """How many test images each number rests on: a 100 % on 10 images says less than 90 % on 10,000."""
+    def described(folder: Mapping[str, Any]) -> str:
+        return f"{_number(folder.get('images'))} test images of {len(folder.get('classes') or [])} classes"
+
+    data = report.get("data") or {}
+    novel = data.get("novel") or []
+    text = f"Base accuracy rests on {described(data.get('base') or {})}"
+    if novel:
+        text += "; novel accuracy on " + " and ".join(described(folder) for folder in novel)
+    return text + "."
 
 
 def _is_this_file(row: Mapping[str, Any], filename: str, file_sha256: str | None) -> bool:

@@ -24,6 +24,7 @@ from repair.data.features import Features
 from repair.errors import InputFileError, NumericalError, UsageError
 from repair.io import write_state_file
 from repair.kinds.base import Kind
+from repair.train.fields import check_fields
 from repair.train.objective import Objective, mergetune_loss
 from repair.train.surrogates import Surrogate, build_surrogate
 
@@ -59,12 +60,14 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (towards 0).", "min": 0.0})
     warmup_steps: int | None = field(default=None, metadata={
         "help": "Linear warm-up steps [default: 5% of the steps].", "min": 0})
-    seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation."})
+    seed: int = field(default=0, metadata={"help": "The one seed: shots, split, batches, initialisation.",
+                                           "min": 0, "max": 2**63 - 1})
     weight_ensemble: int | None = field(default=None, metadata={  # ZSCL's WE; see RunningMean
         "help": "Write the running mean of the weights taken every N steps, the start counted (ZSCL's weight "
                 "ensemble), instead of the last weights.", "min": 1})
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and the bounds above: one message for Python callers and the flags
         for name in ("lr", "step_size", "momentum", "weight_decay"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -210,18 +213,33 @@ class ProgressFile:
                   "averaged": state.average.count if state.average is not None else None}
         write_state_file(self.path, tensors, {"state": json.dumps(record)})
 
-    def load(self, device: torch.device) -> LoopState:
+    def saved(self) -> dict | None:
+        """What the saved progress says about itself (its fingerprint, epoch, ...) without loading its tensors;
+        None when there is none."""
         if not self.path.is_file():
-            raise InputFileError(f"{self.path}: no saved progress to resume from; run without --resume")
+            return None
+        try:
+            with safe_open(self.path, "pt") as handle:
+                return json.loads(handle.metadata()["state"])
+        except Exception:
+            raise InputFileError(f"{self.path}: saved progress is damaged; delete it to start over") from None
+
+    def check_resumable(self) -> dict:
+        """The saved state's record, if it belongs to exactly this run; else a one-line refusal."""
+        record = self.saved()
+        if record is None:
+            raise UsageError(f"{self.path}: no saved progress to resume from; run without --resume")
+        if record.get("fingerprint") != self.fingerprint:
+            raise UsageError(f"{self.path}: saved progress belongs to another run (inputs or settings differ); "
+                             "resume with the same command, or pass --force instead of --resume to discard it")
+        return record
+
+    def load(self, device: torch.device) -> LoopState:
+        record = self.check_resumable()
         try:
             tensors = load_file(self.path)
-            with safe_open(self.path, "pt") as handle:
-                record = json.loads(handle.metadata()["state"])
         except Exception:
-            raise InputFileError(f"{self.path}: saved progress is damaged; run without --resume") from None
-        if record.get("fingerprint") != self.fingerprint:
-            raise InputFileError(f"{self.path}: saved progress belongs to another run (inputs or settings differ); "
-                                 "run without --resume to start over")
+            raise InputFileError(f"{self.path}: saved progress is damaged; delete it to start over") from None
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {key.split("/", 1)[1]: value.to(device) for key, value in tensors.items()

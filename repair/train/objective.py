@@ -8,27 +8,32 @@ With both lambdas at 0 this is plain continued fine-tuning (CoOp, a linear probe
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from repair.errors import UsageError
 from repair.kinds.base import Kind
+from repair.train.fields import check_fields
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
 
 
 AUTO = "auto"
 
 
+MAX_PATH_POINTS = 100  # the path term is a mean over points of a straight segment: more add nothing but cost
+
+
 @dataclass(frozen=True)
 class Objective:
     lam_zs: float | str | None = None  # None: the kind's default (Kind.defaults); "auto": chosen on held-out shots
     lam_lmc: float = 1.0
-    path_points: int = 5
+    path_points: int = field(default=5, metadata={"min": 1, "max": MAX_PATH_POINTS})
     surrogate: str | None = None  # None: the kind's default (Kind.defaults)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and bounds, with the messages the flags give
         if self.surrogate is not None and self.surrogate not in SURROGATES:
             raise UsageError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
         if isinstance(self.lam_zs, str) and self.lam_zs != AUTO:
@@ -39,8 +44,6 @@ class Objective:
                 continue
             if value is not None and not 0.0 <= value < float("inf"):
                 raise UsageError(f"{name} must be a finite number >= 0, got {value}")
-        if self.path_points < 1:
-            raise UsageError(f"path_points must be at least 1, got {self.path_points}")
 
     def for_kind(self, kind: type[Kind] | Kind) -> Objective:
         """The same objective with every unset choice filled in from the kind's declared defaults."""

@@ -18,6 +18,7 @@ from repair.io import TensorFile, read_tensors
 from repair.kinds import Kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import versions
+from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
@@ -44,8 +45,9 @@ def load_evalset(backbone: Backbone, dataset: ImageFolder, name: str, options: D
     return EvalSet(name, dataset.classnames, features_for)
 
 
+@checked
 def evaluate(
-    checkpoints: Sequence[str | Path],
+    checkpoints: str | Path | Sequence[str | Path],
     data_dir: str | Path,
     *,
     novel_dir: str | Path | Sequence[str | Path] | None = None,
@@ -64,7 +66,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
 
-    ``novel_dir`` may be several held-out folders: each is reported, and "novel" is their mean.
+    ``checkpoints`` is one path or a list of them. ``novel_dir`` may be several held-out folders: each is
+    reported, and "novel" is their mean.
     Without ``backbone``, the one the first checkpoint records is loaded. The base folder must hold the
     classes each checkpoint records, unless ``other_classes`` and its kind can score other classes.
 
@@ -88,7 +91,7 @@ def evaluate(
     check_request(names, named, val_dir is not None)
     data_options = data_options or DataOptions(shots=None)
     with group.agreed():  # under eval --nproc, an input missing on one machine stops every rank alike
-        files = [read_tensors(path) for path in checkpoints]  # validate every input before loading a model
+        files = [read_tensors(path) for path in _as_list(checkpoints)]  # validate every input before loading a model
         if names and not files:
             raise UsageError("--baselines needs the fine-tuned checkpoint as the first CHECKPOINT")
         _check_distinct_folders(data_dir, _as_list(novel_dir), val_dir, val_novel)
@@ -99,6 +102,7 @@ def evaluate(
         templates = load_templates(data_options.templates_file)
         base_folder = scan_image_folder(data_dir, data_options.classnames_file)
         novel_folders = [scan_image_folder(folder) for folder in _as_list(novel_dir)]
+        _check_held_out(base_folder, novel_folders)
         base = load_evalset(backbone, base_folder, "base", data_options)
         novel = [load_evalset(backbone, folder, name, data_options)
                  for folder, name in zip(novel_folders, _novel_names(novel_folders))]
@@ -210,6 +214,27 @@ def _describe_validation(folders: Sequence[ImageFolder]) -> dict[str, Any] | Non
 
 def _listed(names: Sequence[str], most: int = 6) -> str:
     return f"[{', '.join(names[:most])}{', ...' if len(names) > most else ''}] ({len(names)})"
+
+
+def _check_held_out(base: ImageFolder, held_out: Sequence[ImageFolder]) -> None:
+    """A held-out set holds other classes than the base set (base-to-novel), or exactly its classes in other
+    images (a domain shift, a corruption). One that shares some base classes, or base images, would score base
+    accuracy as novel accuracy."""
+    def prompts(folder: ImageFolder) -> dict[str, str]:  # CLIP's tokenizer ignores case and spacing
+        return {" ".join(name.split()).lower(): name for name in folder.classnames}
+
+    for folder in held_out:
+        shared = [name for name in folder.folders if name in base.folders] or \
+            [name for key, name in prompts(folder).items() if key in prompts(base)]
+        if shared and set(folder.folders) != set(base.folders):
+            raise UsageError(f"{folder.root}: a held-out folder (--novel-data) that shares class(es) "
+                             f"{', '.join(shared[:5])} with --data {base.root}; held-out classes must be other "
+                             "classes (a domain-shifted set has exactly the classes of --data)")
+        if shared:
+            images = set(base.file_hashes()).intersection(folder.file_hashes())
+            if images:
+                raise UsageError(f"{folder.root}: a held-out folder (--novel-data) that holds {len(images)} of the "
+                                 f"images of --data {base.root}; held-out images must be other images")
 
 
 def _novel_names(folders: Sequence[ImageFolder]) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from repair.errors import HubError, InputFileError, OutputExistsError, UsageError
 from repair.record import Record
 from repair.render.card import is_repo_id, load_eval_report, model_card, one_line
+from repair.train.fields import checked
 
 __all__ = ["HubError", "PushResult", "model_card", "prepare_upload", "push"]
 
@@ -44,15 +45,16 @@ class PushResult:
 # --------------------------------------------------------------------------- staging
 
 
+@checked
 def prepare_upload(checkpoint: Path, folder: Path, *, eval_report: Path | None = None,
-                   repo_id: str | None = None) -> list[Path]:
+                   repo_id: str | None = None, license: str | None = None) -> list[Path]:
     """Write into ``folder`` exactly what a push uploads: the checkpoint, README.md, eval.json.
 
     Everything is validated before the first byte is written, and a failure part-way removes
     what was written, so the folder is either complete or as it was. ``repo_id`` only adds a
     download line to the card.
     """
-    return _stage(Path(checkpoint), Path(folder), eval_report, repo_id).paths
+    return _stage(Path(checkpoint), Path(folder), eval_report, repo_id, license).paths
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class _Staged:
     sha256: str
 
 
-def _stage(checkpoint: Path, folder: Path, eval_report: Path | None, repo_id: str | None) -> _Staged:
+def _stage(checkpoint: Path, folder: Path, eval_report: Path | None, repo_id: str | None,
+           license: str | None = None) -> _Staged:
     from repair.io import read_tensors
     from repair.workflows.inputs import read_record
 
@@ -75,7 +78,7 @@ def _stage(checkpoint: Path, folder: Path, eval_report: Path | None, repo_id: st
     card = model_card(record, filename=checkpoint.name + ("/" if is_folder else ""), eval_report=report,
                       repo_id=repo_id,
                       shapes={name: tuple(t.shape) for name, t in tensor_file.tensors.items()},
-                      file_sha256=tensor_file.sha256)
+                      file_sha256=tensor_file.sha256, license=license)
     created = _claim_folder(folder)
     written: list[Path] = []
     try:
@@ -160,9 +163,10 @@ def _undo(written: Sequence[Path], created: Path | None) -> None:
 # --------------------------------------------------------------------------- pushing
 
 
+@checked
 def push(checkpoint: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          eval_report: Path | None = None, dry_run_dir: Path | None = None, token: str | None = None,
-         commit_message: str | None = None, endpoint: str | None = None) -> PushResult:
+         commit_message: str | None = None, endpoint: str | None = None, license: str | None = None) -> PushResult:
     """Upload a mergetune output with its model card (and eval report) to a Hub model repo.
 
     The repo is created if missing (``private`` only applies then) and, when ``revision`` names
@@ -173,12 +177,12 @@ def push(checkpoint: Path, repo_id: str, *, private: bool = False, revision: str
     _check_revision(revision)
     checkpoint = Path(checkpoint)
     if dry_run_dir is not None:
-        staged = _stage(checkpoint, Path(dry_run_dir), eval_report, repo_id)
+        staged = _stage(checkpoint, Path(dry_run_dir), eval_report, repo_id, license)
         return PushResult(repo_id, revision, None, [path.name for path in staged.paths], dry_run=True)
     with tempfile.TemporaryDirectory(prefix="mergetune-push-") as staging:
         resolved = _resolve_token(token)  # before copying a possibly large file for nothing
         folder = Path(staging) / "upload"
-        staged = _stage(checkpoint, folder, eval_report, repo_id)
+        staged = _stage(checkpoint, folder, eval_report, repo_id, license)
         message, description = _commit_text(checkpoint.name, staged, commit_message)
         commit_url = _upload(folder, repo_id, token=resolved, endpoint=endpoint, private=private,
                              revision=revision, message=message, description=description)

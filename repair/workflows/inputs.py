@@ -19,6 +19,7 @@ from repair.io import FLAT, Layout, TensorFile, check_output_path, check_writabl
 from repair.kinds import Kind, KindOptions
 from repair.model.backbone import Backbone, BackboneSpec, ImageEncoder, load_backbone
 from repair.record import Record
+from repair.train.fields import check_fields
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,15 @@ class DataOptions:
 
     classnames_file: Path | None = None
     templates_file: Path | None = None
-    shots: int | None = 16
-    val_fraction: float = 0.0
+    shots: int | None = field(default=16, metadata={"min": 1})
+    val_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9})
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None disables the cache
-    workers: int = 0
-    batch_size: int = 64
+    workers: int = field(default=0, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata={"min": 1})
     on_progress: Callable[[int, int], None] | None = None  # (images encoded, total) while encoding
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise OutputExistsError(f"{self.cache_dir}: the feature cache (--cache-dir or MERGETUNE_CACHE) is a "
                                     "file, not a folder; name a folder, or pass --no-cache")
@@ -109,11 +111,10 @@ def side_inputs(data_options: DataOptions | None = None, backbone: Backbone | Ba
 
 
 def check_outside_input_folders(out: Path, folders: Sequence[Path]) -> None:
-    """Nothing that already exists inside an input folder (an image, a class folder, a model's weights) is an
-    output, not even with --force; input *files* are refused by :func:`repair.io.check_output_path`."""
+    """No output lies anywhere under an input folder (a data folder, a model's folder), whether or not it exists
+    yet, not even with --force: a new file there changes an input; input *files* are refused by
+    :func:`repair.io.check_output_path`."""
     out = Path(out)
-    if not (out.exists() or out.is_symlink()):
-        return
     where = Path(os.path.realpath(out))  # realpath, not resolve(): a symlink loop must not raise here
     for folder in folders:
         if where.is_relative_to(os.path.realpath(folder)):

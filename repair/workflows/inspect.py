@@ -8,9 +8,11 @@ from typing import Any
 from repair.errors import IncompatibleCheckpointError
 from repair.io import read_tensors
 from repair.kinds import check_claims, detect_kind
+from repair.train.fields import checked
 from repair.workflows.inputs import read_record
 
 
+@checked
 def inspect_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     """The kind, every tensor (name, shape, dtype, its role: trained, fixed, rebuilt, frozen or ignored, see
     :class:`repair.kinds.Claims`), the training state a file carries (never read as weights), the layout and the

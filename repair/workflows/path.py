@@ -16,12 +16,13 @@ from pathlib import Path
 
 from repair.data.features import Features, extract_features
 from repair.data.folders import ImageFolder, load_templates, scan_image_folder
-from repair.errors import IncompatibleCheckpointError, MergetuneError, UsageError
+from repair.errors import IncompatibleCheckpointError, MergetuneError, ProvenanceError, UsageError
 from repair.eval.path import FINETUNED, REPAIRED, SEGMENTS, ZERO_SHOT, Values, path_ts, walk_segments
 from repair.io import TensorFile, atomic_output, read_tensors
 from repair.kinds import Kind, detect_kind, load_kind
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import Record, versions
+from repair.train.fields import checked
 from repair.workflows import inputs
 from repair.workflows.inputs import DataOptions
 from repair.workflows.run import KindChoices
@@ -42,6 +43,21 @@ def _same_kind_class(ft_file: TensorFile, rep_file: TensorFile, override: str | 
         raise IncompatibleCheckpointError(
             f"{rep_file.path} is a {rep_kind.name} checkpoint but {ft_file.path} is {ft_kind.name}; "
             "a path needs two checkpoints of the same kind")
+
+
+def _check_repaired_from(ft_file: TensorFile, rep_file: TensorFile, record: Record | None) -> list[str]:
+    """REPAIRED must be a repair of FT: the segment fine-tuned -> repaired between unrelated files measures
+    nothing. A record that names another input is refused; a file that names none is said loudly."""
+    source = record.inputs.checkpoint if record is not None else None
+    if source is not None and source.sha256 != ft_file.sha256:
+        raise ProvenanceError(f"{rep_file.path} was repaired from {source.name} (sha256 {source.sha256[:12]}), not "
+                              f"from {ft_file.path}; give the fine-tuned checkpoint it was repaired from")
+    if source is not None:
+        return []
+    why = ("it was fine-tuned from zero-shot, not repaired" if record is not None and record.stage == "finetune"
+           else "it records no input checkpoint")
+    return [f"{rep_file.path.name} may not be a repair of {ft_file.path.name} ({why}): the segments to it "
+            "measure whatever it is"]
 
 
 def _describe_shapes(values: Values) -> str:
@@ -65,7 +81,7 @@ def _check_compatible(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: 
     if ft_scale is not None and rep_scale is not None and not math.isclose(ft_scale, rep_scale, rel_tol=1e-6):
         raise IncompatibleCheckpointError(
             f"{finetuned} scores with logit scale {ft_scale:g} but {repaired} with {rep_scale:g}; "
-            "pass --logit-scale to use one for both")
+            "pass --logit-scale to use one for both (only where neither file records its own)")
 
 
 def _zero_shot_point(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: Path) -> Values:
@@ -74,7 +90,7 @@ def _zero_shot_point(ft_kind: Kind, rep_kind: Kind, finetuned: Path, repaired: P
     if not ft_kind.same_weights(from_ft, from_rep):
         raise IncompatibleCheckpointError(
             f"{finetuned} and {repaired} imply different zero-shot weights (e.g. another --ctx-init recorded "
-            "in one of them); pass --ctx-init to use one for both")
+            "in one of them); pass --ctx-init to use one for both (only where neither file records its own)")
     return {name: tensor.detach().clone() for name, tensor in from_ft.items()}
 
 
@@ -96,6 +112,7 @@ def _feature_source(kind: Kind, backbone: Backbone, dataset: ImageFolder,
 # --------------------------------------------------------------------------- report
 
 
+@checked
 def path_report(
     finetuned: str | Path,
     repaired: str | Path,
@@ -122,13 +139,13 @@ def path_report(
     if ft_file.sha256 == rep_file.sha256:  # the same file given twice, or a copy: every segment would be flat
         raise UsageError(f"{repaired}: the same bytes as {finetuned}; give the fine-tuned checkpoint and its repair")
     records = [inputs.read_record(ft_file), inputs.read_record(rep_file)]
+    warnings = _check_repaired_from(ft_file, rep_file, records[1])
     _same_kind_class(ft_file, rep_file, kind, records)
     dataset = scan_image_folder(data_dir, data_options.classnames_file)
     if data_options.shots is not None:
         dataset = dataset.few_shot(data_options.shots, SHOTS_SEED)
     templates = load_templates(data_options.templates_file)
     backbone = inputs.resolve_backbone(backbone, device)
-    warnings: list[str] = []
     for tensor_file, record in zip((ft_file, rep_file), records):
         inputs.check_record_backbone(record, backbone, tensor_file.path)
         if record is not None:
@@ -169,6 +186,7 @@ def path_report(
     }
 
 
+@checked
 def path_outputs(finetuned: str | Path, repaired: str | Path, data_dir: str | Path, out: str | Path, *,
                  png: str | Path | None = None, force: bool = False, **options: object) -> dict[str, object]:
     """``mergetune path``: both outputs checked before any work, the report written, the plot drawn."""

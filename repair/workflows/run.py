@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from repair.data.folders import ImageFolder, load_templates
-from repair.errors import Terminated, UsageError
-from repair.io import OUTPUT_FORMATS, TensorFile, output_layout, output_lock, read_tensors
+from repair.errors import OutputExistsError, Terminated, UsageError
+from repair.io import OUTPUT_FORMATS, TensorFile, output_layout, output_lock, read_tensors, tensors_checksum
 from repair.kinds import Kind, KindOptions, kind_class, plan_kind, read_kind, resolve_options
 from repair.model.backbone import Backbone, BackboneSpec
 from repair.record import CheckpointInput, DataInput, DataSettings, Inputs, Record
@@ -28,6 +28,7 @@ from repair.train.objective import Objective
 from repair.train.curvature import read_vocabulary
 from repair.train.select import choose_lam_zs
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, refusals
+from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
     check_class_list,
@@ -86,14 +87,16 @@ class RunInputs:
 
     def progress_file(self, out: Path) -> ProgressFile:
         """The per-epoch state file of a run writing ``out``, tied to exactly these inputs and settings."""
-        return ProgressFile(out.with_name(f".{out.name}.progress"), self.fingerprint())
+        return ProgressFile(progress_path(out), self.fingerprint())
 
     def record(self, result: TrainResult) -> Record:
         dataset, held_out = self.dataset, self.held_out
         checkpoint = None if self.source is None else CheckpointInput(self.source.path.name, self.source.sha256)
         data = DataInput(path=str(dataset.root), images=len(dataset), manifest_sha256=dataset.manifest_sha256(),
                          val_images=len(held_out) if held_out is not None else 0,
-                         val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None)
+                         val_manifest_sha256=held_out.manifest_sha256() if held_out is not None else None,
+                         per_class=[len(indices) for indices in dataset.indices_by_class()],
+                         val_per_class=[len(indices) for indices in held_out.indices_by_class()] if held_out is not None else None)
         return Record(
             stage=self.stage, kind=self.kind.name, kind_options=self.kind.recorded_options(),
             kind_details=self.kind.describe(), trainable_numbers=self.kind.num_trainable(),
@@ -102,9 +105,11 @@ class RunInputs:
             objective=self.objective.as_dict(), train=self.config.as_dict(), seed=self.config.seed,
             data=DataSettings(self.data_options.shots, self.data_options.val_fraction, self.output_dtype),
             inputs=Inputs(checkpoint, data), result=result.as_dict(),
+            scores_other_classes=self.kind.scores_other_classes(),
         )
 
 
+@checked
 def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
         on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
     """Encode once, build the zero-shot term once, choose ``lam_zs`` if asked (``"auto"``), train, write ``out``
@@ -116,6 +121,11 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     kind, options = inputs.kind, inputs.data_options
     check_weight_ensemble(inputs.config, kind, inputs.held_out is not None)  # before encoding anything
     progress = inputs.progress_file(out)
+    check_saved_progress(out, resume, force)
+    if resume:
+        progress.check_resumable()  # before encoding: a changed setting is refused at once
+    elif progress.path.exists():  # --force: the saved progress of another run is discarded
+        progress.remove()
     created_progress = not progress.path.exists()
     try:
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
@@ -139,8 +149,9 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         result.choices.update(choices)
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
+        tensors = export(kind, inputs.output_dtype)
         layout = output_layout(inputs.source.layout if inputs.source else None, inputs.output_format, out)
-        path = kind.save(out, export(kind, inputs.output_dtype), record.to_metadata(), force=force, inputs=sources,
+        path = kind.save(out, tensors, record.to_metadata(tensors_checksum(tensors)), force=force, inputs=sources,
                          layout=layout)
     except (KeyboardInterrupt, Terminated):
         raise
@@ -150,6 +161,21 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         raise
     progress.remove()
     return RunOutcome(path, record, result)
+
+
+def progress_path(out: Path) -> Path:
+    """Where a run writing ``out`` saves its state after every epoch (hidden, next to it)."""
+    return Path(out).with_name(f".{Path(out).name}.progress")
+
+
+def check_saved_progress(out: Path, resume: bool, force: bool) -> None:
+    """Saved progress for ``out`` (an interrupted run: hours of work, maybe) is continued with ``resume`` or
+    discarded with ``force``; a run given neither refuses rather than overwrite it."""
+    saved = ProgressFile(progress_path(out), "").saved() if not (resume or force) else None
+    if saved is not None:
+        raise OutputExistsError(f"{out}: an interrupted run saved its progress here ({progress_path(out).name}, "
+                                f"epoch {saved.get('epoch', '?')}); pass --resume to continue it, or --force to "
+                                "discard it and start over")
 
 
 def _prepare_surrogate(inputs: RunInputs, train_set) -> Surrogate | None:
@@ -208,6 +234,7 @@ def _check_output_format(output_format: str | None) -> None:
         raise UsageError(f"unknown output format {output_format!r}; choose {', '.join(OUTPUT_FORMATS)}")
 
 
+@checked
 def repair(
     finetuned: str | Path,
     data_dir: str | Path,
@@ -253,6 +280,7 @@ def repair(
     check_outside_input_folders(out, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
         check_output(out, [finetuned, *files], force)
+    check_saved_progress(out, resume, force)
     with output_lock(out):  # a second run writing the same file refuses now, not after training
         source = read_tensors(finetuned)
         record = read_record(source)
@@ -279,6 +307,7 @@ def repair(
         return outcome
 
 
+@checked
 def finetune(
     kind: str,
     data_dir: str | Path,
@@ -305,6 +334,7 @@ def finetune(
     files, folders = side_inputs(data_options, backbone)
     check_outside_input_folders(out, [Path(data_dir), *folders])
     check_kind_output(cls, out, None, options, force, files)
+    check_saved_progress(out, resume, force)
     with output_lock(out):
         templates = load_templates(data_options.templates_file)
         dataset, held_out = select_training_images(Path(data_dir), data_options, config.seed)
@@ -316,4 +346,5 @@ def finetune(
         return fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
 
 
-__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "resolve_surrogate", "OUTPUT_DTYPES"]
+__all__ = ["RunInputs", "RunOutcome", "fit", "repair", "finetune", "export", "resolve_surrogate", "OUTPUT_DTYPES",
+           "check_saved_progress", "progress_path"]
