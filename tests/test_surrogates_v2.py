@@ -299,3 +299,61 @@ def test_lam_zs_auto_on_the_command_line_and_its_one_line_errors(tmp_path, tiny_
     assert record["result"]["surrogate_build"]["vocabulary"]["classes"] == len(BASE) + 2
     again = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", out, *common, "--lam-zs", "auto"]])
     assert again.exit_code == 8  # never overwrites without --force
+
+
+# ----------------------------------------------------------------------------- the fast open-vocabulary terms
+
+
+def _all_logit_gradients(kind, images, vocabulary):
+    """[n, V, P] gradients of every image's logit of every name, one backward each: the reference."""
+    from repair.train.curvature import vocabulary_logits
+
+    rows = []
+    for image in images:
+        per_name = []
+        for name in vocabulary:
+            logit = vocabulary_logits(kind, image.unsqueeze(0), [name])[0, 0]
+            (grad,) = torch.autograd.grad(logit, [kind.ctx])
+            per_name.append(grad.reshape(-1))
+        rows.append(torch.stack(per_name))
+    return torch.stack(rows)
+
+
+def test_the_draws_fisher_is_unbiased_for_the_exact_fisher_and_matches_its_gradients(backbone, image_dirs):
+    from repair.train import curvature
+
+    dataset, data = features(backbone, image_dirs, shots=2)
+    kind = moved_prompt(backbone, dataset.classnames)
+    images = data.features
+    with curvature.AtZeroShot(kind):
+        grads = _all_logit_gradients(kind, images, VOCAB)
+        with torch.no_grad():
+            probs = torch.softmax(curvature.vocabulary_logits(kind, images, VOCAB).float(), dim=-1)
+        draws = curvature.sampled_label_draws(kind, images, VOCAB, 5, curvature.FISHER_DRAWS)
+    centred = grads - torch.einsum("iy,iyk->ik", probs, grads)[:, None]
+    exact = torch.einsum("iy,iyk,iyl->kl", probs, centred, centred) / len(images)
+    # the expectation of two independent draws' 0.5 (a_y - a_y')(a_y - a_y')^T, enumerated, is the exact Fisher
+    pairs = grads[:, :, None] - grads[:, None, :]
+    expected = 0.5 * torch.einsum("iy,iz,iyzk,iyzl->kl", probs, probs, pairs, pairs) / len(images)
+    assert torch.allclose(expected, exact, atol=1e-5 * float(exact.abs().max()))
+    # and the estimate is the sample covariance of the drawn labels' gradients (k draws per image)
+    drawn = grads[torch.arange(len(images))[:, None], draws]
+    rows = (drawn - drawn.mean(dim=1, keepdim=True)).flatten(0, 1) / (draws.shape[1] - 1) ** 0.5
+    dense = fisher_dense(kind, data, seed=5, vocabulary=VOCAB, estimator="draws")
+    assert torch.allclose(dense, rows.t() @ rows / len(images), atol=1e-5 * float(dense.abs().max()))
+    diagonal = fisher_diagonal(kind, data, seed=5, vocabulary=VOCAB, estimator="draws")["ctx"].reshape(-1)
+    assert torch.allclose(diagonal, dense.diagonal(), atol=1e-6 * float(dense.abs().max()))
+    with pytest.raises(ValueError, match="estimator"):
+        fisher_diagonal(kind, data, vocabulary=VOCAB, estimator="exact")
+
+
+def test_the_vocabulary_fishers_use_draws_and_their_own_cache_entries(backbone, image_dirs, tmp_path):
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames)
+    dense = build_surrogate("fisher-dense", kind, data, seed=2, vocabulary=VOCAB, cache_key="k", cache_dir=tmp_path)
+    assert torch.equal(dense.constants["dense"], fisher_dense(kind, data, seed=2, vocabulary=reference_vocabulary(
+        dataset.classnames, VOCAB), estimator="draws"))
+    # an entry of the one-label estimator (another identity) is never read back as this one
+    from repair.train import surrogates
+
+    assert surrogates.DenseFisherSurrogate.cache_variant() != surrogates.FisherSurrogate.cache_variant()

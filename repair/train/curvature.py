@@ -12,6 +12,17 @@ open-vocabulary contrastive pretraining). Three forms of the same matrix:
   gradient at the logits and ``x`` the (scaled, bias-augmented) input: the exact structure of a linear
   layer's Gauss-Newton, exact for one sample.
 
+Two estimators of the same expected Fisher ``E_x Cov_{y ~ p(.|x)}[dz_y/dw]`` (``z`` the logits):
+
+- ``label`` (the default): one label per image, ``g = dz_y/dw - E_p[dz/dw]``; the mean runs over every
+  scored class, so each image pulls back through the whole class list.
+- ``draws``: ``k`` labels drawn independently per image (:data:`FISHER_DRAWS`) and the sample covariance of
+  their logit gradients, ``1/(k-1) sum_k (dz_k/dw - mean)^2`` (outer products for the dense form):
+  unbiased for the same matrix, each image touching ``k`` classes instead of all of them, which is what a
+  1,005-name vocabulary needs (the open-vocabulary surrogates use it). Per coordinate its variance is
+  ``(kurt/k - (k-3)/(k(k-1))) var^2`` against ``label``'s ``(kurt - 1) var^2``: at k = 4, lower unless the
+  gradient's kurtosis is below about 1.2 (a near two-point distribution).
+
 Per-example gradients come from torch.func over the kind's trainable tensors
 (:func:`torch.func.functional_call`): for the dense Fisher and the reference vocabulary on image
 features, one forward and a batched pull-back of each image's cotangent (``vjp``); otherwise
@@ -40,6 +51,8 @@ DENSE_LIMIT = 8192  # the most trainable numbers a dense Fisher takes (8,192^2 f
 # cotangent per pair through the text tower (32 images x 1,005 vocabulary prompts took 16 GiB on the proxy)
 GRADIENT_PAIRS = 2048
 GRADIENT_METHODS = ("auto", "vjp", "vmap", "loop")
+ESTIMATORS = ("label", "draws")
+FISHER_DRAWS = 4  # labels drawn per image by the ``draws`` estimator (its sample covariance)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +167,72 @@ def sampled_labels(scores: nn.Module, images: torch.Tensor, seed: int, chunk: in
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
 
+@torch.no_grad()
+def sampled_label_draws(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], seed: int,
+                        draws: int = 2) -> torch.Tensor:
+    """``draws`` labels per image drawn independently (with replacement) from the model's predictions over
+    ``vocabulary``: [n, draws]. One scoring pass for all images (the vocabulary's text side runs once)."""
+    if len(images) == 0:
+        return torch.zeros(0, draws, dtype=torch.long)
+    probs = F.softmax(vocabulary_logits(kind, images, vocabulary).float(), dim=-1)
+    return torch.multinomial(probs.cpu(), draws, replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
 # ----------------------------------------------------------------------------- per-example gradients
+
+
+def logit_gradients(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], labels: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """``dz(x_i, vocabulary[labels[i, k]]) / dw`` for every image ``i`` and draw ``k``: ``{name: [n, k, *shape]}``.
+
+    One forward per distinct class among the labels, over the images that drew it, and one pull-back per
+    (image, class) pair through that single class's encoding (batched): each draw costs one class's text
+    pass, not the whole vocabulary's.
+    """
+    parameters = kind.trainable()
+    count, draws = labels.shape
+    out = {name: torch.zeros(count * draws, *parameter.shape, device=parameter.device)
+           for name, parameter in parameters.items()}
+    rows = torch.arange(count).repeat_interleave(draws)
+    flat = labels.reshape(-1).cpu()
+    for label in flat.unique().tolist():
+        picked = (flat == label).nonzero().squeeze(1)
+        with torch.enable_grad():
+            logits = kind.open_vocabulary_logits(images[rows[picked].to(images.device)], [vocabulary[label]])
+            grads = _row_gradients(logits[:, 0].float(), list(parameters.values()))
+        for name, value in zip(parameters, grads):
+            out[name][picked.to(value.device)] = value.detach()
+    return {name: value.unflatten(0, (count, draws)) for name, value in out.items()}
+
+
+def centered_draws(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """[n, k, *shape] gradients of k draws per image -> [n * k, *shape] rows whose outer products summed give
+    each image's unbiased sample covariance ``1/(k-1) sum_k (a_k - mean)(a_k - mean)^T``, summed over images."""
+    out = {}
+    for name, value in grads.items():
+        draws = value.shape[1]
+        out[name] = ((value - value.mean(dim=1, keepdim=True)) / (draws - 1) ** 0.5).flatten(0, 1)
+    return out
+
+
+def _row_gradients(values: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``d values[k] / d parameters`` for every k: ``[len(values), *shape]`` per parameter."""
+    eye = torch.eye(len(values), device=values.device, dtype=values.dtype)
+    try:
+        with warnings.catch_warnings():  # torch's note that CPU attention has no batching rule yet
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            grads = torch.autograd.grad(values, parameters, grad_outputs=eye, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - a tracing failure: one backward per row gives the same numbers
+        log.debug("per-row gradients: batched backward failed (%s); using a loop", exc)
+        rows = [torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True) for value in values]
+        grads = [torch.stack([row[index] if row[index] is not None else torch.zeros_like(parameter)
+                              for row in rows]) if rows else torch.zeros(0, *parameter.shape)
+                 for index, parameter in enumerate(parameters)]
+    return [grad if grad is not None else torch.zeros(len(values), *parameter.shape, device=parameter.device)
+            for grad, parameter in zip(grads, parameters)]
+
+
 
 
 def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tensor, *, method: str = "auto",
@@ -259,15 +337,23 @@ def _loop_grads(scores: _Scores, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 
 def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, limit: int = FISHER_IMAGES,
-                    vocabulary: Sequence[str] | None = None, method: str = "auto") -> dict[str, torch.Tensor]:
+                    vocabulary: Sequence[str] | None = None, method: str = "auto",
+                    estimator: str = "label") -> dict[str, torch.Tensor]:
     """``E_x E_{y ~ p_zs(y|x)} [(d log p(y|x) / dw)^2]`` at ``w_zs``, one gradient per image.
 
     ``vocabulary`` None: ``p`` over the repair classes; else over that class list (see
     :func:`vocabulary_logits`). The kind is evaluated at ``w_zs`` and restored afterwards. At most
-    ``limit`` images are used (:func:`fisher_images`).
+    ``limit`` images are used (:func:`fisher_images`). ``estimator``: ``label`` or ``draws`` (see the
+    module's docstring; ``draws`` applies where the kind scores ``vocabulary``, else ``label`` runs).
     """
     images = chosen_images(data, seed, limit)
     fisher = {name: torch.zeros_like(parameter.detach()) for name, parameter in kind.trainable().items()}
+    if _uses_draws(kind, vocabulary, estimator):
+        with AtZeroShot(kind):
+            for rows in _draw_chunks(kind, images, vocabulary, seed, chunk):
+                for name, value in rows.items():
+                    fisher[name] += (value ** 2).sum(dim=0)
+        return {name: value / max(len(images), 1) for name, value in fisher.items()}
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
@@ -279,14 +365,22 @@ def fisher_diagonal(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 3
 
 
 def fisher_dense(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, limit: int = FISHER_IMAGES,
-                 vocabulary: Sequence[str] | None = None, method: str = "auto") -> torch.Tensor:
-    """``E[g g^T]`` over all trainable numbers (flattened in ``trainable()`` order): ``[P, P]``."""
+                 vocabulary: Sequence[str] | None = None, method: str = "auto",
+                 estimator: str = "label") -> torch.Tensor:
+    """``E[g g^T]`` over all trainable numbers (flattened in ``trainable()`` order): ``[P, P]``; ``estimator``
+    as in :func:`fisher_diagonal` (with ``draws``, its diagonal is that function's, for the same seed)."""
     total = kind.num_trainable()
     if total > DENSE_LIMIT:
         raise ValueError(f"a dense Fisher takes at most {DENSE_LIMIT} trainable numbers, not {total}")
     images = chosen_images(data, seed, limit)
     device = next(iter(kind.trainable().values())).device
     matrix = torch.zeros(total, total, device=device)
+    if _uses_draws(kind, vocabulary, estimator):
+        with AtZeroShot(kind):
+            for part in _draw_chunks(kind, images, vocabulary, seed, chunk):
+                flat = torch.cat([value.reshape(value.shape[0], -1) for value in part.values()], dim=1)
+                matrix += flat.t() @ flat
+        return matrix / max(len(images), 1)
     with AtZeroShot(kind):
         scores = _Scores(kind, vocabulary)
         labels = sampled_labels(scores, images, seed, chunk)
@@ -294,6 +388,24 @@ def fisher_dense(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32, 
             flat = torch.cat([value.reshape(value.shape[0], -1) for value in grads.values()], dim=1)
             matrix += flat.t() @ flat
     return matrix / max(len(images), 1)
+
+
+def _uses_draws(kind: Kind, vocabulary: Sequence[str] | None, estimator: str) -> bool:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+    return estimator == "draws" and vocabulary is not None and scores_vocabulary(kind)
+
+
+def _draw_chunks(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], seed: int, chunk: int
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Rows whose squares (outer products) sum to the ``draws`` estimate times the image count: the centred
+    logit gradients of ``draws`` sampled labels per image (:func:`centered_draws`), ``chunk`` images at a
+    time so that memory stays that of ``chunk * draws`` gradients; every label is drawn first, from one
+    seeded generator."""
+    labels = sampled_label_draws(kind, images, tuple(vocabulary), seed, FISHER_DRAWS)
+    for start in range(0, len(images), chunk):
+        yield centered_draws(logit_gradients(kind, images[start:start + chunk], vocabulary,
+                                             labels[start:start + chunk]))
 
 
 def kfac_factors(kind: Kind, data: Features, *, seed: int = 0, chunk: int = 32,

@@ -40,6 +40,7 @@ from repair.kinds.base import Kind, KindOutput
 from repair.kinds.linear import LinearHead
 from repair.train.curvature import (
     DENSE_LIMIT,
+    FISHER_DRAWS,
     FISHER_IMAGES,
     AtZeroShot,
     chosen_images,
@@ -129,7 +130,7 @@ class FromImages:
         began = time.perf_counter()
         source = cls.estimated_by(kind)  # whose cache entry holds these constants (one gradient pass for both)
         constants, cached = _cached(source.name, names, source.entry_keys(kind), data, seed, cache_key, cache_dir,
-                                    lambda: source.estimate(kind, data, seed, names))
+                                    lambda: source.estimate(kind, data, seed, names), source.cache_variant())
         if source is not cls:
             constants = cls.from_entry(kind, constants)
         surrogate = cls(kind, constants, data, seed, names)
@@ -157,6 +158,12 @@ class FromImages:
         raise NotImplementedError
 
     @classmethod
+    def cache_variant(cls) -> str | None:
+        """What else tells this surrogate's cache entries apart (its estimator); None: nothing."""
+        estimator = getattr(cls, "estimator", "label")
+        return None if estimator == "label" else f"{estimator}:{FISHER_DRAWS}"
+
+    @classmethod
     def estimated_by(cls, kind: Kind) -> type[FromImages]:
         """The surrogate whose estimate (and cache entry) this one's constants are read from: itself,
         unless another's contains them (:meth:`from_entry` reads them out)."""
@@ -181,11 +188,12 @@ class FisherSurrogate(FromImages):
     """Diagonal Fisher at ``w_zs`` of the repair-class softmax: ``0.5 sum_i F_i (w_i - w_zs_i)^2``."""
 
     name = "fisher"
+    estimator = "label"  # curvature's estimators: one label per image, the exact mean over the classes
 
     @classmethod
     def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
                  ) -> dict[str, torch.Tensor]:
-        return fisher_diagonal(kind, data, seed=seed, vocabulary=vocabulary)
+        return fisher_diagonal(kind, data, seed=seed, vocabulary=vocabulary, estimator=cls.estimator)
 
     @classmethod
     def entry_keys(cls, kind: Kind) -> set[str]:
@@ -207,6 +215,7 @@ class VocabularyFisherSurrogate(FisherSurrogate):
 
     name = "fisher-vocab"
     open_vocabulary = True
+    estimator = "draws"  # FISHER_DRAWS labels per image: two classes' text passes, not the vocabulary's
 
     @classmethod
     def estimated_by(cls, kind: Kind) -> type[FromImages]:
@@ -228,6 +237,7 @@ class DenseFisherSurrogate(FromImages):
 
     name = "fisher-dense"
     open_vocabulary = True
+    estimator = "draws"
 
     @classmethod
     def refusal(cls, kind: Kind) -> str | None:
@@ -240,7 +250,7 @@ class DenseFisherSurrogate(FromImages):
     @classmethod
     def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
                  ) -> dict[str, torch.Tensor]:
-        return {"dense": fisher_dense(kind, data, seed=seed, vocabulary=vocabulary)}
+        return {"dense": fisher_dense(kind, data, seed=seed, vocabulary=vocabulary, estimator=cls.estimator)}
 
     @classmethod
     def entry_keys(cls, kind: Kind) -> set[str]:
@@ -360,13 +370,17 @@ def _describe_vocabulary(kind: Kind, vocabulary: tuple[str, ...] | None) -> dict
 
 def _cached(name: str, vocabulary: tuple[str, ...] | None, keys: set[str], data: Features, seed: int,
             cache_key: str | None, cache_dir: Path | None,
-            compute: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
-    """``compute()``, or its entry in ``cache_dir/fisher`` (keyed by the run's inputs, the surrogate, the vocabulary)."""
+            compute: Callable[[], dict[str, torch.Tensor]], variant: str | None = None
+            ) -> tuple[dict[str, torch.Tensor], bool]:
+    """``compute()``, or its entry in ``cache_dir/fisher`` (keyed by the run's inputs, the surrogate, the vocabulary
+    and the estimator where it is not the first one)."""
     if cache_key is None or cache_dir is None:
         return compute(), False
     identity: list[object] = [FISHER_CACHE_FORMAT, cache_key, seed, FISHER_IMAGES]
     if name != "fisher":  # the diagonal's entries keep their names from before the other surrogates existed
         identity += [name, None if vocabulary is None else hashlib.sha256("\n".join(vocabulary).encode()).hexdigest()]
+    if variant is not None:
+        identity.append(variant)
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     path = Path(cache_dir) / "fisher" / f"{digest}.safetensors"
     stored = read_cache_entry(path, device=str(data.features.device))
