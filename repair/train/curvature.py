@@ -169,7 +169,7 @@ def sampled_labels(scores: nn.Module, images: torch.Tensor, seed: int, chunk: in
 
 @torch.no_grad()
 def sampled_label_draws(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], seed: int,
-                        draws: int = 2) -> torch.Tensor:
+                        draws: int) -> torch.Tensor:
     """``draws`` labels per image drawn independently (with replacement) from the model's predictions over
     ``vocabulary``: [n, draws]. One scoring pass for all images (the vocabulary's text side runs once)."""
     if len(images) == 0:
@@ -187,7 +187,8 @@ def logit_gradients(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str],
 
     One forward per distinct class among the labels, over the images that drew it, and one pull-back per
     (image, class) pair through that single class's encoding (batched): each draw costs one class's text
-    pass, not the whole vocabulary's.
+    pass, not the whole vocabulary's. (A kind caches what it builds for each class list it scores: here
+    single names, at most the vocabulary's own size.)
     """
     parameters = kind.trainable()
     count, draws = labels.shape
@@ -216,23 +217,20 @@ def centered_draws(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _row_gradients(values: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``d values[k] / d parameters`` for every k: ``[len(values), *shape]`` per parameter."""
-    eye = torch.eye(len(values), device=values.device, dtype=values.dtype)
+    """``d values[k] / d parameters`` for every k: ``[len(values), *shape]`` per parameter (batched; one
+    backward per row where the batched pull-back cannot trace)."""
     try:
         with warnings.catch_warnings():  # torch's note that CPU attention has no batching rule yet
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            eye = torch.eye(len(values), device=values.device, dtype=values.dtype)
             grads = torch.autograd.grad(values, parameters, grad_outputs=eye, is_grads_batched=True,
-                                        retain_graph=True, allow_unused=True)
-    except Exception as exc:  # noqa: BLE001 - a tracing failure: one backward per row gives the same numbers
-        log.debug("per-row gradients: batched backward failed (%s); using a loop", exc)
-        rows = [torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True) for value in values]
-        grads = [torch.stack([row[index] if row[index] is not None else torch.zeros_like(parameter)
-                              for row in rows]) if rows else torch.zeros(0, *parameter.shape)
-                 for index, parameter in enumerate(parameters)]
-    return [grad if grad is not None else torch.zeros(len(values), *parameter.shape, device=parameter.device)
-            for grad, parameter in zip(grads, parameters)]
-
-
+                                        retain_graph=True, allow_unused=True, materialize_grads=True)
+        return list(grads)
+    except Exception as exc:  # noqa: BLE001 - a tracing failure: the loop gives the same numbers
+        log.debug("per-row gradients: the batched backward cannot trace (%s); using a loop", exc)
+    rows = [torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True, materialize_grads=True)
+            for value in values]
+    return [torch.stack([row[index] for row in rows]) for index in range(len(parameters))]
 
 
 def per_example_grads(scores: _Scores, images: torch.Tensor, labels: torch.Tensor, *, method: str = "auto",
