@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import pytest
@@ -262,11 +264,12 @@ def test_lam_zs_auto_leaves_out_a_value_whose_repair_diverges(backbone, image_di
     kind = linear_head(backbone, dataset.classnames)
     start = kind.snapshot()
     objective = Objective(lam_zs="auto", surrogate="l2")
-    chosen, auto = choose_lam_zs(kind, objective, data, TrainConfig(epochs=2, batch_size=8), None, grid=(0.0, 1e38))
+    sgd = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.002)  # Adam's bounded steps would not diverge
+    chosen, auto = choose_lam_zs(kind, objective, data, sgd, None, grid=(0.0, 1e38))
     assert "diverged" in auto["curve"][1] and "inf" in auto["curve"][1]["diverged"]
     assert chosen == auto["chosen"] == 0.0 and "base_accuracy" in auto["curve"][0]
     assert auto["reference"] == "lam_zs 0 repair"
-    _, without_zero = choose_lam_zs(kind, objective, data, TrainConfig(epochs=1, batch_size=8), None, grid=(1.0,))
+    _, without_zero = choose_lam_zs(kind, objective, data, replace(sgd, epochs=1), None, grid=(1.0,))
     assert without_zero["reference"] == "fine-tuned"
     assert without_zero["reference_base_accuracy"] == without_zero["finetuned_base_accuracy"]
     assert_same(kind.snapshot(), start, atol=0.0)  # left at w_ft
