@@ -286,6 +286,9 @@ def method_rows(report: dict[str, object], paths: dict[str, Path]) -> dict[str, 
     return rows
 
 
+NOT_CHOSEN_ON_VALIDATION = ("ensemble", "entropy-alpha")  # a fixed weight; a label-free choice on what it scores
+
+
 def baseline_val_rows(report: dict[str, object]) -> dict[str, dict[str, object]]:
     """Each validation-chosen baseline's score on the validation split at its chosen settings (its curve point)."""
     rows = {}
@@ -305,7 +308,9 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
     The validation rows come back under ``"val"``: the protocol is judged (does fine-tuning
     forget?) and defaults are chosen (which surrogate, which lam_zs) on them, never on test.
     """
-    val_report = evaluate(list(paths.values()), val[0], novel_dir=val[1], backbone=backbone)
+    unchosen = [name for name in baselines if name in NOT_CHOSEN_ON_VALIDATION]  # scored as they are, anywhere
+    val_report = evaluate(list(paths.values()), val[0], novel_dir=val[1], backbone=backbone,
+                          baselines=unchosen or False, seed=seed)
     report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone,
                       baselines=list(baselines) or False, val_dir=val[0] if baselines else None,
                       val_novel_dir=val[1] if baselines else None, seed=seed)
