@@ -62,18 +62,6 @@ def test_finetune_repair_eval_end_to_end(tmp_path, tiny_spec, image_dirs):
     assert table.exit_code == 0 and "fixed.safetensors" in table.output
 
 
-def test_demo_runs_offline(tmp_path):
-    result = invoke("demo", "--workdir", tmp_path / "demo", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert "fixed.safetensors" in result.output and (tmp_path / "demo" / "fixed.safetensors").is_file()
-    again = invoke("demo", "--workdir", tmp_path / "demo")
-    assert_one_line_error(again, 8)
-    onto_file = invoke("demo", "--workdir", tmp_path / "demo" / "fixed.safetensors")
-    assert_one_line_error(onto_file, 8)
-    under_file = invoke("demo", "--workdir", tmp_path / "demo" / "fixed.safetensors" / "sub")
-    assert_one_line_error(under_file, 8)
-
-
 @pytest.fixture
 def ft_file(tmp_path, backbone):
     path = tmp_path / "ft.safetensors"

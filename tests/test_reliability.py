@@ -426,7 +426,3 @@ def test_18_a_dassl_prompt_keeps_its_tensor_name(tmp_path, backbone, image_dirs)
     assert list(load_file(out.path)) == ["state_dict.ctx"]
 
 
-def test_19_the_demo_says_how_to_read_it(tmp_path):
-    result = cli("demo", "--workdir", tmp_path / "demo", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert "random weights" in result.output and "benchmarks/RESULTS.md" in result.output

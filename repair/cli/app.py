@@ -34,7 +34,7 @@ COMMANDS = {
     "verify": ("repair.cli.evaluate", "Recompute the recorded input hashes; say which input differs."),
     "inspect": ("repair.cli.evaluate", "A checkpoint's kind, tensors, trainable numbers and record."),
     "push": ("repair.cli.hub", "Upload a checkpoint with a generated model card to the Hugging Face Hub."),
-    "demo": ("repair.cli.demo", "Run the whole workflow offline on a built-in tiny CLIP."),
+    "demo": ("repair.cli.demo", "Watch a CLIP forget and its repair, offline, on the embedded mergetune-mini."),
 }
 
 TERMINATED = "terminated; no output was written (progress is kept for --resume)"

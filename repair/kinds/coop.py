@@ -27,7 +27,7 @@ from torch import nn
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Claims, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
-from repair.kinds.base import backbone_copies, logit_scale_option, option
+from repair.kinds.base import Schedule, backbone_copies, logit_scale_option, option
 from repair.model.backbone import Backbone
 from repair.model.shared_prefix import CLASS_CHUNK
 
@@ -175,7 +175,10 @@ class CoOpPrompts(Kind):
     about: ClassVar[About] = About(
         title="CoOp", description="CoOp soft prompt", trained_tensors="`ctx` [n_ctx, width] or [n_cls, n_ctx, width]",
         scores_unseen_classes=True)  # a shared context prompts any class name (class-specific ones: see can_score)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=10.0)  # README "Defaults"
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(  # benchmarks/DEFAULTS.md
+        surrogate="feature", lam_zs=3.0, schedule=Schedule(steps=100, batch_size=128, step_size=0.1))
+    # plain fine-tuning fits the shots closely, as CoOp's own long recipe does (the checkpoint that forgets)
+    finetune_schedule: ClassVar[Schedule] = Schedule(steps=200, batch_size=32, step_size=0.2)
     shared_prefix: bool = True  # encode [SOS][ctx] once for all classes (exact; see repair.model.shared_prefix)
     text_chunk_size: int | None = CLASS_CHUNK  # classes per checkpointed text chunk; None: all at once
 
