@@ -20,7 +20,8 @@ def kind_title(name: str) -> str:
     return KINDS[name].about.title if name in KINDS else name
 
 
-BASELINE_ORDER = ("wise-ft", "task-arithmetic", "ties", "dare", "entropy-alpha", "ensemble", "weighted-ensemble")
+BASELINE_ORDER = ("wise-ft", "task-arithmetic", "ties", "dare", "entropy-alpha", "ensemble", "weighted-ensemble",
+                  "weight-ensemble")
 
 
 def ordered(summary: dict[str, dict]) -> list[tuple[str, dict]]:

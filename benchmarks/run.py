@@ -118,6 +118,7 @@ class KindProtocol:
 
 
 DEFAULT = "default"  # the bare command: no schedule, surrogate or lam_zs given
+WEIGHT_ENSEMBLE = "weight-ensemble"  # ZSCL's WE of the fine-tuning run (finetune --weight-ensemble N)
 SCHEDULE_KEYS = {"steps": ("steps", int), "step": ("step_size", float), "batch": ("batch_size", int)}
 
 
@@ -206,10 +207,20 @@ class Plan:
     left_out: tuple[tuple[str, str], ...] = (("tiny_imagenet", "clipfit"), ("robustness", "clipfit"))
     protocol: dict[str, KindProtocol] = field(default_factory=lambda: dict(TOWERS_PROTOCOL))
     baselines: tuple[str, ...] = ("wise-ft", "ensemble")  # eval --baseline names; settings chosen on validation
+    weight_ensemble: int | None = None  # also fine-tune with ZSCL's weight ensemble every N steps (None: not)
 
+
+# Labelled comparisons beside each kind's bare default: the default's neighbours in strength and the previous
+# defaults' surrogates, each with the schedule it names (benchmarks/DEFAULTS.md reads the choice off them).
+COMPARISONS = {
+    "coop": ("feature:1@step=0.1", "feature:10@step=0.1"),
+    "clipfit": ("fisher:5@steps=40,batch=32,step=0.1",),
+    "linear": ("feature:auto@step=0.02", "fisher:10@step=0.05"),
+}
 
 PLANS = {
-    "towers": Plan(),
+    "towers": Plan(surrogates=(DEFAULT,), kind_surrogates=dict(COMPARISONS), baselines=tuple(BASELINES),
+                   weight_ensemble=10),
     "scratch": Plan(proxy="scratch", seeds=(1, 2, 3), datasets=("cifar10", "flowers5"), domain_kinds=(),
                     style="blur", sizes=Sizes(), left_out=(), protocol=dict(SCRATCH_PROTOCOL), kind_surrogates={}),
 }
@@ -229,9 +240,11 @@ def quick(plan: Plan) -> Plan:
 
 
 def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol,
-                   repairs: dict[str, Objective | RepairSpec], backbone, log) -> dict[str, Path]:
+                   repairs: dict[str, Objective | RepairSpec], backbone, log,
+                   weight_ensemble: int | None = None) -> dict[str, Path]:
     """Fine-tune from zero-shot with the protocol, then repair that checkpoint with each named repair (an
-    objective on the protocol's schedule, or a :class:`RepairSpec`); paths by name."""
+    objective on the protocol's schedule, or a :class:`RepairSpec`); paths by name. With ``weight_ensemble``,
+    also ZSCL's weight ensemble of the same fine-tuning (the running mean every that many steps)."""
     options = DataOptions(shots=protocol.shots)
     images = sum(min(protocol.shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
     config = protocol.train_config(seed, images)
@@ -239,6 +252,10 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
     started = time.perf_counter()
     paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
                                     config=config, data_options=options, force=True).path}
+    if weight_ensemble is not None:
+        paths[WEIGHT_ENSEMBLE] = finetune(kind, train_dir, run_dir / "weight-ensemble.safetensors", backbone=backbone,
+                                          config=replace(config, weight_ensemble=weight_ensemble),
+                                          data_options=options, force=True).path
     for name, spec in repairs.items():
         spec = spec if isinstance(spec, RepairSpec) else RepairSpec(spec, None)
         try:
@@ -322,7 +339,7 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
 def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"b2n-{task.dataset}-{task.style}" / kind / f"seed{seed}"
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
-                           backbone, log)
+                           backbone, log, plan.weight_ensemble)
     return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
                                    backbone, plan.baselines, seed)
 
@@ -330,7 +347,7 @@ def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, w
 def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"robust-{task.dataset}-{task.style}" / kind / f"seed{seed}"
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
-                           backbone, log)
+                           backbone, log, plan.weight_ensemble)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
                                    backbone, plan.baselines, seed)
     for row in [*(row for method, row in rows.items() if method != "val"), *rows["val"].values()]:
@@ -424,6 +441,13 @@ def environment() -> dict[str, object]:
             if torch.cuda.is_available() else None, "git_commit": git("rev-parse", "HEAD"),
             "code_modified_since_commit": None if status is None else bool(status), "cpu": cpu_identity(),
             **versions()}
+
+
+def declared_defaults() -> dict[str, dict[str, object]]:
+    """Every kind's declared repair defaults (surrogate, lam_zs, schedule): what a "default" row ran."""
+    from repair.kinds import KINDS
+
+    return {name: asdict(kind.defaults) for name, kind in KINDS.items()}
 
 
 def cpu_identity() -> dict[str, str | None]:
@@ -579,7 +603,7 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
     result: dict[str, object] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {**environment(), "workers": workers, "threads_per_job": THREADS_PER_JOB},
-        "backbone": spec.as_dict(), "proxy": proxy_info, "plan": asdict(plan),
+        "backbone": spec.as_dict(), "proxy": proxy_info, "plan": asdict(plan), "defaults": declared_defaults(),
         "base_to_novel": {}, "domain": {}, "robustness": {}, "complete": False,
     }
 
@@ -670,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--surrogates", nargs="+", default=None,
                         help="repairs to run: surrogate names at the protocol's lam_zs, NAME:auto or NAME:LAM")
     parser.add_argument("--style", default=None, help="downstream style: none, blur, grayscale, low-res")
+    parser.add_argument("--weight-ensemble", type=int, default=None, metavar="N",
+                        help="also fine-tune with ZSCL's weight ensemble (the running mean every N steps)")
     parser.add_argument("--baselines", nargs="*", default=None,
                         help="eval baselines to score beside the repairs (settings chosen on validation); "
                              "default: wise-ft ensemble; 'all' for every one")
@@ -689,7 +715,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"seeds": args.seeds, "datasets": args.datasets, "b2n_kinds": args.kinds,
                  "domain_kinds": args.domain_kinds, "robustness_kinds": args.robustness_kinds,
                  "surrogates": args.surrogates, "style": args.style,
-                 "baselines": (tuple(BASELINES) if args.baselines == ["all"] else args.baselines)}
+                 "baselines": (tuple(BASELINES) if args.baselines == ["all"] else args.baselines),
+                 "weight_ensemble": args.weight_ensemble}
     plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
                             for key, value in overrides.items() if value is not None})
     if args.surrogates is not None:  # exactly the ones asked for

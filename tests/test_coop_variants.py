@@ -3,6 +3,8 @@ class-specific contexts, through the real CLI."""
 
 from __future__ import annotations
 
+import repair.kinds
+
 import json
 
 import torch
@@ -10,7 +12,12 @@ from safetensors.torch import load_file
 from cli_helpers import fast, invoke
 
 
-def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny_spec, image_dirs):
+def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny_spec, image_dirs, monkeypatch):
+    from repair.kinds.base import RepairDefaults
+
+    # a default that needs a zero-shot point in prompt space (CoOp's own default, feature, needs none)
+    monkeypatch.setattr(repair.kinds.CoOpPrompts, "defaults",
+                        RepairDefaults("fisher", 10.0, repair.kinds.CoOpPrompts.defaults.schedule))
     ft = tmp_path / "ft.safetensors"
     result = invoke("finetune", "--kind", "coop", "--n-ctx", "16", "--data", image_dirs["train"], "--out", ft,
                     *fast(tiny_spec))

@@ -94,11 +94,12 @@ def test_card_names_backbone_method_kind_and_hyperparameters(repaired, tiny_mode
     assert "MergeTune continued fine-tuning" in card
     assert "a local open_clip folder" in card and str(tiny_model_dir) not in card  # no local paths leak
     assert str(image_dirs["train"]) not in card
-    surrogate, lam_zs = CoOpPrompts.defaults.surrogate, CoOpPrompts.defaults.lam_zs
-    for expected in (f"| lam_zs (zero-shot surrogate weight) | `{lam_zs:g}` |", "| lam_lmc (path term weight) | `1` |",
-                     "| path points K | `5` |", f"| surrogate | `{surrogate}` |", "| lr | `0.002` |",
-                     "| weight decay | `0.0005` |", "| shots per class used | `4 (4 asked)` |", "| seed | `0` |",
-                     "| n ctx | `4` |"):
+    defaults = CoOpPrompts.defaults
+    for expected in (f"| lam_zs (zero-shot surrogate weight) | `{defaults.lam_zs:g}` |",
+                     "| lam_lmc (path term weight) | `1` |", "| path points K | `5` |",
+                     f"| surrogate | `{defaults.surrogate}` |", f"| steps | `{defaults.schedule.steps}` |",
+                     f"| step size | `{defaults.schedule.step_size:g}` |", "| optimizer | `adam` |",
+                     "| shots per class used | `4 (4 asked)` |", "| seed | `0` |", "| n ctx | `4` |"):
         assert expected in card
     assert "blue, green, red, yellow" in card
     assert record.inputs.checkpoint.sha256 in card

@@ -517,6 +517,14 @@ def test_8_test_images_and_baselines_chosen_on_test_are_said(tmp_path, tiny_spec
     card = _card(tmp_path, repaired["fixed"], "--eval-json", report)
     assert "Base accuracy rests on 40 test images of 4 classes; novel accuracy on 40 test images of 4 classes" in card
     wise = next(line for line in card.splitlines() if line.startswith("| wise-ft"))
+    assert "fixed" in wise and "chosen on these test images" not in wise  # eval never chooses on test data now
+    document = json.loads(result.stdout)  # a report that did (as eval did before its --val-data) is marked
+    for row in document["models"]:
+        row["chosen_on_test"] = row["name"] == "wise-ft"
+    report.write_text(json.dumps(document))
+    (tmp_path / "again").mkdir()
+    card = _card(tmp_path / "again", repaired["fixed"], "--eval-json", report)
+    wise = next(line for line in card.splitlines() if line.startswith("| wise-ft"))
     assert "chosen on these test images" in wise
     ensemble = next(line for line in card.splitlines() if line.startswith("| ensemble"))
     assert "chosen on these test images" not in ensemble

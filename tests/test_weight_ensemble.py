@@ -90,7 +90,7 @@ def test_finetune_and_repair_weight_ensemble_flags(tmp_path, tiny_spec, image_di
                     "--weight-ensemble", "2", *fast(tiny_spec), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["result"]["weight_ensemble"]["every"] == 2
-    for args, message in ((["--weight-ensemble", "0"], "--weight-ensemble"),
+    for args, message in ((["--weight-ensemble", "0"], "weight_ensemble must be at least 1"),
                           (["--weight-ensemble", "2", "--val-fraction", "0.25"], "use one of them")):
         result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "bad.safetensors", *args,
                         *fast(tiny_spec))

@@ -21,7 +21,7 @@ from torch import nn
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Claims, Kind, KindOptions, KindOutput, PathSpace, RepairDefaults
-from repair.kinds.base import backbone_copies, logit_scale_option, model_key, option
+from repair.kinds.base import Schedule, backbone_copies, logit_scale_option, model_key, option
 from repair.model.backbone import Backbone, ImageEncoder, TemplatePrompts
 from repair.model.shared_prefix import CLASS_CHUNK
 
@@ -64,7 +64,10 @@ class CLIPFit(Kind):
         title="CLIPFit", description="CLIPFit (a few native CLIP parameters)",
         trained_tensors="`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm (any wrapper prefix)",
         scores_unseen_classes=True)  # its text tower encodes any class name
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=5.0)  # README "Defaults"
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(  # benchmarks/DEFAULTS.md
+        surrogate="fisher", lam_zs=20.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
+    # the image tower runs in every step: fine-tuning's default is as short, on small batches
+    finetune_schedule: ClassVar[Schedule] = Schedule(steps=40, batch_size=32, step_size=0.02)
     shared_prefix: bool = True  # each template's words before the class encoded once (repair.model.shared_prefix)
     text_chunk_size: int | None = CLASS_CHUNK  # classes per checkpointed text chunk; None: all at once
     cache_ft_images: bool = True  # the path term's image features at w_ft: computed once per image

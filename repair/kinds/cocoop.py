@@ -39,10 +39,11 @@ from repair.kinds.base import (
     KindOutput,
     PathSpace,
     RepairDefaults,
+    Schedule,
     logit_scale_option,
     option,
 )
-from repair.kinds.coop import DEFAULT_CTX_INIT, PromptBank, init_context
+from repair.kinds.coop import DEFAULT_CTX_INIT, CoOpPrompts, PromptBank, init_context
 from repair.kinds.prompted import canonical_keys, check_shape, linear_init, seeded_normal, upstream_claims
 from repair.kinds.weights import along_path
 from repair.model.backbone import Backbone, TextTower
@@ -91,7 +92,8 @@ class CoCoOp(Kind):
         title="CoCoOp", description="CoCoOp image-conditioned prompt",
         trained_tensors="`ctx` [n_ctx, width] + `meta_net.linear1` [d/16, d] and `meta_net.linear2` [width, d/16]",
         scores_unseen_classes=True)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # not benchmarked yet
+    defaults: ClassVar[RepairDefaults] = CoOpPrompts.defaults  # not benchmarked: CoOp's, the closest measured kind
+    finetune_schedule: ClassVar[Schedule] = CoOpPrompts.finetune_schedule
     outranks: ClassVar[tuple[str, ...]] = ("coop",)  # CoOp finds its ctx and would drop the meta-network
     text_chunk_size: int | None = CLASS_CHUNK
     # one [SOS][ctx + shift] prefix per image, encoded once for all classes (repair.model.shared_prefix)

@@ -44,7 +44,7 @@ class KgCoOpPrompts(CoOpPrompts):
         trained_tensors="`ctx` [n_ctx, width], beside KgCoOp's unused `bias_vectors` [1, 512] and "
                         "`meta_net.linear1` (kept as they are)",
         scores_unseen_classes=True)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="fisher", lam_zs=10.0)  # CoOp's: the same model
+    defaults: ClassVar[RepairDefaults] = CoOpPrompts.defaults  # CoOp's: the same model
 
     def __init__(self, backbone: Backbone, ctx: torch.Tensor, classnames: Sequence[str], templates: Sequence[str],
                  options: CoOpOptions | None = None, *, ctx_key: str = "ctx",

@@ -18,7 +18,7 @@ from torch import nn
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
 from repair.kinds.base import About, Claims, HeadFeatures, Kind, KindOptions, KindOutput, RepairDefaults
-from repair.kinds.base import backbone_copies, logit_scale_option, model_key, option
+from repair.kinds.base import Schedule, backbone_copies, logit_scale_option, model_key, option
 from repair.model.backbone import Backbone
 
 SKLEARN_EXTRAS = ("classes_", "n_iter_", "n_features_in_")  # saved beside coef_ / intercept_ by LogisticRegression
@@ -75,7 +75,8 @@ class LinearHead(Kind):
     about: ClassVar[About] = About(
         title="linear probe", description="linear-probe head",
         trained_tensors="`weight` [n_cls, dim] (+ `bias`), any prefix; sklearn `coef_`/`intercept_`")
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs="auto")  # README "Defaults"
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(  # benchmarks/DEFAULTS.md
+        surrogate="fisher", lam_zs=10.0, schedule=Schedule(steps=100, batch_size=128, step_size=0.02))
 
     def __init__(self, backbone: Backbone, weight: torch.Tensor, bias: torch.Tensor | None,
                  classnames: Sequence[str], templates: Sequence[str], options: LinearOptions | None = None, *,

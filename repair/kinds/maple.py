@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, Claims, KindOptions, PathSpace, RepairDefaults, logit_scale_option, option
+from repair.kinds.base import About, Claims, KindOptions, PathSpace, RepairDefaults, Schedule
+from repair.kinds.base import logit_scale_option, option
 from repair.kinds.coop import DEFAULT_CTX_INIT, init_context
 from repair.kinds.prompted import (
     InsertionKind,
@@ -99,7 +100,9 @@ class MaPLe(InsertionKind):
         title="MaPLe", description="MaPLe multi-modal prompt",
         trained_tensors="`prompt_learner.ctx`, `proj`, `compound_prompts_text.N`, `compound_prompt_projections.N`",
         scores_unseen_classes=True)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # not benchmarked yet
+    # not benchmarked: CoOp's term and strength, CLIPFit's schedule (the image tower runs in every step, as there)
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(
+        surrogate="feature", lam_zs=3.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
     outranks: ClassVar[tuple[str, ...]] = ("coop",)  # CoOp finds its ctx and would drop everything else
 
     def __init__(self, backbone: Backbone, values: Mapping[str, torch.Tensor], classnames: Sequence[str],

@@ -37,7 +37,8 @@ import torch
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, Claims, KindOptions, PathSpace, RepairDefaults, logit_scale_option, option
+from repair.kinds.base import About, Claims, KindOptions, PathSpace, RepairDefaults, Schedule
+from repair.kinds.base import logit_scale_option, option
 from repair.kinds.coop import DEFAULT_CTX_INIT
 from repair.kinds.prompted import InsertionKind, Values, canonical_keys, check_shape, image_width, upstream_claims
 from repair.model.backbone import Backbone
@@ -81,7 +82,9 @@ class MMA(InsertionKind):
         title="MMA", description="MMA multi-modal adapter",
         trained_tensors="`text_adapter.N`, `visual_adapter.N` (`down.0`, `up`), `shared_adapter.N.0`",
         scores_unseen_classes=True)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # not benchmarked yet
+    # not benchmarked: CoOp's term and strength, CLIPFit's schedule (the image tower runs in every step, as there)
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(
+        surrogate="feature", lam_zs=3.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
 
     def __init__(self, backbone: Backbone, values: Mapping[str, torch.Tensor], classnames: Sequence[str],
                  templates: Sequence[str], options: MMAOptions | None = None, *,

@@ -38,7 +38,7 @@ import torch
 
 from repair.errors import IncompatibleCheckpointError
 from repair.io import TensorFile
-from repair.kinds.base import About, Claims, KindOptions, RepairDefaults
+from repair.kinds.base import About, Claims, KindOptions, RepairDefaults, Schedule
 from repair.kinds.coop import init_context
 from repair.kinds.maple import MaPLeOptions, prompt_depth
 from repair.kinds.prompted import (
@@ -84,7 +84,9 @@ class PromptSRC(InsertionKind):
         trained_tensors="`prompt_learner.ctx`, `image_encoder.VPT`, `*.transformer.resblocks.N.VPT_shallow` of both "
                         "towers",
         scores_unseen_classes=True)
-    defaults: ClassVar[RepairDefaults] = RepairDefaults(surrogate="feature", lam_zs=10.0)  # not benchmarked yet
+    # not benchmarked: CoOp's term and strength, CLIPFit's schedule (the image tower runs in every step, as there)
+    defaults: ClassVar[RepairDefaults] = RepairDefaults(
+        surrogate="feature", lam_zs=3.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
     outranks: ClassVar[tuple[str, ...]] = ("coop",)  # CoOp finds its ctx and would drop the deep prompts
 
     def __init__(self, backbone: Backbone, values: Mapping[str, torch.Tensor], classnames: Sequence[str],
