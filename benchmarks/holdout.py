@@ -31,10 +31,11 @@ METHODS = ("zero-shot", "fine-tuned", DEFAULT_ROW, "wise-ft", "ensemble")
 DO_NO_HARM = 0.5  # HM a default may cost against the fine-tuned model on any task, mean over seeds
 
 
-def confirm_plan(seeds=CONFIRM_SEEDS):
+def confirm_plan(seeds=CONFIRM_SEEDS, datasets: tuple[str, ...] | None = None):
     """The main plan with only the bare default repair and the cheap baselines."""
-    return replace(PLANS["towers"], seeds=tuple(seeds), surrogates=(DEFAULT,), kind_surrogates={},
+    plan = replace(PLANS["towers"], seeds=tuple(seeds), surrogates=(DEFAULT,), kind_surrogates={},
                    baselines=("wise-ft", "ensemble"), weight_ensemble=None)
+    return plan if datasets is None else replace(plan, datasets=tuple(datasets))
 
 
 def _means(per_seed: dict[str, dict[str, dict[str, object]]]) -> dict[str, dict[str, float]]:
@@ -118,21 +119,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="the run of seeds 1-5 whose validation splits chose the defaults")
     parser.add_argument("--confirm", type=Path, default=None,
                         help="an existing run of seeds 6-10 to summarise (default: run it now)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="base-to-novel datasets (default: the plan's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "holdout-seeds.json")
     args = parser.parse_args(argv)
-    choose = json.loads(args.choose.read_text())
-    if choose.get("defaults") not in (None, declared_defaults()):
-        parser.error(f"{args.choose} was run with other defaults than the code declares; rerun it first")
     if args.confirm is None:
         cache = default_cache_dir()
         spec, proxy_info = ensure_backbone("towers", args.data_root, None, cache)
         target = RESULTS / "holdout-confirm.json"
 
-        confirm = run_plan(confirm_plan(), spec, args.data_root, cache / "bench", proxy_info=proxy_info,
+        confirm = run_plan(confirm_plan(datasets=args.datasets), spec, args.data_root, cache / "bench", proxy_info=proxy_info,
                            save=lambda result: write_json(target, result), workers=args.workers)
     else:
         confirm = json.loads(args.confirm.read_text())
+    choose = json.loads(args.choose.read_text())
+    for name, run in ((args.choose, choose), ("the confirming run", confirm)):
+        if run.get("defaults") not in (None, declared_defaults()):
+            parser.error(f"{name} was run with other defaults than the code declares; rerun it first")
     document = summary(choose, confirm)
     write_json(args.out, document)
     print("\n".join(markdown(document)))
