@@ -23,12 +23,13 @@ COLOURS = {
 }
 
 
-def save_tiny_backbone(folder: Path, seed: int = 0) -> str:
-    """Write a randomly initialised tiny CLIP as an open_clip local-dir; returns ``local-dir:PATH``."""
+def save_tiny_backbone(folder: Path, seed: int = 0, model_cfg: dict | None = None) -> str:
+    """Write a randomly initialised tiny CLIP (or ``model_cfg``'s) as an open_clip local-dir; returns
+    ``local-dir:PATH``."""
     import open_clip
 
     folder.mkdir(parents=True, exist_ok=True)
-    model_cfg = json.loads(TINY_CONFIG.read_text())
+    model_cfg = model_cfg or json.loads(TINY_CONFIG.read_text())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**model_cfg)

@@ -3,6 +3,8 @@ whatever the scale of the backbone's parameters (a raw learning rate would not t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def scaled_backbone(tiny_spec) -> Backbone:
     return backbone
 
 
-def _repair_loss(backbone: Backbone, path, data_dir, values=None) -> float:
+def _repair_loss(backbone: Backbone, path, data_dir, values=None, cache_dir=None) -> float:
     """The default objective on the training images at ``path``'s weights (or ``values``), Fisher built at w_zs."""
     source = read_tensors(path)
     dataset = scan_image_folder(data_dir)
@@ -40,28 +42,44 @@ def _repair_loss(backbone: Backbone, path, data_dir, values=None) -> float:
     if values is not None:
         kind.load_values(values)
     objective = Objective().for_kind(kind)
-    data = extract_features(backbone, dataset)
+    data = extract_features(backbone, dataset, cache_dir=cache_dir)
     surrogate = build_surrogate(objective.surrogate, kind, data, seed=0)
     with torch.no_grad():
         return float(mergetune_loss(kind, objective, data.features, data.labels, surrogate).total)
 
 
-@pytest.mark.parametrize("which", ["backbone", "scaled_backbone"])
+@pytest.fixture(scope="module")
+def vit_b16_backbone(tmp_path_factory) -> Backbone:
+    """CLIP ViT-B-16's widths, context and open_clip's own initialisation (random weights, no download), two
+    blocks per tower for time: the parametrisation a real ``openai`` checkpoint's prompts live in."""
+    import open_clip
+
+    from repair.model.backbone import BackboneSpec, load_backbone
+    from repair.synthetic import save_tiny_backbone
+
+    config = open_clip.get_model_config("ViT-B-16")
+    config = {**config, "vision_cfg": {**config["vision_cfg"], "layers": 2},
+              "text_cfg": {**config["text_cfg"], "layers": 2}}
+    return load_backbone(BackboneSpec(save_tiny_backbone(tmp_path_factory.mktemp("vit-b-16"), model_cfg=config)))
+
+
+@pytest.mark.parametrize("which", ["backbone", "scaled_backbone", "vit_b16_backbone"])
 def test_the_bare_default_moves_the_checkpoint_and_lowers_the_repair_loss(which, request, image_dirs, tmp_path):
     backbone = request.getfixturevalue(which)
-    train = image_dirs["train"]
+    train, cache = image_dirs["train"], tmp_path / "features"  # each image set encoded once
+    shots = replace(SHOTS, cache_dir=cache)
     finetuned = repair.finetune("coop", train, tmp_path / "ft.safetensors", backbone=backbone,
-                                config=TrainConfig(steps=40), data_options=SHOTS).path  # Adam, relative steps
+                                config=TrainConfig(steps=40), data_options=shots).path  # Adam, relative steps
     fixed = repair.repair(finetuned, train, tmp_path / "fixed.safetensors", backbone=backbone,
-                          data_options=SHOTS).path  # the bare command: no schedule, surrogate or lam_zs
+                          data_options=shots).path  # the bare command: no schedule, surrogate or lam_zs
     zero_shot = init_context(backbone, "a photo of a").float()
     ctx_ft = read_tensors(finetuned).tensors["ctx"].float()
     ctx_fixed = read_tensors(fixed).tensors["ctx"].float()
     displacement = (ctx_ft - zero_shot).norm()
     assert displacement > 0.05 * zero_shot.norm()  # fine-tuning moved the prompt on either scale
     assert (ctx_fixed - ctx_ft).norm() > 0.05 * displacement  # and so did the repair: not a no-op
-    before = _repair_loss(backbone, finetuned, train)
-    after = _repair_loss(backbone, finetuned, train, values={"ctx": ctx_fixed})
+    before = _repair_loss(backbone, finetuned, train, cache_dir=cache)
+    after = _repair_loss(backbone, finetuned, train, values={"ctx": ctx_fixed}, cache_dir=cache)
     assert after < before
 
 
