@@ -233,11 +233,15 @@ def test_the_readme_defaults_table_is_what_the_kinds_declare():
     from repair.kinds import KINDS
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("**Defaults**"):readme.index("**Speed by design.**")]
-    rows = {name: (surrogate, lam) for name, surrogate, lam in
-            re.findall(r"^\| `(\w+)` \| `([\w-]+)` \| `?([\w.]+)`? \|", section, flags=re.MULTILINE)}
-    assert rows, "no defaults rows found in the README"
-    for name, (surrogate, lam) in rows.items():
+    section = readme.split("\n## Defaults\n", 1)[1].split("\n## ", 1)[0]
+    rows = {name: cells for name, *cells in
+            re.findall(r"^\| `([\w-]+)` \| `([\w-]+)` \| `?([\w.]+)`? \| (\d+) \| (\d+) \| ([\d.]+) \|", section,
+                       flags=re.MULTILINE)}
+    assert {"coop", "clipfit", "linear"} <= set(rows), "defaults rows missing from the README"
+    for name, (surrogate, lam, steps, batch_size, step_size) in rows.items():
         defaults = KINDS[name].defaults
         assert surrogate == defaults.surrogate, name
         assert lam == (defaults.lam_zs if isinstance(defaults.lam_zs, str) else f"{defaults.lam_zs:g}"), name
+        schedule = defaults.schedule
+        assert (int(steps), int(batch_size), float(step_size)) == (
+            schedule.steps, schedule.batch_size, schedule.step_size), name
