@@ -279,3 +279,42 @@ def test_a_benchmarked_repair_takes_the_protocols_lam_auto_or_a_stated_value():
     assert coop.objective("fisher-dense:0.25").lam_zs == 0.25
     with pytest.raises(ValueError, match="surrogate:LAM"):
         coop.objective("fisher:strong")
+
+
+def _holdout_run(hms: dict[str, float], forgets: bool) -> dict:
+    """A one-task run (CoOp base-to-novel on 'a', two seeds) with every method at the given HM."""
+    per_seed = {seed: {m: {"base": hm, "novel": hm, "hm": hm} for m, hm in hms.items()} for seed in (6, 7)}
+    block = {"val_per_seed": per_seed, "per_seed": per_seed, "summary": {}, "checks": {"phenomenon": forgets},
+             "val_checks": {"phenomenon": forgets}}
+    return {"plan": {"datasets": ["a"], "b2n_kinds": ["coop"]}, "base_to_novel": {"a": {"coop": block}}}
+
+
+@pytest.mark.parametrize("default_hm, forgets, met", [
+    (64.0, True, True),    # above WiSE-FT and zero-shot where the task forgets
+    (61.0, True, False),   # above fine-tuned but below WiSE-FT: where it forgets that is a miss
+    (61.0, False, True),   # no forgetting: doing no harm is enough
+    (54.0, False, False),  # a point below fine-tuned: harm
+])
+def test_holdout_goals_and_their_table(default_hm, forgets, met, tmp_path):
+    from benchmarks import holdout, report
+
+    baselines = {"zero-shot": 60.0, "fine-tuned": 55.0, "wise-ft": 62.0, "ensemble": 63.0}
+    run = _holdout_run({**baselines, holdout.DEFAULT_ROW: default_hm}, forgets)
+    document = holdout.summary(run, run)
+    assert document["all_met"] is met
+    assert document["tasks"][0]["goals"]["minus_finetuned"] == pytest.approx(default_hm - 55.0)
+    (tmp_path / "holdout-seeds.json").write_text(json.dumps(document))
+    report.write_results(markdown=tmp_path / "RESULTS.md", bench_json=tmp_path / "latest.json",
+                         speed_json=tmp_path / "absent.json", chart=tmp_path / "hm.png")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Hold-out" in text and f"**{default_hm:.1f}**" in text
+    assert ("**missed**" in text) is not met
+
+
+def test_older_candidate_runs_are_labelled_with_the_schedule_they_ran():
+    from benchmarks import report
+
+    old = _synthetic_bench({"a": {"fine-tuned": (50, 50), "repaired (fisher)": (52, 52)}})
+    renamed = report.protocol_schedule_runs([old])[0]["base_to_novel"]["a"]["coop"]
+    assert set(renamed["per_seed"]["1"]) == {"fine-tuned", "repaired (fisher, protocol SGD schedule)"}
+    assert "repaired (fisher)" in old["base_to_novel"]["a"]["coop"]["per_seed"][1]  # the input is left as it was
