@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import all_blocks, kind_title
-from benchmarks.run import (DEFAULT, DEFAULT_DATA_ROOT, PLANS, RESULTS, declared_defaults, ensure_backbone,
-                            run_plan, write_json)
+from benchmarks.run import (DEFAULT, DEFAULT_DATA_ROOT, PLANS, RESULTS, StaleRun, declared_defaults,
+                            ensure_backbone, run_plan, write_json)
 from repair.data.features import default_cache_dir
 
 SCHEMA = "mergetune.holdout/1"
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confirm", type=Path, default=None,
                         help="an existing run of seeds 6-10 to summarise (default: run it now)")
     parser.add_argument("--datasets", nargs="+", default=None, help="base-to-novel datasets (default: the plan's)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished tasks of a stopped run in results/holdout-confirm.json")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "holdout-seeds.json")
     args = parser.parse_args(argv)
@@ -128,8 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         spec, proxy_info = ensure_backbone("towers", args.data_root, None, cache)
         target = RESULTS / "holdout-confirm.json"
 
-        confirm = run_plan(confirm_plan(datasets=args.datasets), spec, args.data_root, cache / "bench", proxy_info=proxy_info,
-                           save=lambda result: write_json(target, result), workers=args.workers)
+        stopped = json.loads(target.read_text()) if args.resume and target.is_file() else None
+        try:
+            confirm = run_plan(confirm_plan(datasets=args.datasets), spec, args.data_root, cache / "bench",
+                               proxy_info=proxy_info, save=lambda result: write_json(target, result),
+                               workers=args.workers, resume=stopped)
+        except StaleRun as error:
+            parser.error(f"--resume: {error}")
     else:
         confirm = json.loads(args.confirm.read_text())
     choose = json.loads(args.choose.read_text())

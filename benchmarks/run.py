@@ -595,10 +595,33 @@ def plan_blocks(plan: Plan, tasks) -> list[tuple[str, BaseToNovelTask | Robustne
             if (task.dataset if suite == "base_to_novel" else suite, kind) not in plan.left_out]
 
 
+class StaleRun(ValueError):
+    """A stopped run that cannot be resumed by this one (another plan, defaults or backbone)."""
+
+
+def kept_blocks(resume: dict[str, object] | None, result: dict[str, object]) -> set[tuple[str, str, str]]:
+    """The finished blocks of a stopped run of the same plan, defaults and backbone, copied into ``result``
+    (each seed is deterministic, so rerunning them would give the same numbers)."""
+    if resume is None:
+        return set()
+    for key in ("plan", "defaults", "backbone"):
+        if json.loads(json.dumps(resume.get(key))) != json.loads(json.dumps(result[key])):
+            raise StaleRun(f"the run to resume has another {key}; start afresh")
+    kept = set()
+    for suite in ("base_to_novel", "domain", "robustness"):
+        for dataset, kinds in (resume.get(suite) or {}).items():
+            for kind, block in kinds.items():
+                result[suite].setdefault(dataset, {})[kind] = block
+                kept.add((suite, dataset, kind))
+    return kept
+
+
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
-             proxy_info: dict[str, object] | None = None, save=None, workers: int = 1) -> dict[str, object]:
+             proxy_info: dict[str, object] | None = None, save=None, workers: int = 1,
+             resume: dict[str, object] | None = None) -> dict[str, object]:
     """Every block of the plan, its seeds spread over ``workers`` processes; ``save(result)`` after each block,
-    so a run stopped late keeps what it measured (``result["complete"]`` says whether it got to the end)."""
+    so a run stopped late keeps what it measured (``result["complete"]`` says whether it got to the end), and
+    ``resume`` (that saved result) runs only the blocks it lacks."""
     started = time.perf_counter()
     result: dict[str, object] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -612,8 +635,12 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
         if save is not None:
             save(result)
 
+    kept = kept_blocks(resume, result)
     tasks = plan_tasks(plan, data_root, work, log)
-    blocks = plan_blocks(plan, tasks)
+    blocks = [(suite, task, kind) for suite, task, kind in plan_blocks(plan, tasks)
+              if (suite, task.dataset, kind) not in kept]
+    if kept:
+        log(f"resumed: {len(kept)} blocks kept from the stopped run, {len(blocks)} to run")
     job_log = log if workers <= 1 else print  # a worker cannot call back into this process
     pool = executor(workers)
     try:

@@ -165,6 +165,31 @@ def test_numbers_do_not_depend_on_how_many_worker_processes_share_the_seeds(shar
     assert set(results[1]["seed_s"]) == {1, 2} and torch.get_num_threads() == threads  # restored in-process
 
 
+def test_a_stopped_run_resumes_with_only_the_blocks_it_lacks(shared_data, tiny_spec, tmp_path):
+    from benchmarks import run
+    from benchmarks.tasks import Sizes
+
+    protocol = run.KindProtocol(epochs=1, lr=0.05, lam_zs={"l2": 1.0}, shots=2)
+    plan = run.Plan(seeds=(1,), datasets=("flowers5",), b2n_kinds=("coop", "clipfit"), domain_kinds=(),
+                    robustness_kinds=(), surrogates=("l2",), style="none", sizes=Sizes(val=2, test=2, shifted_test=2),
+                    protocol={"coop": protocol, "clipfit": protocol}, kind_surrogates={}, baselines=(), left_out=())
+    saved = []
+    full = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=lambda message: None,
+                        save=lambda result: saved.append(json.loads(json.dumps(result))))
+    stopped = saved[0]  # after its first block
+    assert stopped["complete"] is False and list(stopped["base_to_novel"]["flowers5"]) == ["coop"]
+    stopped["base_to_novel"]["flowers5"]["coop"]["marker"] = True  # kept, not recomputed
+    messages = []
+    resumed = run.run_plan(plan, tiny_spec, shared_data, tmp_path / "work", log=messages.append, resume=stopped)
+    assert resumed["complete"] and resumed["base_to_novel"]["flowers5"]["coop"]["marker"]
+    assert resumed["base_to_novel"]["flowers5"]["clipfit"]["per_seed"] == full["base_to_novel"]["flowers5"][
+        "clipfit"]["per_seed"]  # the block it lacked, run again: the same numbers
+    assert "resumed: 1 blocks kept from the stopped run, 1 to run" in messages
+    with pytest.raises(run.StaleRun, match="another plan"):
+        run.run_plan(replace(plan, seeds=(2,)), tiny_spec, shared_data, tmp_path / "work", log=lambda m: None,
+                     resume=stopped)
+
+
 def test_a_run_records_the_processor_its_numbers_came_from(monkeypatch):
     """Bit-reproducibility holds per CPU model: every run's environment names it, and the kernels torch chose."""
     from benchmarks import run
