@@ -20,6 +20,18 @@ def kind_title(name: str) -> str:
     return KINDS[name].about.title if name in KINDS else name
 
 
+def kind_label(name: str, plan: dict[str, object]) -> str:
+    """The kind's title and the options its protocol fine-tuned with: 'MaPLe (text half)'."""
+    return kind_title(name) + _options_text(((plan.get("protocol") or {}).get(name) or {}).get("kind_options") or {})
+
+
+def _options_text(options: dict[str, object]) -> str:
+    """' (text half)' for ``{"text_half": True}``; '' for none."""
+    shown = [key.replace("_", " ") if value is True else f"{key.replace('_', ' ')} {value}"
+             for key, value in options.items() if value not in (False, None)]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 BASELINE_ORDER = ("wise-ft", "task-arithmetic", "ties", "dare", "entropy-alpha", "ensemble", "weighted-ensemble",
                   "weight-ensemble")
 
@@ -223,6 +235,27 @@ def _negated(value: float | None) -> float | None:
     return None if value is None else -value
 
 
+def protocol_rows(plan: dict[str, object]) -> list[str]:
+    """The fine-tuning protocol table's rows, one per kind the run recorded."""
+    rows = []
+    for kind, p in plan["protocol"].items():
+        lams = ", ".join(f"{name} {value:g}" for name, value in p["lam_zs"].items())
+        schedule = f"{p['steps']} steps" if p.get("steps") else f"{p['epochs']} epochs"
+        label = kind + _options_text(p.get("kind_options") or {})
+        rows.append(f"| {label} | {schedule} | {p['lr']} | {p['batch_size']} | {p['shots']} | {lams} | "
+                    f"{p['lam_lmc']} |")
+    return rows
+
+
+def not_applicable_line(block: dict[str, object], label: str) -> list[str]:
+    """The repairs and baselines the kind could not have here, with why (recorded by the run)."""
+    skipped = block.get("not_applicable") or {}
+    if not skipped:
+        return []
+    return [f"Not applicable to {label} here: " + "; ".join(f"{method} ({reason})"
+                                                             for method, reason in skipped.items()) + ".", ""]
+
+
 def phenomenon_line(block: dict[str, object], metric: str, first: str) -> str:
     """How fine-tuning moved the two numbers against zero-shot, on test and (when recorded) validation."""
     check, val = block["checks"], block.get("val_checks")
@@ -244,13 +277,18 @@ def base_to_novel_markdown(bench: dict[str, object]) -> list[str]:
              "Mean ± standard deviation over seeds; accuracy in %. WiSE-FT's alpha (per seed in brackets) "
              "was chosen on the validation split.", ""]
     for dataset, kind, block in blocks(bench, "base_to_novel"):
-        lines += [f"**{dataset}, {kind_title(kind)}**: {phenomenon_line(block, 'novel', 'base')}", "",
-                  "| method | base | novel | HM |", "|---|---|---|---|"]
-        for method, row in ordered(block["summary"]):
-            name = method + _alpha(block["per_seed"], method)
-            lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
-        lines += [""] + target_lines(block["checks"]) + [""]
+        lines += base_to_novel_block(dataset, kind_label(kind, bench["plan"]), block)
     return lines
+
+
+def base_to_novel_block(dataset: str, label: str, block: dict[str, object]) -> list[str]:
+    """One task's base, novel and HM per method, what did not apply, and each repair against its targets."""
+    lines = [f"**{dataset}, {label}**: {phenomenon_line(block, 'novel', 'base')}", "",
+             "| method | base | novel | HM |", "|---|---|---|---|"]
+    for method, row in ordered(block["summary"]):
+        name = method + _alpha(block["per_seed"], method)
+        lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'novel')} | {_cell(row, 'hm')} |")
+    return lines + [""] + not_applicable_line(block, label) + target_lines(block["checks"]) + [""]
 
 
 def target_lines(check: dict[str, object]) -> list[str]:
@@ -285,8 +323,51 @@ def shifted_markdown(bench: dict[str, object], suite: str) -> list[str]:
             name = method + _alpha(block["per_seed"], method)
             lines.append(f"| {name} | {_cell(row, 'base')} | {_cell(row, 'shifted')} | {_cell(row, 'hm')} | "
                          f"{per} |")
-        lines += [""] + target_lines(block["checks"]) + [""]
+        lines += ["", *not_applicable_line(block, kind_label(kind, bench["plan"])), *target_lines(block["checks"]), ""]
     return lines
+
+
+PROMPT_KINDS_BASELINES = ("wise-ft", "ensemble", "weight-ensemble")
+
+
+def prompt_kinds_markdown(prompt: dict[str, object], bench: dict[str, object] | None) -> str:
+    """CoCoOp and MaPLe's text half on the base-to-novel tasks (``results/prompt-kinds.json``), next to the main
+    run's CoOp on the same dataset: HM per method, then each task's full table."""
+    plan = prompt["plan"]
+    seeds = ("seeds " if len(plan["seeds"]) > 1 else "seed ") + ", ".join(map(str, plan["seeds"]))
+    lines = ["## Prompt kinds beyond CoOp", "",
+             f"CoCoOp and MaPLe's text half, fine-tuned and repaired as the other kinds are ({seeds}; "
+             "source: `benchmarks/results/prompt-kinds.json`), beside CoOp from the main run above (same protocol "
+             "and seeds, where it ran). "
+             "`repaired (default)` is the bare command (each kind's declared defaults). The proxy's image tower is "
+             "a CNN (EfficientNet-Lite0), which has no token sequence for MaPLe's projected image prompts: **MaPLe's "
+             "vision half (`proj`, `compound_prompt_projections`) could not be measured**; its text half (the "
+             "context and the deep text prompts) is, with the image tower frozen. In the proxy's bidirectional text "
+             "tower the deep prompts have no zero-shot values, so WiSE-FT and the surrogates that need a zero-shot "
+             "point do not apply to it (each task says which).", "",
+             "Fine-tuning protocol (plain SGD from the kind's initialisation):", "",
+             "| kind | schedule | lr | batch | shots | lam_zs per surrogate | lam_lmc |",
+             "|---|---|---|---|---|---|---|", *protocol_rows(plan), ""]
+    lines += defaults_table(prompt)
+    columns = ("zero-shot", "fine-tuned", "repaired (default)", *PROMPT_KINDS_BASELINES)
+    lines += ["HM in % (mean ± standard deviation over seeds; n/a: not measured or not applicable):", "",
+              "| dataset | kind | seeds | forgets? | " + " | ".join(columns) + " |",
+              "|---|---|---|---|" + "---|" * len(columns)]
+    rows = [(dataset, kind_label(kind, plan), block) for dataset, kind, block in blocks(prompt, "base_to_novel")]
+    main = {dataset: block for dataset, kind, block in (blocks(bench, "base_to_novel") if bench else ())
+            if kind == "coop"}
+    for dataset in dict.fromkeys(dataset for dataset, _, _ in rows):
+        table = ([(dataset, f"{kind_title('coop')} (main run)", main[dataset])] if dataset in main else []) + [
+            row for row in rows if row[0] == dataset]
+        for name, label, block in table:
+            summary = block["summary"]
+            cells = [_cell(summary[column], "hm") if column in summary else "n/a" for column in columns]
+            forgets = "yes" if block["checks"]["phenomenon"] else "no"
+            lines.append(f"| {name} | {label} | {len(block['per_seed'])} | {forgets} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for dataset, label, block in rows:
+        lines += base_to_novel_block(dataset, label, block)
+    return "\n".join(lines) + "\n"
 
 
 def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()) -> str:
@@ -310,12 +391,7 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
              "Fine-tuning protocol per kind (plain SGD from zero-shot: what makes the forgetting; the comparison rows "
              "start from it for what their names leave unset):", "",
              "| kind | schedule | lr | batch | shots | lam_zs per surrogate | lam_lmc |", "|---|---|---|---|---|---|---|"]
-    for kind, p in plan["protocol"].items():
-        lams = ", ".join(f"{name} {value:g}" for name, value in p["lam_zs"].items())
-        schedule = f"{p['steps']} steps" if p.get("steps") else f"{p['epochs']} epochs"
-        lines.append(f"| {kind} | {schedule} | {p['lr']} | {p['batch_size']} | {p['shots']} | {lams} | "
-                     f"{p['lam_lmc']} |")
-    lines.append("")
+    lines += protocol_rows(plan) + [""]
     lines += defaults_table(bench)
     if proxy:
         lines += ["Proxy CLIP zero-shot (clean images, one template): " + ", ".join(
@@ -347,7 +423,8 @@ def holdout_markdown(holdout: dict[str, object]) -> str:
 
 
 def results_markdown(bench: dict[str, object] | None, speed: dict[str, object] | None,
-                     extra: list[dict[str, object]] = (), holdout: dict[str, object] | None = None) -> str:
+                     extra: list[dict[str, object]] = (), holdout: dict[str, object] | None = None,
+                     prompt_kinds: dict[str, object] | None = None) -> str:
     from benchmarks.speed import speed_markdown
 
     parts = ["# Benchmark results", ""]
@@ -355,6 +432,8 @@ def results_markdown(bench: dict[str, object] | None, speed: dict[str, object] |
         parts.append(bench_markdown(bench, extra))
     if holdout:
         parts.append(holdout_markdown(holdout))
+    if prompt_kinds:
+        parts.append(prompt_kinds_markdown(prompt_kinds, bench))
     if speed:
         parts.append(speed_markdown(speed))
     return "\n".join(parts)
@@ -404,9 +483,10 @@ def write_results(markdown: Path = MARKDOWN, bench_json: Path = RESULTS / "lates
     """RESULTS.md from whichever result files exist (and the chart from the repair benchmark)."""
     bench, speed = _load(bench_json), _load(speed_json)
     holdout = _load(bench_json.parent / "holdout-seeds.json")
+    prompt_kinds = _load(bench_json.parent / "prompt-kinds.json")
     extra = protocol_schedule_runs([json.loads(path.read_text())
                                     for path in sorted(bench_json.parent.glob("surrogates-*.json"))])
-    markdown.write_text(results_markdown(bench, speed, extra, holdout))
+    markdown.write_text(results_markdown(bench, speed, extra, holdout, prompt_kinds))
     if bench:
         hm_chart(bench, chart)
 

@@ -2,8 +2,9 @@
 
 Three suites, each over several few-shot seeds:
 
-- base-to-novel (CoOp, CLIPFit): fit on 16 shots of the base classes; test on base and novel
-  classes; zero-shot, fine-tuned, repaired with each surrogate, WiSE-FT and the output ensemble.
+- base-to-novel (CoOp, CLIPFit; CoCoOp and MaPLe's text half when named with ``--kinds``): fit on 16
+  shots of the base classes; test on base and novel classes; zero-shot, fine-tuned, repaired with each
+  surrogate, WiSE-FT and the output ensemble.
 - domain (linear head, CoOp, CLIPFit): fit on 16 shots of PACS photos; test on photos and on
   the art, cartoon and sketch domains.
 - corruption (linear head, CoOp, CLIPFit): fit on 16 shots of every class; test in distribution
@@ -46,7 +47,7 @@ from repair.record import versions
 from repair.model.backbone import BackboneSpec, load_backbone
 from repair.data.features import default_cache_dir, extract_features
 from repair.data.folders import scan_image_folder
-from repair.errors import NumericalError, UsageError
+from repair.errors import IncompatibleCheckpointError, NumericalError, UsageError
 from repair.io.write import atomic_output
 from repair.train.objective import Objective
 from repair.train.surrogates import SURROGATES
@@ -65,7 +66,8 @@ class KindProtocol:
 
     ``steps`` (when set) fixes the number of optimizer steps instead of the epochs, so a task with
     1,600 training images and one with 80 get the same amount of training: ``epochs`` becomes
-    ceil(steps x batch / images), with no warm-up below 5 epochs.
+    ceil(steps x batch / images), with no warm-up below 5 epochs. ``kind_options`` go to ``finetune`` (e.g.
+    MaPLe's ``text_half``); the repair reads them from the fine-tuned file's record.
     """
 
     epochs: int
@@ -75,6 +77,7 @@ class KindProtocol:
     batch_size: int = 32
     shots: int = 16
     steps: int | None = None
+    kind_options: dict[str, object] = field(default_factory=dict)  # finetune's (repair reads them from the record)
 
     def epochs_for(self, images: int) -> int:
         if self.steps is None:
@@ -174,16 +177,32 @@ def _with_fisher_family(lam_zs: dict[str, float]) -> dict[str, float]:
 # eigenvalues up to 12 on PACS: fisher-dense at 10 (measured first) diverged on 2 of 5 seeds there, so
 # distill, chosen after that and before it ran, takes 5 (lr 0.05 * 5 * 12 = 3, CoOp's margin) and
 # benchmarks/results/surrogates-vocab-linear.json measures fisher-dense:5 beside it.
+TOWERS_PROTOCOL_COOP_LAM = {**_with_fisher_family({**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5}),
+                            "fisher-dense": 0.5, "distill": 0.5}
 TOWERS_PROTOCOL = {
-    "coop": KindProtocol(epochs=0, steps=100, lr=3.0, batch_size=256,
-                         lam_zs={**_with_fisher_family({**SCRATCH_PROTOCOL["coop"].lam_zs, "l2": 0.5}),
-                                 "fisher-dense": 0.5, "distill": 0.5}),
+    "coop": KindProtocol(epochs=0, steps=100, lr=3.0, batch_size=256, lam_zs=TOWERS_PROTOCOL_COOP_LAM),
     "clipfit": KindProtocol(epochs=0, steps=40, lr=0.05, batch_size=32,
                             lam_zs=_with_fisher_family(SCRATCH_PROTOCOL["clipfit"].lam_zs)),
     "linear": KindProtocol(epochs=0, steps=100, lr=0.05, batch_size=32,
                            lam_zs={**_with_fisher_family(SCRATCH_PROTOCOL["linear"].lam_zs), "distill": 5.0}),
+    # Prompt kinds beyond CoOp, run only when named (--kinds; benchmarks/README.md, "Prompt kinds beyond CoOp").
+    # Both take CoOp's protocol (SGD lr 3, CoOp's lam_zs), so that fine-tuning forgets as CoOp's does, CoCoOp
+    # with fewer images: it encodes every class prompt once per image (no shared prefix in the proxy's
+    # bidirectional text tower), so a step costs batch x classes text passes, 25-45 ms per image on one core of
+    # the loaded 2-core machine against CoOp's 0.7, and CoOp's 320 full-batch epochs of CIFAR-10's 80 shots
+    # (25,600 image-steps) would take 10-20 min per fine-tuning. 200 steps of 8 images (20 epochs, 1,600
+    # image-steps) took 44 s there; the rest of a CIFAR-10 seed is the bare default repair (CoOp's defaults:
+    # 100 steps of all 80 images, 352 s of the seed's 486 s in the --quick smoke), which no protocol sets.
+    "cocoop": KindProtocol(epochs=0, steps=200, lr=3.0, batch_size=8,
+                           lam_zs={**TOWERS_PROTOCOL_COOP_LAM}),
+    # MaPLe's text half: its context and deep text prompts, the image tower frozen (the proxy's is a CNN,
+    # where MaPLe's projected image prompts have no tokens to enter: they are not measured). Its steps cost
+    # what CoOp's do, so CoOp's schedule as it is. In the proxy's bidirectional text tower the deep prompts
+    # have no zero-shot values: fisher, l2, WiSE-FT and the task-vector baselines do not apply (recorded).
+    "maple": KindProtocol(epochs=0, steps=100, lr=3.0, batch_size=256, lam_zs={**TOWERS_PROTOCOL_COOP_LAM},
+                          kind_options={"text_half": True}),
 }
-KINDS_B2N = ("coop", "clipfit")
+KINDS_B2N = ("coop", "clipfit")  # the default plan's; cocoop and maple only when named
 BENCHMARKED_SURROGATES = ("feature", "fisher", "l2")  # the set the committed runs measured; --surrogates adds others
 KINDS_ALL = ("linear", "coop", "clipfit")
 
@@ -241,21 +260,24 @@ def quick(plan: Plan) -> Plan:
 
 def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol,
                    repairs: dict[str, Objective | RepairSpec], backbone, log,
-                   weight_ensemble: int | None = None) -> dict[str, Path]:
+                   weight_ensemble: int | None = None, not_applicable: dict[str, str] | None = None
+                   ) -> dict[str, Path]:
     """Fine-tune from zero-shot with the protocol, then repair that checkpoint with each named repair (an
     objective on the protocol's schedule, or a :class:`RepairSpec`); paths by name. With ``weight_ensemble``,
-    also ZSCL's weight ensemble of the same fine-tuning (the running mean every that many steps)."""
+    also ZSCL's weight ensemble of the same fine-tuning (the running mean every that many steps). A repair the
+    kind refuses (a surrogate that needs a zero-shot point it lacks) goes into ``not_applicable`` with why."""
     options = DataOptions(shots=protocol.shots)
     images = sum(min(protocol.shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
     config = protocol.train_config(seed, images)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    kind_options = protocol.kind_options or None
     paths = {"fine-tuned": finetune(kind, train_dir, run_dir / "finetuned.safetensors", backbone=backbone,
-                                    config=config, data_options=options, force=True).path}
+                                    config=config, data_options=options, kind_options=kind_options, force=True).path}
     if weight_ensemble is not None:
         paths[WEIGHT_ENSEMBLE] = finetune(kind, train_dir, run_dir / "weight-ensemble.safetensors", backbone=backbone,
                                           config=replace(config, weight_ensemble=weight_ensemble),
-                                          data_options=options, force=True).path
+                                          data_options=options, kind_options=kind_options, force=True).path
     for name, spec in repairs.items():
         spec = spec if isinstance(spec, RepairSpec) else RepairSpec(spec, None)
         try:
@@ -264,6 +286,11 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
                                  data_options=options, force=True).path
         except NumericalError as error:  # recorded as missing for this seed; the run goes on
             log(f"  {kind} seed {seed}: {name} diverged ({error})")
+        except (UsageError, IncompatibleCheckpointError) as error:  # the repairs were parsed before the run
+            if not_applicable is None:
+                raise
+            not_applicable[name] = str(error)
+            log(f"  {kind} seed {seed}: {name} does not apply ({error})")
     log(f"  {kind} seed {seed}: fine-tuned and repaired in {time.perf_counter() - started:.0f} s")
     return paths
 
@@ -323,34 +350,43 @@ def evaluate_with_baselines(paths: dict[str, Path], val: tuple[Path, list[Path]]
     the validation folders (``evaluate(..., val_dir=...)``), never on test.
 
     The validation rows come back under ``"val"``: the protocol is judged (does fine-tuning
-    forget?) and defaults are chosen (which surrogate, which lam_zs) on them, never on test.
+    forget?) and defaults are chosen (which surrogate, which lam_zs) on them, never on test. A baseline the
+    fine-tuned checkpoint cannot have (WiSE-FT without a zero-shot point) comes back under
+    ``"not_applicable"`` with the evaluation's reason.
     """
     unchosen = [name for name in baselines if name in NOT_CHOSEN_ON_VALIDATION]  # scored as they are, anywhere
     val_report = evaluate(list(paths.values()), val[0], novel_dir=val[1], backbone=backbone,
-                          baselines=unchosen or False, seed=seed)
+                          baselines=unchosen or False, seed=seed, skip_inapplicable=True)
     report = evaluate(list(paths.values()), test[0], novel_dir=test[1], backbone=backbone,
                       baselines=list(baselines) or False, val_dir=val[0] if baselines else None,
-                      val_novel_dir=val[1] if baselines else None, seed=seed)
+                      val_novel_dir=val[1] if baselines else None, seed=seed, skip_inapplicable=True)
     rows = method_rows(report, paths)
     rows["val"] = {**method_rows(val_report, paths), **baseline_val_rows(report)}
+    rows["not_applicable"] = dict((report.get("baselines") or {}).get("skipped") or {})
     return rows
 
 
 def run_base_to_novel(task: BaseToNovelTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"b2n-{task.dataset}-{task.style}" / kind / f"seed{seed}"
+    refused: dict[str, str] = {}
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
-                           backbone, log, plan.weight_ensemble)
-    return evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
+                           backbone, log, plan.weight_ensemble, refused)
+    rows = evaluate_with_baselines(paths, (task.val_base, [task.val_novel]), (task.test_base, [task.test_novel]),
                                    backbone, plan.baselines, seed)
+    rows["not_applicable"].update(refused)
+    return rows
 
 
 def run_robustness(task: RobustnessTask, kind: str, seed: int, plan: Plan, work: Path, backbone, log):
     run_dir = work / "runs" / f"robust-{task.dataset}-{task.style}" / kind / f"seed{seed}"
+    refused: dict[str, str] = {}
     paths = fit_and_repair(kind, task.train, run_dir, seed, plan.protocol[kind], plan_repairs(kind, plan, seed),
-                           backbone, log, plan.weight_ensemble)
+                           backbone, log, plan.weight_ensemble, refused)
     rows = evaluate_with_baselines(paths, (task.val, task.val_shifted), (task.test, list(task.test_shifted.values())),
                                    backbone, plan.baselines, seed)
-    for row in [*(row for method, row in rows.items() if method != "val"), *rows["val"].values()]:
+    rows["not_applicable"].update(refused)
+    for row in [*(row for method, row in rows.items() if method not in ("val", "not_applicable")),
+                *rows["val"].values()]:
         row["shifted"] = row.pop("novel")  # "novel" here is the mean over the shifted test sets
         row["novel_sets"] = {key.split(":", 1)[-1].removeprefix("test-").removeprefix("val-"): value
                              for key, value in row["novel_sets"].items()}
@@ -558,16 +594,22 @@ def executor(workers: int):
 
 
 def block_result(rows_and_seconds: dict[int, tuple[dict, float]], metric: str) -> dict[str, object]:
-    """One (task, kind) over every seed: rows per seed, their summary and checks, val checks, seconds per seed."""
-    per_seed, val_per_seed = {}, {}
+    """One (task, kind) over every seed: rows per seed, their summary and checks, val checks, seconds per seed,
+    and the repairs and baselines that do not apply to the kind, with why (absent when all did)."""
+    per_seed, val_per_seed, not_applicable = {}, {}, {}
     for seed, (rows, _) in rows_and_seconds.items():
         rows = dict(rows)
         val_per_seed[seed] = rows.pop("val")
+        for method, reason in rows.pop("not_applicable", {}).items():
+            not_applicable.setdefault(method, reason)
         per_seed[seed] = rows
     summary = summarise(per_seed)
-    return {"per_seed": per_seed, "summary": summary, "checks": checks(summary, metric),
-            "val_per_seed": val_per_seed, "val_checks": phenomenon(summarise(val_per_seed), metric),
-            "seed_s": {seed: seconds for seed, (_, seconds) in rows_and_seconds.items()}}
+    block = {"per_seed": per_seed, "summary": summary, "checks": checks(summary, metric),
+             "val_per_seed": val_per_seed, "val_checks": phenomenon(summarise(val_per_seed), metric),
+             "seed_s": {seed: seconds for seed, (_, seconds) in rows_and_seconds.items()}}
+    if not_applicable:
+        block["not_applicable"] = not_applicable
+    return block
 
 
 def plan_tasks(plan: Plan, data_root: Path, work: Path, log) -> list[tuple[str, BaseToNovelTask | RobustnessTask]]:
@@ -595,6 +637,28 @@ def plan_blocks(plan: Plan, tasks) -> list[tuple[str, BaseToNovelTask | Robustne
             if (task.dataset if suite == "base_to_novel" else suite, kind) not in plan.left_out]
 
 
+def plan_kinds(plan: Plan) -> list[str]:
+    """Every kind the plan runs, in any suite, in order."""
+    return list(dict.fromkeys((*plan.b2n_kinds, *plan.domain_kinds, *plan.robustness_kinds)))
+
+
+def plan_record(plan: Plan) -> dict[str, object]:
+    """The plan as a run records it: the protocols of the kinds it runs, not every one it could."""
+    record = asdict(plan)
+    record["protocol"] = {kind: protocol for kind, protocol in record["protocol"].items() if kind in plan_kinds(plan)}
+    return record
+
+
+def _comparable_plan(record: dict[str, object]) -> dict[str, object]:
+    """A recorded plan as a resume compares it: the protocols of the kinds it runs, empty kind options dropped
+    (a run recorded before protocols named kind options, or that recorded every protocol, is the same plan)."""
+    record = json.loads(json.dumps(record))
+    kinds = {*record.get("b2n_kinds", ()), *record.get("domain_kinds", ()), *record.get("robustness_kinds", ())}
+    record["protocol"] = {kind: {key: value for key, value in protocol.items() if key != "kind_options" or value}
+                          for kind, protocol in (record.get("protocol") or {}).items() if kind in kinds}
+    return record
+
+
 class StaleRun(ValueError):
     """A stopped run that cannot be resumed by this one (another plan, defaults or backbone)."""
 
@@ -605,7 +669,10 @@ def kept_blocks(resume: dict[str, object] | None, result: dict[str, object]) -> 
     if resume is None:
         return set()
     for key in ("plan", "defaults", "backbone"):
-        if json.loads(json.dumps(resume.get(key))) != json.loads(json.dumps(result[key])):
+        ours, theirs = (json.loads(json.dumps(run.get(key))) for run in (result, resume))
+        if key == "plan":
+            ours, theirs = _comparable_plan(ours), _comparable_plan(theirs or {})
+        if theirs != ours:
             raise StaleRun(f"the run to resume has another {key}; start afresh")
     kept = set()
     for suite in ("base_to_novel", "domain", "robustness"):
@@ -626,7 +693,7 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
     result: dict[str, object] = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {**environment(), "workers": workers, "threads_per_job": THREADS_PER_JOB},
-        "backbone": spec.as_dict(), "proxy": proxy_info, "plan": asdict(plan), "defaults": declared_defaults(),
+        "backbone": spec.as_dict(), "proxy": proxy_info, "plan": plan_record(plan), "defaults": declared_defaults(),
         "base_to_novel": {}, "domain": {}, "robustness": {}, "complete": False,
     }
 
@@ -715,7 +782,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="task folders and checkpoints")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="*", default=None, help="base-to-novel datasets")
-    parser.add_argument("--kinds", nargs="*", default=None, help="base-to-novel kinds (coop, clipfit)")
+    parser.add_argument("--kinds", nargs="*", default=None,
+                        help="base-to-novel kinds (default: coop clipfit; also cocoop, maple: its text half)")
     parser.add_argument("--domain-kinds", nargs="*", default=None, help="PACS domain-shift kinds")
     parser.add_argument("--robustness-kinds", nargs="*", default=None, help="corruption-suite kinds")
     parser.add_argument("--surrogates", nargs="+", default=None,
@@ -746,13 +814,17 @@ def main(argv: list[str] | None = None) -> None:
                  "weight_ensemble": args.weight_ensemble}
     plan = replace(plan, **{key: tuple(value) if isinstance(value, list) else value
                             for key, value in overrides.items() if value is not None})
+    kinds = plan_kinds(plan)
+    unknown = [kind for kind in kinds if kind not in plan.protocol]
+    if unknown:
+        parser.error(f"no benchmark protocol for kind {unknown[0]!r}; choose from {', '.join(plan.protocol)}")
     if args.surrogates is not None:  # exactly the ones asked for
         plan = replace(plan, kind_surrogates={})
-        for kind in KINDS_ALL:  # every repair asked for must parse before anything is built or run
-            try:
-                plan_repairs(kind, plan)
-            except (ValueError, UsageError) as error:
-                parser.error(f"--surrogates: {error}")
+    for kind in kinds:  # every repair asked for must parse before anything is built or run
+        try:
+            plan_repairs(kind, plan)
+        except (ValueError, UsageError) as error:
+            parser.error(f"--surrogates: {error}")
     if args.include_left_out:
         plan = replace(plan, left_out=())
     needed = {*plan.datasets, *(["pacs"] if plan.domain_kinds else []),

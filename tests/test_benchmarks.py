@@ -165,6 +165,40 @@ def test_numbers_do_not_depend_on_how_many_worker_processes_share_the_seeds(shar
     assert set(results[1]["seed_s"]) == {1, 2} and torch.get_num_threads() == threads  # restored in-process
 
 
+def test_cocoop_and_maples_text_half_join_base_to_novel_and_say_what_does_not_apply(shared_data, hf_backbone,
+                                                                                     tmp_path):
+    """Named with --kinds, both run as the other kinds do; on a bidirectional (Hugging Face) text tower, as on the
+    towers proxy, MaPLe's deep prompts have no zero-shot point: WiSE-FT and fisher are recorded, not run."""
+    from benchmarks import report, run
+    from benchmarks.tasks import Sizes
+    from repair.io import read_tensors
+
+    tiny = {"epochs": 0, "steps": 2, "batch_size": 4, "lr": 0.05, "shots": 2}
+    protocol = {kind: replace(run.TOWERS_PROTOCOL[kind], **tiny) for kind in ("cocoop", "maple")}
+    plan = run.Plan(seeds=(1,), datasets=("flowers5",), b2n_kinds=("cocoop", "maple"), domain_kinds=(),
+                    robustness_kinds=(), surrogates=(run.DEFAULT, "fisher"), kind_surrogates={}, left_out=(),
+                    sizes=Sizes(val=2, test=2, shifted_test=2), protocol=protocol, baselines=("wise-ft", "ensemble"))
+    result = run.run_plan(plan, hf_backbone.spec, shared_data, tmp_path / "work", log=lambda message: None)
+    assert set(result["plan"]["protocol"]) == {"cocoop", "maple"}  # the protocols of the kinds it ran
+    cocoop, maple = (result["base_to_novel"]["flowers5"][kind] for kind in ("cocoop", "maple"))
+    repaired = {"fine-tuned", "repaired (default)"}
+    assert repaired | {"repaired (fisher)", "wise-ft", "ensemble", "zero-shot"} <= set(cocoop["summary"])
+    assert "not_applicable" not in cocoop
+    assert repaired | {"ensemble", "zero-shot"} <= set(maple["summary"])
+    assert set(maple["not_applicable"]) == {"wise-ft", "repaired (fisher)"}
+    assert "no zero-shot point" in maple["not_applicable"]["wise-ft"]
+    assert not {"wise-ft", "repaired (fisher)"} & set(maple["summary"])
+    finetuned = tmp_path / "work" / "runs" / "b2n-flowers5-none" / "maple" / "seed1" / "finetuned.safetensors"
+    assert not any("proj" in key for key in read_tensors(finetuned).tensors)  # the protocol's text half
+
+    (tmp_path / "prompt-kinds.json").write_text(json.dumps(result))
+    report.write_results(markdown=tmp_path / "RESULTS.md", bench_json=tmp_path / "latest.json",
+                         speed_json=tmp_path / "absent.json", chart=tmp_path / "hm.png")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Prompt kinds beyond CoOp" in text and "| flowers5 | MaPLe (text half) | 1 |" in text
+    assert "| flowers5 | CoCoOp | 1 |" in text and "Not applicable to MaPLe (text half) here: wise-ft (" in text
+
+
 def test_a_stopped_run_resumes_with_only_the_blocks_it_lacks(shared_data, tiny_spec, tmp_path):
     from benchmarks import run
     from benchmarks.tasks import Sizes
@@ -226,6 +260,40 @@ def test_run_refuses_a_repair_it_cannot_parse_before_building_anything(repair, m
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--kinds", "bogus"], "no benchmark protocol for kind 'bogus'"),
+                                           (["--proxy", "scratch", "--kinds", "maple"],
+                                            "no benchmark protocol for kind 'maple'")])
+def test_run_refuses_a_kind_without_a_protocol_before_building_anything(args, message, capsys, tmp_path):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([*args, "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_run_recorded_before_protocols_named_kind_options_still_resumes():
+    """A run records only its kinds' protocols now; one stopped earlier (every protocol, no kind_options) is the
+    same plan, and a changed protocol of a kind it runs is not."""
+    from dataclasses import asdict
+
+    from benchmarks import run
+
+    plan = run.Plan(b2n_kinds=("coop",), domain_kinds=(), robustness_kinds=())
+    result = {"plan": run.plan_record(plan), "defaults": {}, "backbone": {}, "base_to_novel": {}, "domain": {},
+              "robustness": {}}
+    assert list(result["plan"]["protocol"]) == ["coop"]
+    older = json.loads(json.dumps(result))
+    older["plan"]["protocol"] = {kind: {key: value for key, value in asdict(run.TOWERS_PROTOCOL[kind]).items()
+                                        if key != "kind_options"} for kind in ("linear", "coop", "clipfit")}
+    older["base_to_novel"] = {"cifar10": {"coop": {"marker": True}}}
+    assert run.kept_blocks(older, result) == {("base_to_novel", "cifar10", "coop")}
+    older["plan"]["protocol"]["coop"]["lr"] = 1.0
+    with pytest.raises(run.StaleRun, match="another plan"):
+        run.kept_blocks(older, result)
 
 
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):

@@ -63,6 +63,7 @@ def evaluate(
     seed: int = 0,
     device: str = "cpu",
     precision: str = "fp32",
+    skip_inapplicable: bool = False,
 ) -> dict[str, Any]:
     """The forgetting report: zero-shot and every checkpoint on base (and novel) test folders.
 
@@ -76,7 +77,9 @@ def evaluate(
     name, ``chosen_by`` and ``settings``). Settings are chosen on the labelled validation folders ``val_dir``
     (base classes) and ``val_novel_dir`` (held-out ones), never on the test folders; without them a baseline
     uses its fixed default or is skipped (the report's ``baselines.skipped`` says why). ``wise_alpha`` fixes
-    WiSE-FT's alpha instead; ``seed`` seeds DARE's random drop.
+    WiSE-FT's alpha instead; ``seed`` seeds DARE's random drop. A named baseline the fine-tuned checkpoint
+    cannot have (the weight-space ones need a zero-shot point) is refused, or with ``skip_inapplicable``
+    skipped like an unnamed one (for a benchmark that names the same baselines for every kind).
     """
     names, named = baseline_names(baselines)
     val_novel = _as_list(val_novel_dir)
@@ -132,7 +135,7 @@ def evaluate(
         finetuned_name = next(iter(kinds))
         context = Baselines(kinds[finetuned_name][0], finetuned_name, zero_shot, evaluation, validation, seed,
                             wise_alpha)
-        rows, baseline_report = run_baselines(context, names, named)
+        rows, baseline_report = run_baselines(context, names, named and not skip_inapplicable)
         baseline_report["validation"] = _describe_validation(val_folders)
         if val_folders and len(val_folders) == 1 and novel:
             warnings.append("the validation split has no held-out classes (--val-novel-data): the baselines' "
