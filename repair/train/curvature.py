@@ -53,6 +53,8 @@ GRADIENT_PAIRS = 2048
 GRADIENT_METHODS = ("auto", "vjp", "vmap", "loop")
 ESTIMATORS = ("label", "draws")
 FISHER_DRAWS = 4  # labels drawn per image by the ``draws`` estimator (its sample covariance)
+DRAW_NUMBERS = 2 ** 24  # the most gradient numbers one chunk of drawn labels holds (64 MiB)
+LOOPED_ROWS = 4  # per-row gradients of at most this many rows run as a loop of backward passes
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +219,11 @@ def centered_draws(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _row_gradients(values: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``d values[k] / d parameters`` for every k: ``[len(values), *shape]`` per parameter (batched; one
-    backward per row where the batched pull-back cannot trace)."""
+    """``d values[k] / d parameters`` for every k: ``[len(values), *shape]`` per parameter: one backward per row
+    for a few rows (most classes drawn from a 1,005-name vocabulary are drawn once, and the batched pull-back's
+    vmap costs more than it saves there), batched beyond."""
+    if len(values) <= LOOPED_ROWS:
+        return _looped_row_gradients(values, parameters)
     try:
         with warnings.catch_warnings():  # torch's note that CPU attention has no batching rule yet
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
@@ -228,8 +233,12 @@ def _row_gradients(values: torch.Tensor, parameters: list[torch.Tensor]) -> list
         return list(grads)
     except Exception as exc:  # noqa: BLE001 - a tracing failure: the loop gives the same numbers
         log.debug("per-row gradients: the batched backward cannot trace (%s); using a loop", exc)
-    rows = [torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True, materialize_grads=True)
-            for value in values]
+    return _looped_row_gradients(values, parameters)
+
+
+def _looped_row_gradients(values: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    rows = [torch.autograd.grad(value, parameters, retain_graph=index < len(values) - 1, allow_unused=True,
+                                materialize_grads=True) for index, value in enumerate(values)]
     return [torch.stack([row[index] for row in rows]) for index in range(len(parameters))]
 
 
@@ -401,6 +410,8 @@ def _draw_chunks(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], se
     time so that memory stays that of ``chunk * draws`` gradients; every label is drawn first, from one
     seeded generator."""
     labels = sampled_label_draws(kind, images, tuple(vocabulary), seed, FISHER_DRAWS)
+    # every image in one chunk where its gradients fit in DRAW_NUMBERS floats: each class then runs once
+    chunk = max(chunk, DRAW_NUMBERS // max(FISHER_DRAWS * kind.num_trainable(), 1))
     for start in range(0, len(images), chunk):
         yield centered_draws(logit_gradients(kind, images[start:start + chunk], vocabulary,
                                              labels[start:start + chunk]))
