@@ -193,7 +193,10 @@ def test_the_reference_vocabulary_puts_the_repair_classes_first(tmp_path):
     assert reference_vocabulary(["red"], read_vocabulary(path)) == ("red", "dog", "car")
 
 
-def test_distillation_is_zero_at_w_zs_and_pulls_back_to_it(backbone, image_dirs):
+def test_distillation_is_zero_at_w_zs_and_pulls_back_to_it(backbone, image_dirs, monkeypatch):
+    from repair.train.surrogates import DistillSurrogate
+
+    monkeypatch.setattr(DistillSurrogate, "take_all", len(VOCAB))  # the whole vocabulary at every step
     dataset, data = features(backbone, image_dirs)
     kind = moved_prompt(backbone, dataset.classnames)
     surrogate = build_surrogate("distill", kind, data, seed=0, vocabulary=VOCAB[len(BASE):])
@@ -360,3 +363,79 @@ def test_the_vocabulary_fishers_use_draws_and_their_own_cache_entries(backbone, 
     from repair.train import surrogates
 
     assert surrogates.DenseFisherSurrogate.cache_variant() != surrogates.FisherSurrogate.cache_variant()
+
+
+def _sampled_distill(backbone, image_dirs, monkeypatch, take_all=2, block=3):
+    from repair.train.surrogates import DistillSurrogate
+
+    monkeypatch.setattr(DistillSurrogate, "take_all", take_all)
+    monkeypatch.setattr(DistillSurrogate, "block", block)
+    dataset, data = features(backbone, image_dirs)
+    kind = moved_prompt(backbone, dataset.classnames, seed=1)
+    surrogate = build_surrogate("distill", kind, data, seed=0, vocabulary=VOCAB)
+    return kind, surrogate
+
+
+def _exact_distill(kind, surrogate):
+    from repair.train.curvature import vocabulary_logits
+    from repair.train.surrogates import exact_kl
+
+    return exact_kl(surrogate.constants["log_p_zs"], vocabulary_logits(kind, surrogate.images, surrogate.vocabulary))
+
+
+def test_sampled_distillation_is_the_exact_kl_where_its_reference_is_current(backbone, image_dirs, monkeypatch):
+    kind, surrogate = _sampled_distill(backbone, image_dirs, monkeypatch)
+    sampled = surrogate.sampled
+    assert sampled is not None and len(sampled.blocks) == 3  # 11 names: 2 always, 9 in blocks of 3
+    assert sorted(torch.cat([sampled.always, *sampled.blocks]).tolist()) == list(range(len(VOCAB)))
+    exact = float(_exact_distill(kind, surrogate).detach())
+    assert exact > 1e-3
+    start = kind.snapshot()
+    surrogate(kind, None)
+    first_queue = list(sampled.queue)
+    for _ in range(2 * len(sampled.blocks)):  # held at one w, every step (every block) gives the exact value
+        assert float(surrogate(kind, None).detach()) == pytest.approx(exact, rel=1e-5, abs=1e-7)
+    # moved: an estimate; once each block has been scored at the new w, the reference is current again
+    with torch.no_grad():
+        kind.ctx.add_(0.05 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(3)))
+    moved_exact = float(_exact_distill(kind, surrogate).detach())
+    assert moved_exact != pytest.approx(exact, rel=1e-3)
+    for _ in range(len(sampled.queue) + len(sampled.blocks)):  # the round under way, then a whole one
+        surrogate(kind, None)
+    assert float(surrogate(kind, None).detach()) == pytest.approx(moved_exact, rel=1e-5, abs=1e-7)
+    (grad,) = torch.autograd.grad(surrogate(kind, None), [kind.ctx])
+    assert float(grad.abs().sum()) > 0  # differentiable through the scored names
+    # back at the build's w (a repair starting over): the same values as the first run, in the same order
+    kind.load_values(start)
+    again = [float(surrogate(kind, None).detach()) for _ in range(3)]
+    assert again == pytest.approx([exact] * 3, rel=1e-5, abs=1e-7)
+    assert surrogate.sampled.queue == first_queue
+
+
+def test_sampled_distillation_is_exact_for_a_drift_common_to_every_name():
+    from repair.train.surrogates import exact_kl, sampled_kl
+
+    generator = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(3 * torch.randn(5, 40, generator=generator), dim=-1)
+    reference = 2 * torch.randn(5, 40, generator=generator)
+    always, block = torch.tensor([3, 7]), torch.tensor([0, 11, 22, 33])
+    shift = torch.randn(5, 1, generator=generator)  # per image: the softmax, so the KL, does not move
+    now = reference + shift
+    estimate = sampled_kl(log_q, reference, always, block, now[:, torch.cat([always, block])])
+    assert float(estimate) == pytest.approx(float(exact_kl(log_q, now)), rel=1e-5)
+    # the always-scored names moving on their own, the rest together: exact too
+    other = now.clone()
+    other[:, always] += 1.0
+    estimate = sampled_kl(log_q, reference, always, block, other[:, torch.cat([always, block])])
+    assert float(estimate) == pytest.approx(float(exact_kl(log_q, other)), rel=1e-5)
+    # a name outside the step's block moving on its own is not seen: an estimate, not the exact value
+    other[:, 5] += 2.0
+    estimate = sampled_kl(log_q, reference, always, block, other[:, torch.cat([always, block])])
+    assert float(estimate) != pytest.approx(float(exact_kl(log_q, other)), rel=1e-3)
+
+
+def test_a_short_vocabulary_is_distilled_whole(backbone, image_dirs, monkeypatch):
+    kind, surrogate = _sampled_distill(backbone, image_dirs, monkeypatch, take_all=8, block=8)
+    assert surrogate.sampled is None
+    assert float(surrogate(kind, None).detach()) == pytest.approx(float(_exact_distill(kind, surrogate).detach()),
+                                                                rel=1e-6)

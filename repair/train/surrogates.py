@@ -7,12 +7,13 @@ Around the zero-shot solution the pretraining loss along ``w_zs -> w`` grows lik
 - ``fisher``: the diagonal Fisher at ``w_zs`` of the repair-class softmax, ``0.5 sum_i F_i (w_i - w_zs_i)^2``.
 - ``fisher-vocab``: the same over a broad reference vocabulary (the repair classes plus 1,000 generic
   concepts, ``--vocabulary FILE`` to override): CLIP was pretrained open-vocabulary, so directions the
-  repair classes never use count too.
+  repair classes never use count too. It and ``fisher-dense`` use curvature's ``draws`` estimator.
 - ``fisher-dense``: the full ``E[g g^T]`` over the reference vocabulary, ``0.5 d^T F d``, for kinds with at most
   :data:`~repair.train.curvature.DENSE_LIMIT` trainable numbers (a CoOp prompt).
 - ``kfac``: a linear head's Kronecker-factored Gauss-Newton, ``0.5 tr(G D A D^T)`` with ``D = [W, b] - [W, b]_zs``.
 - ``distill``: ``KL(p_zs || p_w)`` over the reference vocabulary on (up to 64 of) the repair images (ZSCL's term):
-  the zero-shot model's predictions kept, not its weights.
+  the zero-shot model's predictions kept, not its weights; over a long vocabulary each step scores a few
+  names at ``w`` and estimates the rest (:class:`SampledKL`).
 - ``l2``: ``c * I``, ``0.5 ||w - w_zs||^2`` (L2-SP).
 
 The estimators live in :mod:`repair.train.curvature`. A surrogate is built once per run
@@ -291,12 +292,15 @@ class KFACSurrogate(FromImages):
 class DistillSurrogate(FromImages):
     """``KL(p_zs || p_w)`` over the reference vocabulary on up to 64 repair images (a seeded sample), as ZSCL
     distils for continual learning: label-free, and it keeps the zero-shot *predictions* rather than the weights.
-    ``p_zs`` is computed once per build; each step scores those images over the vocabulary at ``w`` (for a
-    prompt, one text pass over the vocabulary)."""
+    ``p_zs`` is computed once per build. Over a vocabulary longer than :attr:`take_all` + :attr:`block` names a
+    step scores only those many at ``w`` (:class:`SampledKL`: exact where the reference logits are current,
+    an estimate between); a shorter one is scored whole at every step."""
 
     name = "distill"
     open_vocabulary = True
     needs_zero_shot_point = False  # a kind without one (MaPLe) scores as zero-shot CLIP in its zero_shot_model()
+    take_all = 4  # the names of most probability mass (teacher and student), scored at every step
+    block = 4  # and one rotating block of the others
 
     @classmethod
     def estimate(cls, kind: Kind, data: Features, seed: int, vocabulary: tuple[str, ...] | None
@@ -314,11 +318,101 @@ class DistillSurrogate(FromImages):
         super().__init__(kind, constants, data, seed, vocabulary)
         self.images = chosen_images(data, seed)
         self.vocabulary = vocabulary
+        self.sampled = None
+        if vocabulary is not None and len(vocabulary) > self.take_all + self.block:
+            self.sampled = SampledKL(kind, self.images, vocabulary, constants["log_p_zs"], self.take_all,
+                                     self.block, seed)
 
     def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
-        log_p_w = F.log_softmax(vocabulary_logits(kind, self.images, self.vocabulary).float(), dim=-1)
-        log_p_zs = self.constants["log_p_zs"]
-        return (log_p_zs.exp() * (log_p_zs - log_p_w)).sum(dim=-1).mean()
+        if self.sampled is not None:
+            return self.sampled(kind)
+        return exact_kl(self.constants["log_p_zs"], vocabulary_logits(kind, self.images, self.vocabulary))
+
+
+def exact_kl(log_p_zs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``mean_i KL(p_zs,i || softmax(logits_i))``."""
+    return (log_p_zs.exp() * (log_p_zs - F.log_softmax(logits.float(), dim=-1))).sum(dim=-1).mean()
+
+
+class SampledKL:
+    """``KL(p_zs || p_w)`` over a long vocabulary from a few names scored at ``w`` per step.
+
+    With reference logits ``r`` (every name's at some earlier ``w``) and the drift ``d = z(w) - r``,
+
+        KL_i = sum_j q log q - sum_j q r - sum_j q d + logsumexp(r) + log sum_j softmax(r)_j exp(d_j)
+
+    holds for any ``r`` (``q = p_zs``). A step scores at ``w`` the ``take_all`` names of most mass (teacher
+    and reference student together), exactly, and one block of the rest for the rest's share of the two
+    sums (:func:`sampled_kl`): the blocks stratify the rest by mass (block ``k`` holds ranks ``k, k + n,
+    ...``) and are visited in a seeded random order, each once per round. Every scored name refreshes its
+    reference. So the value is exact where ``r`` is current (at the build's ``w``, at any ``w`` held for a
+    round), and wherever the rest drift alike (a shift common to them cancels in the ratio); between, it is
+    an estimate whose error ``benchmarks/surrogate_speed.py`` measures against the exact KL.
+    """
+
+    def __init__(self, kind: Kind, images: torch.Tensor, vocabulary: Sequence[str], log_p_zs: torch.Tensor,
+                 take_all: int, block: int, seed: int) -> None:
+        self.images, self.vocabulary = images, tuple(vocabulary)
+        with torch.no_grad():
+            self.reference = vocabulary_logits(kind, images, self.vocabulary).float()  # at the build's w
+        self.log_q = log_p_zs.to(self.reference)
+        mass = 0.5 * (self.log_q.exp().mean(dim=0) + F.softmax(self.reference, dim=-1).mean(dim=0))
+        order = torch.argsort(mass, descending=True, stable=True).to(self.reference.device)
+        self.always, rest = order[:take_all], order[take_all:]
+        rounds = -(-len(rest) // block)
+        self.blocks = [rest[start::rounds] for start in range(rounds)]
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+        self.start = ({name: value.detach().clone() for name, value in kind.trainable().items()},
+                      self.reference.clone())
+
+    def restart_if_at_start(self, kind: Kind) -> None:
+        """Back at the build's ``w`` (a repair starting over, as ``--lam-zs auto``'s runs do): its reference and
+        block order again, so every run from there is the same run, whatever ran before."""
+        values, reference = self.start
+        if all(torch.equal(tensor.detach(), values[name]) for name, tensor in kind.trainable().items()):
+            self.reference = reference.clone()
+            self.generator.manual_seed(self.seed)
+            self.queue = []
+
+    def next_block(self) -> torch.Tensor:
+        if not self.queue:
+            self.queue = torch.randperm(len(self.blocks), generator=self.generator).tolist()
+        return self.blocks[self.queue.pop()]
+
+    def __call__(self, kind: Kind) -> torch.Tensor:
+        self.restart_if_at_start(kind)
+        block = self.next_block()
+        scored = torch.cat([self.always, block])
+        logits = vocabulary_logits(kind, self.images, [self.vocabulary[j] for j in scored.tolist()]).float()
+        value = sampled_kl(self.log_q, self.reference, self.always, block, logits)
+        self.reference = self.reference.index_copy(1, scored, logits.detach())
+        return value
+
+
+def sampled_kl(log_q: torch.Tensor, reference: torch.Tensor, always: torch.Tensor, block: torch.Tensor,
+               logits: torch.Tensor) -> torch.Tensor:
+    """:class:`SampledKL`'s estimate from ``logits`` [n, A + B] at ``w`` of the ``always`` names then ``block``'s
+    (a stratified sample of the rest), with every name's ``reference`` logits [n, V]: the rest's share of each
+    expectation is its reference mass times the block's mass-weighted mean (a ratio estimate)."""
+    q = log_q.exp()
+    drift = logits - reference[:, torch.cat([always, block])]
+    drift_always, drift_block = drift[:, :len(always)], drift[:, len(always):]
+    tiny = torch.finfo(drift.dtype).tiny
+    q_block = q[:, block]
+    rest_q = (1.0 - q[:, always].sum(dim=-1)).clamp_min(0.0)
+    teacher = ((q * reference).sum(dim=-1) + (q[:, always] * drift_always).sum(dim=-1)
+               + rest_q * (q_block * drift_block).sum(dim=-1) / q_block.sum(dim=-1).clamp_min(tiny))
+    log_p = F.log_softmax(reference, dim=-1)
+    log_block = log_p[:, block]
+    rest_mask = torch.ones(reference.shape[1], dtype=torch.bool, device=reference.device)
+    rest_mask[always] = False
+    log_rest = torch.logsumexp(log_p.masked_fill(~rest_mask, float("-inf")), dim=-1)
+    rest = log_rest + torch.logsumexp(log_block + drift_block, dim=-1) - torch.logsumexp(log_block, dim=-1)
+    log_norm = torch.logsumexp(reference, dim=-1) + torch.logsumexp(
+        torch.cat([log_p[:, always] + drift_always, rest.unsqueeze(1)], dim=1), dim=-1)
+    return ((q * log_q).sum(dim=-1) - teacher + log_norm).mean()
 
 
 Surrogate = Callable[[Kind, KindOutput], torch.Tensor]
@@ -393,4 +487,4 @@ def _cached(name: str, vocabulary: tuple[str, ...] | None, keys: set[str], data:
 
 __all__ = ["SURROGATES", "Surrogate", "build_surrogate", "refusals", "fisher_diagonal", "fisher_images",
            "FISHER_IMAGES", "FeatureSurrogate", "FisherSurrogate", "L2Surrogate", "VocabularyFisherSurrogate",
-           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate"]
+           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate", "SampledKL", "exact_kl", "sampled_kl"]
