@@ -141,15 +141,22 @@ def test_surrogate_speed_writes_each_surrogates_build_and_step(tiny_model_dir, t
     from benchmarks import surrogate_speed
 
     out = tmp_path / "surrogate-speed.json"
-    surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "fisher", "l2", "distill", "--classes", "3",
-                          "--batch", "2", "--images", "4", "--steps", "1", "--out", str(out)])
+    surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "fisher", "l2", "distill", "fisher-vocab",
+                          "--classes", "3", "--batch", "2", "--images", "4", "--steps", "2", "--build-rounds", "1",
+                          "--error-steps", "2", "--fisher-error-seeds", "2", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["schema"] == surrogate_speed.SCHEMA
-    assert [row["surrogate"] for row in report["rows"]] == ["fisher", "l2", "distill"]
+    assert [row["surrogate"] for row in report["rows"]] == ["fisher", "l2", "distill", "fisher-vocab"]
     for row in report["rows"]:
         assert _positive(row["step_seconds"]) and row["build_seconds"] >= 0 and row["final_loss_finite"]
-        assert _positive(row["step_vs_fisher"])
-    assert report["rows"][0]["step_vs_fisher"] == 1.0
+        assert _positive(row["step_vs_fisher"]) and len(row["step_runs"]) == 2 and len(row["build_runs"]) == 1
+    assert report["rows"][0]["step_vs_fisher"] == 1.0 == report["rows"][0]["build_vs_fisher"]
+    assert report["rows"][0]["approximation"] == "exact"
+    distill = report["rows"][2]["approximation"]
+    assert len(distill["points"]) == 2 and distill["relative_error_max"] >= 0
+    assert distill["points"][0]["relative_error"] < 1e-4  # the reference is current where the repair starts
+    assert {"relative_error_draws", "relative_error_label"} <= set(report["rows"][3]["approximation"])
     surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "feature", "--classes", "3", "--batch", "2",
-                          "--steps", "1", "--out", str(out), "--append"])
-    assert [row["surrogate"] for row in json.loads(out.read_text())["rows"]] == ["fisher", "l2", "distill", "feature"]
+                          "--steps", "1", "--build-rounds", "1", "--out", str(out), "--append"])
+    assert [row["surrogate"] for row in json.loads(out.read_text())["rows"]] == ["fisher", "l2", "distill",
+                                                                                  "fisher-vocab", "feature"]
