@@ -439,3 +439,28 @@ def test_a_short_vocabulary_is_distilled_whole(backbone, image_dirs, monkeypatch
     assert surrogate.sampled is None
     assert float(surrogate(kind, None).detach()) == pytest.approx(float(_exact_distill(kind, surrogate).detach()),
                                                                 rel=1e-6)
+
+
+def test_the_step_encodes_distillations_names_in_the_prompts_own_text_pass(backbone, image_dirs, monkeypatch):
+    from repair.train.objective import mergetune_loss
+
+    kind, surrogate = _sampled_distill(backbone, image_dirs, monkeypatch)
+    twin = build_surrogate("distill", kind, features(backbone, image_dirs)[1], seed=0, vocabulary=VOCAB)
+    objective = Objective(lam_zs=1.0, surrogate="distill")
+    inputs, labels = surrogate.images[:6], torch.arange(6) % len(kind.classnames)
+    passes = []
+    encode = CoOpPrompts._text_features
+    monkeypatch.setattr(CoOpPrompts, "_text_features",
+                        lambda self, ctx, bank: passes.append(bank.num_classes) or encode(self, ctx, bank))
+    terms = mergetune_loss(kind, objective, inputs, labels, surrogate)
+    names = len(surrogate.sampled.always) + len(surrogate.sampled.blocks[0])
+    assert passes == [len(kind.classnames) + names]  # one pass: the classes, then the step's names
+    # the same values as the kind's forward and the surrogate's own text pass, taken apart
+    output = kind(inputs)
+    assert float(twin(kind, output).detach()) == pytest.approx(float(terms.surrogate.detach()), rel=1e-5, abs=1e-7)
+    assert torch.allclose(output.logits, kind(inputs).logits)
+    (merged,) = torch.autograd.grad(terms.surrogate, [kind.ctx])
+    (apart,) = torch.autograd.grad(build_surrogate("distill", kind, features(backbone, image_dirs)[1], seed=0,
+                                                   vocabulary=VOCAB)(kind, kind(inputs)), [kind.ctx])
+    assert torch.allclose(merged, apart, rtol=1e-4, atol=1e-7)
+    assert kind._alongside is None and kind._alongside_features is None  # nothing kept past the step

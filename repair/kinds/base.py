@@ -46,7 +46,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -480,6 +480,12 @@ class Kind(nn.Module, ABC):
         surrogates (``fisher-vocab``, ``fisher-dense``, ``distill``) score. The default, :meth:`logits_for`, is
         right where the inputs are the frozen tower's features; a kind that trains the image tower overrides it."""
         return self.logits_for(inputs, classnames)
+
+    def encode_alongside(self, classnames: Sequence[str] | None) -> AbstractContextManager[None]:
+        """While open, :meth:`forward` may encode ``classnames`` in its own text pass, and the next
+        :meth:`open_vocabulary_logits` for exactly that list uses those features: one pass instead of two
+        where a surrogate scores a few names per step (``distill``). Kinds without a text pass ignore it."""
+        return nullcontext()
 
     @property
     def input_kind(self) -> str:

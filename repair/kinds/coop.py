@@ -16,7 +16,8 @@ a Hugging Face tower's attention mask) is the same in every arrangement.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -198,6 +199,8 @@ class CoOpPrompts(Kind):
         self.register_buffer("ctx_ft", self.ctx.detach().clone(), persistent=False)
         self._banks: dict[tuple[str, ...], PromptBank] = {}
         self.bank = self._bank(self.classnames)
+        self._alongside: tuple[str, ...] | None = None  # names forward() encodes with the classes (encode_alongside)
+        self._alongside_features: torch.Tensor | None = None
         with torch.no_grad():
             self.register_buffer("ft_features", self._text_features(self.ctx_ft, self.bank), persistent=False)
             self.register_buffer(
@@ -297,9 +300,30 @@ class CoOpPrompts(Kind):
         features = text.encode_rows(flat, pooling, chunk_size=self.text_chunk_size).float()
         return F.normalize(features, dim=-1).reshape(*leading, bank.num_classes, -1)
 
+    @contextmanager
+    def encode_alongside(self, classnames: Sequence[str] | None) -> Iterator[None]:
+        """One text pass per step for the classes and a surrogate's names (a pass has a fixed cost, the
+        shared prefix included, that two small passes pay twice); a class-specific prompt scores none."""
+        self._alongside = tuple(classnames) if classnames and not self.class_specific else None
+        try:
+            yield
+        finally:
+            self._alongside, self._alongside_features = None, None
+
+    def _own_text_features(self) -> torch.Tensor:
+        """The class features at ``w``, and the :meth:`encode_alongside` names' in the same pass."""
+        if self._alongside is None:
+            return self._text_features(self.ctx, self.bank)
+        both = self._text_features(self.ctx, self._bank([*self.classnames, *self._alongside]))
+        self._alongside_features = both[len(self.classnames):]
+        return both[:len(self.classnames)]
+
     def class_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:
         if classnames is None or list(classnames) == self.classnames:
             return self._text_features(self.ctx, self.bank)
+        if self._alongside_features is not None and tuple(classnames) == self._alongside:
+            features, self._alongside_features = self._alongside_features, None  # taken once: this step's
+            return features
         if self.class_specific:
             raise IncompatibleCheckpointError(
                 "a class-specific prompt can only score the classes it was trained on")
@@ -311,7 +335,7 @@ class CoOpPrompts(Kind):
     # ------------------------------------------------------------------ Kind protocol
 
     def forward(self, inputs: torch.Tensor, path_ts: torch.Tensor | None = None) -> KindOutput:
-        text = self._text_features(self.ctx, self.bank)
+        text = self._own_text_features()
         logits = self.scale * inputs @ text.t()
         path_logits = None
         if path_ts is not None:

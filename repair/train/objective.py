@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from repair.errors import UsageError
 from repair.kinds.base import Kind
 from repair.train.fields import check_fields
-from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate
+from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, surrogate_names
 
 
 AUTO = "auto"
@@ -90,12 +90,15 @@ def mergetune_loss(kind: Kind, objective: Objective, inputs: torch.Tensor, label
         raise UsageError("lam_zs='auto' is chosen by the repair workflow (repair.train.select.choose_lam_zs) "
                          "before training; pass a number here")
     wants_path = objective.lam_lmc != 0.0
-    output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
-    ce = F.cross_entropy(output.logits, labels)
-    zero = ce.new_zeros(())
-    penalty = zero
     if objective.lam_zs != 0.0:
-        penalty = (surrogate or build_surrogate(objective.surrogate, kind))(kind, output)
+        surrogate = surrogate or build_surrogate(objective.surrogate, kind)
+    # a surrogate that scores names at w (distill) has them encoded in the kind's own text pass
+    names = surrogate_names(surrogate, kind) if objective.lam_zs != 0.0 else None
+    with kind.encode_alongside(names):
+        output = kind(inputs, objective.path_ts().to(inputs.device) if wants_path else None)
+        ce = F.cross_entropy(output.logits, labels)
+        penalty = surrogate(kind, output) if objective.lam_zs != 0.0 else ce.new_zeros(())
+    zero = ce.new_zeros(())
     path = zero
     if wants_path and output.path_logits is not None:
         k, batch, classes = output.path_logits.shape

@@ -323,6 +323,13 @@ class DistillSurrogate(FromImages):
             self.sampled = SampledKL(kind, self.images, vocabulary, constants["log_p_zs"], self.take_all,
                                      self.block, seed)
 
+    def names_this_step(self, kind: Kind) -> tuple[str, ...] | None:
+        """The names the next call scores at ``w``, for the kind to encode with its classes
+        (:meth:`~repair.kinds.base.Kind.encode_alongside`)."""
+        if self.sampled is not None:
+            return self.sampled.names_this_step(kind)
+        return self.vocabulary
+
     def __call__(self, kind: Kind, output: KindOutput) -> torch.Tensor:
         if self.sampled is not None:
             return self.sampled(kind)
@@ -364,6 +371,7 @@ class SampledKL:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.queue: list[int] = []
+        self.pending: torch.Tensor | None = None  # the names the next call scores, once chosen
         self.start = ({name: value.detach().clone() for name, value in kind.trainable().items()},
                       self.reference.clone())
 
@@ -375,18 +383,28 @@ class SampledKL:
             self.reference = reference.clone()
             self.generator.manual_seed(self.seed)
             self.queue = []
+            self.pending = None
 
     def next_block(self) -> torch.Tensor:
         if not self.queue:
             self.queue = torch.randperm(len(self.blocks), generator=self.generator).tolist()
         return self.blocks[self.queue.pop()]
 
+    def _scored(self, kind: Kind) -> torch.Tensor:
+        if self.pending is None:
+            self.restart_if_at_start(kind)
+            self.pending = torch.cat([self.always, self.next_block()])
+        return self.pending
+
+    def names_this_step(self, kind: Kind) -> tuple[str, ...]:
+        """The names the next call scores: chosen now, so the kind can encode them with its classes."""
+        return tuple(self.vocabulary[j] for j in self._scored(kind).tolist())
+
     def __call__(self, kind: Kind) -> torch.Tensor:
-        self.restart_if_at_start(kind)
-        block = self.next_block()
-        scored = torch.cat([self.always, block])
+        scored = self._scored(kind)
+        self.pending = None
         logits = vocabulary_logits(kind, self.images, [self.vocabulary[j] for j in scored.tolist()]).float()
-        value = sampled_kl(self.log_q, self.reference, self.always, block, logits)
+        value = sampled_kl(self.log_q, self.reference, self.always, scored[len(self.always):], logits)
         self.reference = self.reference.index_copy(1, scored, logits.detach())
         return value
 
@@ -416,6 +434,12 @@ def sampled_kl(log_q: torch.Tensor, reference: torch.Tensor, always: torch.Tenso
 
 
 Surrogate = Callable[[Kind, KindOutput], torch.Tensor]
+
+
+def surrogate_names(surrogate: Surrogate | None, kind: Kind) -> tuple[str, ...] | None:
+    """The names ``surrogate`` scores at ``w`` in its next call, where it says (``names_this_step``)."""
+    names_this_step = getattr(surrogate, "names_this_step", None)
+    return None if names_this_step is None else names_this_step(kind)
 SURROGATES: dict[str, type] = {cls.name: cls for cls in (FeatureSurrogate, FisherSurrogate, L2Surrogate,
                                                          VocabularyFisherSurrogate, DenseFisherSurrogate,
                                                          KFACSurrogate, DistillSurrogate)}
@@ -487,4 +511,5 @@ def _cached(name: str, vocabulary: tuple[str, ...] | None, keys: set[str], data:
 
 __all__ = ["SURROGATES", "Surrogate", "build_surrogate", "refusals", "fisher_diagonal", "fisher_images",
            "FISHER_IMAGES", "FeatureSurrogate", "FisherSurrogate", "L2Surrogate", "VocabularyFisherSurrogate",
-           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate", "SampledKL", "exact_kl", "sampled_kl"]
+           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate", "SampledKL", "exact_kl", "sampled_kl",
+           "surrogate_names"]
