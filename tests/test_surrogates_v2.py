@@ -464,3 +464,25 @@ def test_the_step_encodes_distillations_names_in_the_prompts_own_text_pass(backb
                                                    vocabulary=VOCAB)(kind, kind(inputs)), [kind.ctx])
     assert torch.allclose(merged, apart, rtol=1e-4, atol=1e-7)
     assert kind._alongside is None and kind._alongside_features is None  # nothing kept past the step
+
+
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_a_prompts_batched_pair_gradients_equal_the_class_by_class_pull_back(backbone, image_dirs, position,
+                                                                           monkeypatch):
+    from repair.kinds.base import Kind
+    from repair.kinds.coop import CoOpOptions
+    from repair.train.curvature import logit_gradients
+
+    dataset, data = features(backbone, image_dirs)
+    kind = CoOpPrompts.zero_shot(backbone, dataset.classnames, TEMPLATES,
+                                 CoOpOptions(class_token_position=position))
+    with torch.no_grad():
+        kind.ctx.add_(0.05 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(0)))
+    labels = torch.randint(0, len(VOCAB), (len(data.features), 3), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr("repair.kinds.coop.PAIR_ROWS", 4)  # several chunks of rows
+    batched = logit_gradients(kind, data.features, VOCAB, labels)
+    monkeypatch.setattr(CoOpPrompts, "pair_logit_gradients", Kind.pair_logit_gradients)
+    by_class = logit_gradients(kind, data.features, VOCAB, labels)
+    assert batched["ctx"].shape == (len(data.features), 3, *kind.ctx.shape)
+    assert float(by_class["ctx"].abs().max()) > 0
+    assert torch.allclose(batched["ctx"], by_class["ctx"], rtol=1e-4, atol=1e-4)  # float rounding of values to ~10

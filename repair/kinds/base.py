@@ -481,6 +481,12 @@ class Kind(nn.Module, ABC):
         right where the inputs are the frozen tower's features; a kind that trains the image tower overrides it."""
         return self.logits_for(inputs, classnames)
 
+    def pair_logit_gradients(self, inputs: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """``d z(inputs[r], classnames[r]) / dw`` for every row ``r`` (``{name: [R, *shape]}``) where the kind
+        has a batched way (a prompt: one copy of the context per row, one text pass for all rows); None: the
+        caller pulls back class by class (:func:`repair.train.curvature.logit_gradients`)."""
+        return None
+
     def encode_alongside(self, classnames: Sequence[str] | None) -> AbstractContextManager[None]:
         """While open, :meth:`forward` may encode ``classnames`` in its own text pass, and the next
         :meth:`open_vocabulary_logits` for exactly that list uses those features: one pass instead of two

@@ -93,6 +93,9 @@ def _token_count(tokenizer: object, text: str) -> int | None:
     return None
 
 
+PAIR_ROWS = 64  # prompts per backward in pair_logit_gradients (their activations stay a few hundred MB)
+
+
 class PromptBank(nn.Module):
     """Frozen token embeddings around the context for one class list, cut at end-of-text."""
 
@@ -328,6 +331,28 @@ class CoOpPrompts(Kind):
             raise IncompatibleCheckpointError(
                 "a class-specific prompt can only score the classes it was trained on")
         return self._text_features(self.ctx, self._bank(classnames))
+
+    def pair_logit_gradients(self, inputs: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """Each row's prompt gets its own copy of the context, so one backward gives every row's gradient:
+        a vocabulary Fisher's drawn labels (mostly distinct names) cost a batched text pass, not one pass each."""
+        if self.class_specific or list(self.trainable()) != ["ctx"]:
+            return None
+        text = self.backbone.text
+        bank = PromptBank(self.backbone, classnames, self.n_ctx, self.options.class_token_position)
+        order = torch.argsort(text.row_lengths(bank.pooling).cpu(), stable=True)  # similar lengths share a chunk
+        grads = torch.empty(len(classnames), *self.ctx.shape, device=self.ctx.device)
+        for chunk in order.split(PAIR_ROWS):
+            contexts = self.ctx.detach().expand(len(chunk), *self.ctx.shape).clone().requires_grad_(True)
+            pooling = bank.pooling[chunk.to(bank.pooling.device)]
+            prompts = torch.cat([bank.prefix[chunk], contexts.to(bank.prefix), bank.suffix[chunk]], dim=1)
+            if bank.order is not None:
+                prompts = prompts[torch.arange(len(chunk)).unsqueeze(1), bank.order[chunk]]
+            prompts, pooling = text.trim(prompts, pooling, int(text.row_lengths(pooling).max()))
+            with torch.enable_grad():
+                features = F.normalize(text.encode_embeddings(prompts, pooling).float(), dim=-1)
+                logits = self.scale * (inputs[chunk.to(inputs.device)].float() * features).sum(dim=-1)
+                (grads[chunk.to(grads.device)],) = torch.autograd.grad(logits.sum(), [contexts])
+        return {"ctx": grads}
 
     def scores_other_classes(self) -> bool:
         return not self.class_specific  # one context per class cannot prompt a new class

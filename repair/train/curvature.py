@@ -187,17 +187,21 @@ def logit_gradients(kind: Kind, images: torch.Tensor, vocabulary: Sequence[str],
                     ) -> dict[str, torch.Tensor]:
     """``dz(x_i, vocabulary[labels[i, k]]) / dw`` for every image ``i`` and draw ``k``: ``{name: [n, k, *shape]}``.
 
-    One forward per distinct class among the labels, over the images that drew it, and one pull-back per
-    (image, class) pair through that single class's encoding (batched): each draw costs one class's text
-    pass, not the whole vocabulary's. (A kind caches what it builds for each class list it scores: here
-    single names, at most the vocabulary's own size.)
+    The kind's batched pairs where it has them (:meth:`~repair.kinds.base.Kind.pair_logit_gradients`: a prompt,
+    one text pass for every pair); else one forward per distinct class among the labels, over the images that
+    drew it, and one pull-back per (image, class) pair through that single class's encoding: each draw costs
+    one class's text pass, not the whole vocabulary's. (A kind caches what it builds for each class list it
+    scores: here single names, at most the vocabulary's own size.)
     """
     parameters = kind.trainable()
     count, draws = labels.shape
-    out = {name: torch.zeros(count * draws, *parameter.shape, device=parameter.device)
-           for name, parameter in parameters.items()}
     rows = torch.arange(count).repeat_interleave(draws)
     flat = labels.reshape(-1).cpu()
+    batched = kind.pair_logit_gradients(images[rows.to(images.device)], [vocabulary[j] for j in flat.tolist()])
+    if batched is not None:
+        return {name: value.detach().unflatten(0, (count, draws)) for name, value in batched.items()}
+    out = {name: torch.zeros(count * draws, *parameter.shape, device=parameter.device)
+           for name, parameter in parameters.items()}
     for label in flat.unique().tolist():
         picked = (flat == label).nonzero().squeeze(1)
         with torch.enable_grad():
