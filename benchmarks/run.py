@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also fine-tune with ZSCL's weight ensemble (the running mean every N steps)")
     parser.add_argument("--baselines", nargs="*", default=None,
                         help="eval baselines to score beside the repairs (settings chosen on validation); "
-                             "default: wise-ft ensemble; 'all' for every one")
+                             "default: the plan's (every one on the towers proxy); 'all' for every one")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/latest.json "
                         "(quick runs: quick.json)")
     parser.add_argument("--include-left-out", action="store_true",
