@@ -123,18 +123,23 @@ class PromptBank(nn.Module):
                                  for length in name_lengths.tolist()])
         self.register_buffer("order", order, persistent=False)
 
-    def assemble(self, ctx: torch.Tensor, class_specific: bool) -> torch.Tensor:
-        """[*, (C,) n_ctx, D] contexts -> [*, C, L, D] prompt embeddings."""
+    def assemble(self, ctx: torch.Tensor, class_specific: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[*, (C,) n_ctx, D] contexts -> [*, C, L, D] prompt embeddings; ``rows``: only those classes'."""
+        prefix, suffix, order = self.prefix, self.suffix, self.order
+        if rows is not None:
+            prefix, suffix = prefix[rows], suffix[rows]
+            order = None if order is None else order[rows]
+        classes = len(prefix)
         leading = ctx.shape[:-3] if class_specific else ctx.shape[:-2]
         if not class_specific:  # shared context: the same for every class
-            ctx = ctx.unsqueeze(-3).expand(*leading, self.num_classes, *ctx.shape[-2:])
-        prefix = self.prefix.expand(*leading, *self.prefix.shape)
-        suffix = self.suffix.expand(*leading, *self.suffix.shape)
-        prompts = torch.cat([prefix, ctx, suffix], dim=-2)  # the "end" arrangement
-        if self.order is None:
+            ctx = ctx.unsqueeze(-3).expand(*leading, classes, *ctx.shape[-2:])
+        prefix = prefix.expand(*leading, *prefix.shape)
+        suffix = suffix.expand(*leading, *suffix.shape)
+        prompts = torch.cat([prefix, ctx.to(prefix), suffix], dim=-2)  # the "end" arrangement
+        if order is None:
             return prompts
-        rows = torch.arange(self.num_classes, device=prompts.device).unsqueeze(1)
-        return prompts[..., rows, self.order, :]
+        positions = torch.arange(classes, device=prompts.device).unsqueeze(1)
+        return prompts[..., positions, order, :]
 
 
 def _arrangement(length: int, n_ctx: int, name_length: int, position: ClassTokenPosition) -> torch.Tensor:
@@ -344,9 +349,7 @@ class CoOpPrompts(Kind):
         for chunk in order.split(PAIR_ROWS):
             contexts = self.ctx.detach().expand(len(chunk), *self.ctx.shape).clone().requires_grad_(True)
             pooling = bank.pooling[chunk.to(bank.pooling.device)]
-            prompts = torch.cat([bank.prefix[chunk], contexts.to(bank.prefix), bank.suffix[chunk]], dim=1)
-            if bank.order is not None:
-                prompts = prompts[torch.arange(len(chunk)).unsqueeze(1), bank.order[chunk]]
+            prompts = bank.assemble(contexts, class_specific=True, rows=chunk.to(bank.prefix.device))
             prompts, pooling = text.trim(prompts, pooling, int(text.row_lengths(pooling).max()))
             with torch.enable_grad():
                 features = F.normalize(text.encode_embeddings(prompts, pooling).float(), dim=-1)

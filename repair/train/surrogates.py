@@ -401,9 +401,9 @@ class SampledKL:
         return tuple(self.vocabulary[j] for j in self._scored(kind).tolist())
 
     def __call__(self, kind: Kind) -> torch.Tensor:
-        scored = self._scored(kind)
-        self.pending = None
-        logits = vocabulary_logits(kind, self.images, [self.vocabulary[j] for j in scored.tolist()]).float()
+        names = self.names_this_step(kind)  # the names encode_alongside was given, if it was
+        scored, self.pending = self._scored(kind), None
+        logits = vocabulary_logits(kind, self.images, names).float()
         value = sampled_kl(self.log_q, self.reference, self.always, scored[len(self.always):], logits)
         self.reference = self.reference.index_copy(1, scored, logits.detach())
         return value
