@@ -128,6 +128,31 @@ def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
     assert "Traceback" not in captured.err and "ChildFailedError" not in captured.err
 
 
+def test_a_rank_leaves_the_group_after_a_refusal_but_not_after_a_crash(tmp_path, monkeypatch):
+    """A refusal every rank meets alike ends at the group's barrier, not in interpreter teardown (where gloo
+    aborted a finished rank in CI and left the other machine's torchrun waiting); a crash does not wait there."""
+    from repair.cli import launch as launcher
+    from repair.data import group
+    from repair.errors import EXIT_INTERNAL
+
+    def crash(**_: object) -> None:
+        raise SystemExit(EXIT_INTERNAL)  # what the CLI exits with on an unexpected error
+
+    left = []
+    monkeypatch.setattr(group, "leave", lambda: left.append(True))
+    monkeypatch.setenv(launcher.LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    previous = signal.getsignal(signal.SIGTERM)  # a rank handles SIGTERM as the CLI does
+    try:
+        assert launcher._run_worker(["inspect", str(tmp_path / "missing.safetensors")]) == 0  # recorded instead
+        assert (tmp_path / "rank0.exit").read_text() == "3" and left == [True]
+        monkeypatch.setattr("repair.cli.app.app", crash)
+        assert launcher._run_worker(["inspect"]) == EXIT_INTERNAL and left == [True]
+        assert (tmp_path / "rank0.exit").read_text() == str(EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_launch_reports_rank_zero_else_the_failing_rank(tmp_path, capsys):
     from repair.cli.launch import _exit_code
 

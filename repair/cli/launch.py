@@ -170,7 +170,19 @@ def _run_worker(argv: list[str]) -> int:
     finally:
         if folder:
             Path(folder, f"rank{rank}.exit").write_text(str(code))
+        if code != EXIT_INTERNAL:  # a handled end (a refusal every rank meets alike, or success): leave together
+            _leave_group()
     return code if code == EXIT_INTERNAL or not folder else 0
+
+
+def _leave_group() -> None:
+    """Meet the other ranks at a bounded barrier and tear the group down (nothing if none was joined), so no
+    rank closes its connections while a peer still exchanges: left to interpreter exit, gloo's threads can abort
+    a rank that has finished (SIGABRT), its machine's torchrun then fails and rank 0's waits 300 s for it."""
+    if "torch.distributed" in sys.modules:  # not imported: no group (a refusal or a signal during the imports)
+        from repair.data.group import leave
+
+        leave()
 
 
 def _rank_from_env() -> int:
@@ -213,5 +225,16 @@ def main(argv: list[str]) -> int:
     return _run_worker(argv)
 
 
+def exit_rank(code: int) -> None:
+    """End a rank at once with ``code``, its output flushed: the interpreter's own teardown is where gloo's
+    threads, still running in a process that never destroyed its group, abort a finished rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_code = main(sys.argv[1:])
+    if "LOCAL_RANK" in os.environ:  # a rank under torchrun (its code is recorded, its group left)
+        exit_rank(exit_code)
+    sys.exit(exit_code)
