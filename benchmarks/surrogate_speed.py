@@ -167,8 +167,8 @@ def distill_error(kind, data, inputs: torch.Tensor, labels: torch.Tensor, steps:
     travelled = float((kind.ctx.detach() - moved_from).norm() / (moved_from - zero_shot).norm())
     kind.load_values(start)
     errors = [point["relative_error"] for point in points]
-    return {"estimator": f"SampledKL: {DistillSurrogate.take_all} names of most mass + a block of "
-                         f"{DistillSurrogate.block} per step",
+    sample = DistillSurrogate.sample_for(kind)
+    return {"estimator": f"SampledKL: {sample.take_all} names of most mass + a block of {sample.block} per step",
             "measured": "|estimate - exact KL| / exact KL along the trajectory",
             "lr": lr, "steps": steps, "travelled_vs_start_displacement": round(travelled, 4),
             "relative_error_median": round(statistics.median(errors), 4), "relative_error_max": max(errors),

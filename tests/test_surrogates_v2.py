@@ -194,9 +194,9 @@ def test_the_reference_vocabulary_puts_the_repair_classes_first(tmp_path):
 
 
 def test_distillation_is_zero_at_w_zs_and_pulls_back_to_it(backbone, image_dirs, monkeypatch):
-    from repair.train.surrogates import DistillSurrogate
+    from repair.train.surrogates import DistillSurrogate, VocabularySample
 
-    monkeypatch.setattr(DistillSurrogate, "take_all", len(VOCAB))  # the whole vocabulary at every step
+    monkeypatch.setattr(DistillSurrogate, "text_bound", VocabularySample(len(VOCAB), 4))  # all names, every step
     dataset, data = features(backbone, image_dirs)
     kind = moved_prompt(backbone, dataset.classnames)
     surrogate = build_surrogate("distill", kind, data, seed=0, vocabulary=VOCAB[len(BASE):])
@@ -366,10 +366,9 @@ def test_the_vocabulary_fishers_use_draws_and_their_own_cache_entries(backbone, 
 
 
 def _sampled_distill(backbone, image_dirs, monkeypatch, take_all=2, block=3):
-    from repair.train.surrogates import DistillSurrogate
+    from repair.train.surrogates import DistillSurrogate, VocabularySample
 
-    monkeypatch.setattr(DistillSurrogate, "take_all", take_all)
-    monkeypatch.setattr(DistillSurrogate, "block", block)
+    monkeypatch.setattr(DistillSurrogate, "text_bound", VocabularySample(take_all, block))
     dataset, data = features(backbone, image_dirs)
     kind = moved_prompt(backbone, dataset.classnames, seed=1)
     surrogate = build_surrogate("distill", kind, data, seed=0, vocabulary=VOCAB)
@@ -486,3 +485,38 @@ def test_a_prompts_batched_pair_gradients_equal_the_class_by_class_pull_back(bac
     assert batched["ctx"].shape == (len(data.features), 3, *kind.ctx.shape)
     assert float(by_class["ctx"].abs().max()) > 0
     assert torch.allclose(batched["ctx"], by_class["ctx"], rtol=1e-4, atol=1e-4)  # float rounding of values to ~10
+
+
+def test_a_kind_that_trains_the_image_tower_scores_each_images_own_names_and_refreshes_them(
+        backbone, image_dirs, monkeypatch):
+    """CLIPFit moves every name's logits with the images: each image's names of most mass are scored at every
+    step, and every name's reference is re-scored every ``refresh_every`` steps, after which the value is exact."""
+    from repair.train.surrogates import DistillSurrogate, VocabularySample
+
+    dataset = scan_image_folder(image_dirs["train"]).few_shot(2, seed=0)
+    pixels = load_pixels(backbone, dataset)
+    clipfit = CLIPFit.zero_shot(backbone, dataset.classnames, TEMPLATES)
+    assert DistillSurrogate.sample_for(clipfit) is DistillSurrogate.image_bound
+    monkeypatch.setattr(DistillSurrogate, "image_bound", VocabularySample(take_all=2, block=2, per_image=True,
+                                                                         refresh_every=2))
+    with torch.no_grad():
+        for tensor in clipfit.trainable().values():
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1)))
+    vocabulary = (*VOCAB, "cat", "boat", "house", "bird", "river", "road", "cloud", "chair", "lamp", "bread", "shoe",
+                  "clock", "piano", "stone", "apple", "window", "bridge", "horse", "train", "flower")
+    surrogate = build_surrogate("distill", clipfit, pixels, seed=0, vocabulary=vocabulary)
+    sampled = surrogate.sampled
+    assert sampled is not None, f"{len(pixels)} images: a sample of {len(vocabulary)} names"
+    teacher, student = sampled.log_q.exp(), torch.softmax(sampled.reference, dim=-1)
+    own = torch.maximum(teacher, student).topk(2, dim=-1).indices
+    assert set(own.flatten().tolist()) == set(sampled.always.tolist())  # every image's own two names
+    assert sorted(torch.cat([sampled.always, *sampled.blocks]).tolist()) == list(range(len(vocabulary)))
+    exact = float(_exact_distill(clipfit, surrogate).detach())
+    assert float(surrogate(clipfit, None).detach()) == pytest.approx(exact, rel=1e-4, abs=1e-6)  # the build's w: exact
+    with torch.no_grad():
+        for tensor in clipfit.trainable().values():
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=torch.Generator().manual_seed(2)))
+    moved = float(_exact_distill(clipfit, surrogate).detach())
+    estimate = float(surrogate(clipfit, None).detach())  # step 2: the reference of the names not scored is stale
+    assert estimate != pytest.approx(moved, rel=1e-2)
+    assert float(surrogate(clipfit, None).detach()) == pytest.approx(moved, rel=1e-4, abs=1e-6)  # step 3: refreshed first
