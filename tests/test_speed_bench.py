@@ -160,3 +160,22 @@ def test_surrogate_speed_writes_each_surrogates_build_and_step(tiny_model_dir, t
                           "--steps", "1", "--build-rounds", "1", "--out", str(out), "--append"])
     assert [row["surrogate"] for row in json.loads(out.read_text())["rows"]] == ["fisher", "l2", "distill",
                                                                                   "fisher-vocab", "feature"]
+
+
+def test_distill_error_measures_a_copy_of_the_sampler_against_the_exact_kl(tiny_model_dir):
+    from benchmarks import distill_error, surrogate_speed
+    from repair.train.surrogates import build_surrogate
+
+    _, kind, _, data = surrogate_speed.setup_run(tiny_model_dir, "coop", classes=3, batch=2, images=4)
+    with torch.no_grad():  # a fine-tuned prompt: away from zero-shot, where the KL is 0
+        kind.ctx.add_(0.5 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(1)))
+    term = build_surrogate("distill", kind, data, seed=0)  # the packaged vocabulary: a sample per step
+    queue, reference = list(term.sampled.queue), term.sampled.reference.clone()
+    point = distill_error.measure(kind, term)
+    assert point["relative_error"] < 1e-4  # at the build's w the reference is current: exact
+    assert -1.0 <= point["gradient_cosine"] <= 1.0 and point["names_scored"] == 8
+    assert term.sampled.queue == queue and torch.equal(term.sampled.reference, reference)  # the run's is untouched
+    with torch.no_grad():
+        kind.ctx.add_(0.5 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(0)))
+    moved = distill_error.measure(kind, term)
+    assert moved["exact"] != point["exact"] and moved["relative_error"] > 0

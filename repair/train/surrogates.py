@@ -568,5 +568,5 @@ def _cached(name: str, vocabulary: tuple[str, ...] | None, keys: set[str], data:
 
 __all__ = ["SURROGATES", "Surrogate", "build_surrogate", "refusals", "fisher_diagonal", "fisher_images",
            "FISHER_IMAGES", "FeatureSurrogate", "FisherSurrogate", "L2Surrogate", "VocabularyFisherSurrogate",
-           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate", "SampledKL", "VocabularySample", "exact_kl", "sampled_kl",
-           "surrogate_names"]
+           "DenseFisherSurrogate", "KFACSurrogate", "DistillSurrogate", "SampledKL", "VocabularySample", "exact_kl",
+           "sampled_kl", "surrogate_names"]
