@@ -179,3 +179,15 @@ def test_distill_error_measures_a_copy_of_the_sampler_against_the_exact_kl(tiny_
         kind.ctx.add_(0.5 * torch.randn(kind.ctx.shape, generator=torch.Generator().manual_seed(0)))
     moved = distill_error.measure(kind, term)
     assert moved["exact"] != point["exact"] and moved["relative_error"] > 0
+
+
+def test_surrogate_speed_times_clipfit_on_pixels(tiny_model_dir, tmp_path):
+    from benchmarks import surrogate_speed
+
+    out = tmp_path / "surrogate-speed.json"
+    surrogate_speed.main(["--model", tiny_model_dir, "--kind", "clipfit", "--classes", "3", "--batch", "2",
+                          "--images", "4", "--steps", "1", "--build-rounds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["kind"], row["surrogate"]) for row in rows] == [("clipfit", "fisher"), ("clipfit", "distill")]
+    assert all(_positive(row["step_seconds"]) and row["final_loss_finite"] for row in rows)
+    assert "distill-error.json" in rows[1]["approximation"]["measured"]  # measured along real repairs instead
