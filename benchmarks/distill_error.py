@@ -17,11 +17,12 @@ as it would. Writes ``benchmarks/results/distill-error.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from benchmarks.tasks import Sizes, base_to_novel_task
 from repair import DataOptions, finetune
 from repair.data.features import default_cache_dir
 from repair.io.write import atomic_output
+from repair.train.surrogates import VocabularySample
 
 OUT = Path(__file__).resolve().parent / "results" / "distill-error.json"
 SCHEMA = "mergetune.distill-error/1"
@@ -97,9 +99,9 @@ def measure(kind, term) -> dict[str, float]:
             "gradient_cosine": round(float(cosine), 4), "names_scored": len(sampler.always) + len(sampler.blocks[0])}
 
 
-def parse_sample(text: str | None):
+def parse_sample(text: str | None) -> VocabularySample | None:
     """``--sample``: ``prompts`` or ``image-tower`` (those kinds' samples), or ``take_all=4,block=4,...``."""
-    from repair.train.surrogates import DistillSurrogate, VocabularySample
+    from repair.train.surrogates import DistillSurrogate
 
     if text is None:
         return None
@@ -111,13 +113,29 @@ def parse_sample(text: str | None):
                                None if value == "none" else int(value) for key, value in fields.items()})
 
 
+@contextlib.contextmanager
+def forced_distill_sample(text: str | None) -> Iterator[None]:
+    """While open, every kind's ``distill`` samples the vocabulary as ``text`` says (None: its own)."""
+    from repair.train.surrogates import DistillSurrogate
+
+    sample = parse_sample(text)
+    if sample is None:
+        yield
+        return
+    own = DistillSurrogate.sample_for
+    DistillSurrogate.sample_for = classmethod(lambda cls, kind: sample)
+    try:
+        yield
+    finally:
+        DistillSurrogate.sample_for = own
+
+
 def repair_with_probe(kind: str, dataset: str, seed: int, data_root: Path, work: Path, spec, points: int,
-                      sample=None, tag: str = "distill-error") -> dict[str, object]:
-    """One repair, measured; with ``sample`` (a :class:`VocabularySample`) every kind samples that way instead
-    of its own (what CLIPFit did before it had one: ``prompts``)."""
+                      sample: str | None = None, tag: str = "distill-error") -> dict[str, object]:
+    """One repair, measured; with ``sample`` (``--sample``) every kind samples that way instead of its own
+    (what CLIPFit did before it had one: ``prompts``)."""
     import repair.workflows.run as workflow
     from repair.model.backbone import load_backbone
-    from repair.train.surrogates import DistillSurrogate
 
     task = base_to_novel_task(data_root, dataset, "none", work / "data", SIZES)
     protocol = TOWERS_PROTOCOL[kind]
@@ -128,23 +146,22 @@ def repair_with_probe(kind: str, dataset: str, seed: int, data_root: Path, work:
     out = work / "distill-error" / f"{tag}-{kind}-{dataset}-seed{seed}.safetensors"  # tag: a run's own file
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = Probe(points)
-    real_build, real_sample = workflow.build_surrogate, DistillSurrogate.sample_for
+    real_build = workflow.build_surrogate
     workflow.build_surrogate = probe.build(real_build)
-    if sample is not None:
-        DistillSurrogate.sample_for = classmethod(lambda cls, kind: sample)
     began = time.perf_counter()
     try:
-        workflow.repair(start, task.train, out, backbone=backbone, objective=protocol.objective("distill"),
-                        config=config, data_options=DataOptions(shots=protocol.shots), force=True,
-                        on_step=probe.on_step)
+        with forced_distill_sample(sample):
+            workflow.repair(start, task.train, out, backbone=backbone, objective=protocol.objective("distill"),
+                            config=config, data_options=DataOptions(shots=protocol.shots), force=True,
+                            on_step=probe.on_step)
     finally:
-        workflow.build_surrogate, DistillSurrogate.sample_for = real_build, real_sample
+        workflow.build_surrogate = real_build
     if probe.term is None or probe.term.sampled is None:
         raise SystemExit(f"{kind} on {dataset}: distill scored its whole vocabulary; nothing sampled to measure")
     errors = [point["relative_error"] for point in probe.points]
     cosines = [point["gradient_cosine"] for point in probe.points]
     return {"kind": kind, "dataset": dataset, "seed": seed, "steps": probe.total_steps,
-            "sample": repr(probe.term.sampled.sample), "sample_forced": sample is not None,
+            "sample": repr(probe.term.sampled.sample), "sample_forced": sample,
             "wall_s": round(time.perf_counter() - began),
             "relative_error_median": round(statistics.median(errors), 4), "relative_error_max": max(errors),
             "gradient_cosine_median": round(statistics.median(cosines), 4), "gradient_cosine_min": min(cosines),
@@ -196,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for dataset in args.datasets:
             for seed in args.seeds:
                 rows.append(repair_with_probe(kind, dataset, seed, args.data_root, work, spec, args.points,
-                                              parse_sample(args.sample), args.out.stem))
+                                              args.sample, args.out.stem))
                 print(json.dumps({key: value for key, value in rows[-1].items() if key != "points"}), flush=True)
                 write_report(args.out, rows, args)
 

@@ -123,6 +123,7 @@ def measure_class_count(args: argparse.Namespace, classes: int) -> list[dict[str
         stats = getattr(built[name], "stats", {})
         rows.append({"kind": args.kind, "surrogate": name, "classes": classes, "batch": args.batch,
                      "images": args.images, "vocabulary": stats.get("vocabulary", {}).get("classes"),
+                     **({"distill_sample": args.distill_sample} if args.distill_sample else {}),
                      "build_seconds": round(statistics.median(build_seconds[name]), 3),
                      "build_vs_fisher": paired_ratio(build_seconds, name),
                      "build_runs": [round(value, 3) for value in build_seconds[name]],
@@ -253,6 +254,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--append", action="store_true", help="keep --out's rows (e.g. another class count)")
+    parser.add_argument("--distill-sample", default=None,
+                        help="distill samples this way instead of the kind's own (benchmarks/distill_error.py's "
+                             "--sample: prompts, image-tower, or take_all=N,block=N,...); recorded in its rows")
     return parser.parse_args(argv)
 
 
@@ -261,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = json.loads(args.out.read_text())["rows"] if args.append and args.out.exists() else []
+    from benchmarks.distill_error import forced_distill_sample
+
     for classes in args.classes:
-        rows += measure_class_count(args, classes)
+        with forced_distill_sample(args.distill_sample):
+            rows += measure_class_count(args, classes)
         for row in rows[-len(args.surrogates or KIND_SURROGATES[args.kind]):]:
             print(json.dumps({key: value for key, value in row.items() if key != "approximation"}), flush=True)
         write_report(args.out, rows, args)

@@ -191,3 +191,20 @@ def test_surrogate_speed_times_clipfit_on_pixels(tiny_model_dir, tmp_path):
     assert [(row["kind"], row["surrogate"]) for row in rows] == [("clipfit", "fisher"), ("clipfit", "distill")]
     assert all(_positive(row["step_seconds"]) and row["final_loss_finite"] for row in rows)
     assert "distill-error.json" in rows[1]["approximation"]["measured"]  # measured along real repairs instead
+
+
+def test_surrogate_speed_can_time_another_kinds_distillation_sample(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks import surrogate_speed
+    from repair.train.surrogates import DistillSurrogate, SampledKL
+
+    samples = []
+    arrange = SampledKL._arrange
+    monkeypatch.setattr(SampledKL, "_arrange", lambda self: samples.append(self.sample) or arrange(self))
+    out = tmp_path / "surrogate-speed.json"
+    surrogate_speed.main(["--model", tiny_model_dir, "--surrogates", "fisher", "distill", "--classes", "3",
+                          "--batch", "2", "--images", "4", "--steps", "1", "--build-rounds", "1", "--error-steps", "0",
+                          "--fisher-error-seeds", "0", "--distill-sample", "image-tower", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["distill_sample"] for row in rows} == {"image-tower"}
+    assert samples and set(samples) == {DistillSurrogate.image_bound}  # a prompt sampled as CLIPFit does
+    assert DistillSurrogate.sample_for.__func__ is DistillSurrogate.__dict__["sample_for"].__func__  # restored
