@@ -119,6 +119,35 @@ def test_two_gloo_ranks_match_one_process_and_share_the_cache(tmp_path, monkeypa
     assert torch.equal(cached.features, ranks[0]["first"]) and torch.equal(cached.labels, single.labels)
 
 
+def test_torchrun_keeps_its_own_log_lines_to_itself_unless_asked(monkeypatch):
+    """An agent losing the store in its exit barrier (the machine hosting it left first) logs a traceback though
+    every rank is done: torchrun runs at LOGLEVEL CRITICAL unless the user sets LOGLEVEL."""
+    from repair.cli import launch as launcher
+
+    seen = []
+
+    class Finished:
+        def __init__(self, command, env):
+            seen.append(env)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", Finished)
+    monkeypatch.delenv("LOGLEVEL", raising=False)
+    launcher.launch(2, ["inspect", "x"])
+    assert seen[-1]["LOGLEVEL"] == "CRITICAL" and seen[-1]["TORCH_CPP_LOG_LEVEL"] == "ERROR"
+    monkeypatch.setenv("LOGLEVEL", "INFO")
+    launcher.launch(2, ["inspect", "x"])
+    assert seen[-1]["LOGLEVEL"] == "INFO"
+
+
 def test_launch_keeps_exit_codes_and_prints_once(tmp_path, capfd):
     from repair.cli.launch import launch
 

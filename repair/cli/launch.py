@@ -58,6 +58,11 @@ def _run_torchrun(options: list[str], argv: list[str], nproc: int) -> int:
         env = {**os.environ, LAUNCH_DIR_ENV: folder}
         # torchrun would otherwise pin every rank to one thread, and say so on stderr
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # torchrun's own log lines are not the user's errors (the ranks report theirs, one line): at the end of a
+        # multi-machine run an agent can lose the store in its exit barrier, when the machine that hosts it leaves
+        # first, and log that with a traceback although every rank is done. LOGLEVEL given by the user wins.
+        env.setdefault("LOGLEVEL", "CRITICAL")
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the C++ side's socket warnings, likewise
         command = [sys.executable, "-m", "torch.distributed.run", *options, "-m", "repair.cli.launch", *argv]
         with subprocess.Popen(command, env=env) as process, _passing_sigterm_to(process):
             try:
