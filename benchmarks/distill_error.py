@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.run import DEFAULT_DATA_ROOT, TOWERS_PROTOCOL, KindProtocol, ensure_backbone
+from benchmarks.run import DEFAULT_DATA_ROOT, TOWERS_PROTOCOL, KindProtocol, ensure_backbone, training_images
 from benchmarks.tasks import Sizes, base_to_novel_task
 from repair import DataOptions, finetune
 from repair.data.features import default_cache_dir
@@ -38,10 +38,6 @@ from repair.train.surrogates import VocabularySample
 OUT = Path(__file__).resolve().parent / "results" / "distill-error.json"
 SCHEMA = "mergetune.distill-error/1"
 SIZES = Sizes(val=20, test=50, shifted_test=50)  # the towers plan's, so the benchmark's folders are reused
-
-
-def training_images(train_dir: Path, shots: int) -> int:
-    return sum(min(shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
 
 
 def fine_tuned(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol, backbone) -> Path:

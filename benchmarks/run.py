@@ -258,6 +258,11 @@ def quick(plan: Plan) -> Plan:
 # --------------------------------------------------------------------------- one model family, one seed
 
 
+def training_images(train_dir: Path, shots: int) -> int:
+    """How many images a run on ``train_dir`` trains on: at most ``shots`` per class folder."""
+    return sum(min(shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
+
+
 def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protocol: KindProtocol,
                    repairs: dict[str, Objective | RepairSpec], backbone, log,
                    weight_ensemble: int | None = None, not_applicable: dict[str, str] | None = None
@@ -267,8 +272,7 @@ def fit_and_repair(kind: str, train_dir: Path, run_dir: Path, seed: int, protoco
     also ZSCL's weight ensemble of the same fine-tuning (the running mean every that many steps). A repair the
     kind refuses (a surrogate that needs a zero-shot point it lacks) goes into ``not_applicable`` with why."""
     options = DataOptions(shots=protocol.shots)
-    images = sum(min(protocol.shots, len(list(folder.iterdir()))) for folder in train_dir.iterdir() if folder.is_dir())
-    config = protocol.train_config(seed, images)
+    config = protocol.train_config(seed, training_images(train_dir, protocol.shots))
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     kind_options = protocol.kind_options or None

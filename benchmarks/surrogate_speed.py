@@ -133,14 +133,14 @@ def measure_class_count(args: argparse.Namespace, classes: int) -> list[dict[str
                      "final_loss_finite": bool(torch.isfinite(losses[name]).item()),
                      "load_average_before_after": [load_before, load_after]})
     approximations = {}
-    if "distill" in surrogates and args.error_steps and args.kind == "coop":  # others: benchmarks/distill_error.py
+    if "distill" in surrogates and args.kind != "coop":  # a trajectory from a moved prompt needs a prompt
+        approximations["distill"] = {"estimator": repr(DistillSurrogate.sample_for(kind)),
+                                     "measured": "along whole repairs: benchmarks/results/distill-error.json"}
+    elif "distill" in surrogates and args.error_steps:
         approximations["distill"] = distill_error(kind, data, inputs, bench.labels, args.error_steps, args.error_lr)
     if args.fisher_error_seeds:
         fisher = fisher_error(args.fisher_error_seeds)
         approximations.update({name: fisher for name in ("fisher-vocab", "fisher-dense") if name in surrogates})
-    if "distill" in surrogates and args.kind != "coop":
-        approximations["distill"] = {"estimator": repr(DistillSurrogate.sample_for(kind)),
-                                     "measured": "along whole repairs: benchmarks/results/distill-error.json"}
     for row in rows:
         row["approximation"] = approximations.get(row["surrogate"], "exact")
     return rows
