@@ -225,7 +225,8 @@ def test_foreign_file_kind(tmp_path, tiny_spec, image_dirs):
 
 def test_diverging_loss_writes_nothing(tmp_path, tiny_spec, image_dirs, ft_file):
     out = tmp_path / "o.safetensors"
-    result = invoke("repair", ft_file, "--data", image_dirs["train"], "--out", out, "--lr", "1e30",
+    result = invoke("repair", "--if-no-gain", "repair",
+                    ft_file, "--data", image_dirs["train"], "--out", out, "--lr", "1e30",
                     "--epochs", "3", "--shots", "4", *model_args(tiny_spec))
     assert_one_line_error(result, 9)
     assert not out.exists()

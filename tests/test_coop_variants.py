@@ -29,6 +29,7 @@ def test_a_random_init_prompt_falls_back_to_the_feature_surrogate(tmp_path, tiny
     document = json.loads(result.stdout)
     assert document["objective"]["surrogate"] == "feature"
     assert "no zero-shot point in prompt space" in document["notes"][0] and "using feature" in document["notes"][0]
+    assert "n_ctx=16" in document["result"]["task_gain"]["not_measured"]  # no zero-shot prompt to compare with
     for surrogate in ("fisher", "l2"):
         result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / f"{surrogate}.safetensors",
                         "--surrogate", surrogate, *fast(tiny_spec))

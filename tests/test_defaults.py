@@ -88,7 +88,7 @@ def test_the_chosen_schedule_is_recorded(backbone, image_dirs, tmp_path):
     finetuned = repair.finetune("coop", train, tmp_path / "ft.safetensors", backbone=backbone,
                                 config=TrainConfig(steps=3), data_options=SHOTS).path
     outcome = repair.repair(finetuned, train, tmp_path / "fixed.safetensors", backbone=backbone,
-                            config=TrainConfig(max_steps=2), data_options=SHOTS)
+                            config=TrainConfig(max_steps=2), data_options=SHOTS, if_no_gain="repair")
     schedule = outcome.record.train
     defaults = repair.KINDS["coop"].defaults.schedule
     assert schedule["steps"] == defaults.steps and schedule["step_size"] == defaults.step_size

@@ -40,16 +40,16 @@ def interrupt_at(step: int):
 
 def test_interrupted_run_leaves_no_output_and_resumes_bit_for_bit(tmp_path, backbone, image_dirs, ft):
     reference = run_repair(ft, image_dirs["train"], tmp_path / "reference.safetensors", backbone=backbone,
-                           config=CONFIG, data_options=DATA)
+                           config=CONFIG, data_options=DATA, if_no_gain="repair")
     out = tmp_path / "fixed.safetensors"
     with pytest.raises(KeyboardInterrupt):
         run_repair(ft, image_dirs["train"], out, backbone=backbone, config=CONFIG, data_options=DATA,
-                   on_step=interrupt_at(5))  # epoch 3 of 4 (2 steps per epoch)
+                   on_step=interrupt_at(5), if_no_gain="repair")  # epoch 3 of 4 (2 steps per epoch)
     assert not out.exists()
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".fixed")] == [
         ".fixed.safetensors.progress"]
     resumed = run_repair(ft, image_dirs["train"], out, backbone=backbone, config=CONFIG, data_options=DATA,
-                         resume=True)
+                         resume=True, if_no_gain="repair")
     assert torch.equal(read_tensors(resumed.path).tensors["ctx"], read_tensors(reference.path).tensors["ctx"])
     assert resumed.record.result == reference.record.result
     assert not (tmp_path / ".fixed.safetensors.progress").exists()  # cleaned up after success
@@ -59,13 +59,14 @@ def test_resume_refuses_progress_of_another_run(tmp_path, backbone, image_dirs, 
     out = tmp_path / "fixed.safetensors"
     with pytest.raises(KeyboardInterrupt):
         run_repair(ft, image_dirs["train"], out, backbone=backbone, config=CONFIG, data_options=DATA,
-                   on_step=interrupt_at(3))
+                   on_step=interrupt_at(3), if_no_gain="repair")
     other = TrainConfig(epochs=4, batch_size=8, lr=0.5, seed=11)
     with pytest.raises(UsageError, match="another run"):  # a usage error (exit 2), before any work
-        run_repair(ft, image_dirs["train"], out, backbone=backbone, config=other, data_options=DATA, resume=True)
+        run_repair(ft, image_dirs["train"], out, backbone=backbone, config=other, data_options=DATA, resume=True,
+                   if_no_gain="repair")
     with pytest.raises(UsageError, match="no saved progress"):
         run_repair(ft, image_dirs["train"], tmp_path / "new.safetensors", backbone=backbone, config=CONFIG,
-                   data_options=DATA, resume=True)
+                   data_options=DATA, resume=True, if_no_gain="repair")
 
 
 def test_deterministic_runs_are_bit_identical(tmp_path, tiny_spec, image_dirs, ft):

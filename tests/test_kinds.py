@@ -28,7 +28,7 @@ TEMPLATES = ["a photo of a {}."]
 def zero_steps(backbone, path, data_dir, kind=None, **kind_options):
     out = path.with_name(path.stem + "-out.safetensors")
     run_repair(path, data_dir, out, backbone=backbone, config=TrainConfig(max_steps=0),
-               data_options=DataOptions(shots=4), kind=kind, kind_options=kind_options)
+               data_options=DataOptions(shots=4), kind=kind, kind_options=kind_options, if_no_gain="repair")
     return read_tensors(out).tensors
 
 

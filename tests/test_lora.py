@@ -205,7 +205,8 @@ def test_merge_writes_the_full_open_clip_checkpoint(tmp_path, tiny_spec, tiny_mo
 
     clip_lora_file(tmp_path / "ft.pt")
     out = tmp_path / "merged.safetensors"
-    result = invoke("repair", tmp_path / "ft.pt", "--data", image_dirs["train"], "--out", out, "--merge",
+    result = invoke("repair", "--if-no-gain", "repair",
+                    tmp_path / "ft.pt", "--data", image_dirs["train"], "--out", out, "--merge",
                     "--max-steps", "0", *fast(tiny_spec))
     assert result.exit_code == 0, result.output
     model = tiny_open_clip(tiny_model_dir)

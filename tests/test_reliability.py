@@ -240,7 +240,7 @@ def test_7_sigterm_exits_143_in_one_line_and_keeps_only_progress(tmp_path, tiny_
 def test_8_a_diverging_run_leaves_no_progress_file(tmp_path, tiny_spec, prompt, image_dirs):
     out = tmp_path / "out.safetensors"
     one_line(cli("repair", prompt, "--data", image_dirs["train"], "--out", out, "--lr", "1e30", "--epochs", "2",
-                 "--batch-size", "4", *model(tiny_spec)), 9)
+                 "--batch-size", "4", "--if-no-gain", "repair", *model(tiny_spec)), 9)
     assert leftovers(tmp_path) == [] and not out.exists()
 
 

@@ -225,7 +225,7 @@ def test_4_a_cast_that_overflows_the_output_dtype_is_refused(tmp_path, tiny_spec
     save_file({"ctx": init_context(backbone, "a photo of a") * 1e7}, big)  # finite in fp32, beyond fp16's 65504
     out = tmp_path / "out.safetensors"
     line = one_line(cli("repair", big, "--data", image_dirs["train"], "--out", out, "--dtype", "fp16",
-                        "--max-steps", "0", *FAST, *model(tiny_spec)), 9)
+                        "--max-steps", "0", "--if-no-gain", "repair", *FAST, *model(tiny_spec)), 9)
     assert "ctx" in line and "float16" in line and "--dtype fp32" in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["big.safetensors"]
 

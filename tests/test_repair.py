@@ -30,7 +30,7 @@ def _finetuned_file(backbone, path, dtype=torch.float32, seed=0):
 def test_zero_steps_returns_the_input_exactly(tmp_path, tiny_spec, backbone, image_dirs):
     ft = _finetuned_file(backbone, tmp_path / "ft.safetensors", dtype=torch.float16)
     outcome = run_repair(ft, image_dirs["train"], tmp_path / "out.safetensors", backbone=backbone,
-                         config=TrainConfig(max_steps=0), data_options=DataOptions(shots=4))
+                         config=TrainConfig(max_steps=0), data_options=DataOptions(shots=4), if_no_gain="repair")
     assert outcome.train_result.steps == 0
     written = read_tensors(outcome.path).tensors["ctx"]
     assert written.dtype == torch.float16
@@ -110,7 +110,7 @@ def test_repair_metadata_round_trips_and_loads(tmp_path, tiny_spec, backbone, im
     ft = _finetuned_file(backbone, tmp_path / "ft.safetensors")
     outcome = run_repair(ft, image_dirs["train"], tmp_path / "fixed.safetensors", backbone=backbone,
                          config=TrainConfig(epochs=2, batch_size=8, lr=0.01, seed=5),
-                         data_options=DataOptions(shots=6, val_fraction=0.34))
+                         data_options=DataOptions(shots=6, val_fraction=0.34), if_no_gain="repair")
     stored = read_tensors(outcome.path)
     record = Record.from_metadata(stored.metadata, outcome.path)
     assert stored.metadata["kind"] == "coop" and record.kind == "coop"

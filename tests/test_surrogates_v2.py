@@ -297,7 +297,7 @@ def test_lam_zs_auto_on_the_command_line_and_its_one_line_errors(tmp_path, tiny_
     out = tmp_path / "fixed.safetensors"
     good = runner.invoke(app, [str(a) for a in ["repair", prompt, "--out", out, *common, "--lam-zs", "auto",
                                                 "--surrogate", "distill", "--vocabulary", concepts,
-                                                "--ctx-init", "a photo of a", "--json"]])
+                                                "--ctx-init", "a photo of a", "--if-no-gain", "repair", "--json"]])
     assert good.exit_code == 0, good.output
     record = json.loads(good.stdout)
     assert record["objective"]["lam_zs"] == record["result"]["lam_zs_auto"]["chosen"]

@@ -64,7 +64,7 @@ def test_clipfit_on_an_hf_tower_trains_the_ffn_output_biases(tmp_path, hf_backbo
     pretrained = dict(hf_backbone.model.named_parameters())
     assert set(tensors) == set(names) and not torch.equal(tensors[text[0]], pretrained[text[0]])
     same = repair.repair(ft.path, image_dirs["train"], tmp_path / "same.safetensors", backbone=hf_backbone,
-                         config=repair.TrainConfig(max_steps=0), data_options=SHOTS)
+                         config=repair.TrainConfig(max_steps=0), data_options=SHOTS, if_no_gain="repair")
     assert all(torch.equal(read_tensors(same.path).tensors[name], tensors[name]) for name in names)
 
 

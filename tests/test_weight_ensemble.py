@@ -52,7 +52,7 @@ def test_the_weight_ensemble_is_the_mean_of_the_start_and_every_nth_step(backbon
 def test_an_interrupted_weight_ensemble_resumes_bit_for_bit(tmp_path, backbone, image_dirs, ft):
     config = TrainConfig(epochs=4, batch_size=8, lr=0.02, seed=11, weight_ensemble=2)
     reference = run_repair(ft, image_dirs["train"], tmp_path / "reference.safetensors", backbone=backbone,
-                           config=config, data_options=DATA)
+                           config=config, data_options=DATA, if_no_gain="repair")
     out = tmp_path / "fixed.safetensors"
 
     def interrupt(report) -> None:
@@ -61,9 +61,9 @@ def test_an_interrupted_weight_ensemble_resumes_bit_for_bit(tmp_path, backbone, 
 
     with pytest.raises(KeyboardInterrupt):
         run_repair(ft, image_dirs["train"], out, backbone=backbone, config=config, data_options=DATA,
-                   on_step=interrupt)
+                   on_step=interrupt, if_no_gain="repair")
     resumed = run_repair(ft, image_dirs["train"], out, backbone=backbone, config=config, data_options=DATA,
-                         resume=True)
+                         resume=True, if_no_gain="repair")
     assert torch.equal(read_tensors(resumed.path).tensors["ctx"], read_tensors(reference.path).tensors["ctx"])
     assert resumed.record.result == reference.record.result
     assert resumed.record.result["weight_ensemble"] == {"every": 2, "averaged": 7}  # the start, steps 2 .. 12
@@ -86,13 +86,15 @@ def test_finetune_and_repair_weight_ensemble_flags(tmp_path, tiny_spec, image_di
     document = json.loads(result.stdout)
     assert document["train"]["weight_ensemble"] == 1 and document["result"]["weight_ensemble"] == {
         "every": 1, "averaged": document["result"]["steps"] + 1}
-    result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "we.safetensors",
+    result = invoke("repair", "--if-no-gain", "repair",
+                    ft, "--data", image_dirs["train"], "--out", tmp_path / "we.safetensors",
                     "--weight-ensemble", "2", *fast(tiny_spec), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["result"]["weight_ensemble"]["every"] == 2
     for args, message in ((["--weight-ensemble", "0"], "weight_ensemble must be at least 1"),
                           (["--weight-ensemble", "2", "--val-fraction", "0.25"], "use one of them")):
-        result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "bad.safetensors", *args,
+        result = invoke("repair", "--if-no-gain", "repair",
+                        ft, "--data", image_dirs["train"], "--out", tmp_path / "bad.safetensors", *args,
                         *fast(tiny_spec))
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "bad.safetensors").exists()

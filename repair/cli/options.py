@@ -23,6 +23,7 @@ import typer
 from repair.io.layouts import OUTPUT_FORMATS
 from repair.kinds import KINDS
 from repair.train.surrogates import SURROGATES
+from repair.train.task_gain import IF_NO_GAIN
 from repair.data.features import default_cache_dir
 from repair.errors import UsageError
 from repair.model.backbone import BackboneSpec
@@ -33,6 +34,7 @@ KindName = enum.Enum("KindName", {name: name for name in KINDS}, type=str)
 SurrogateName = enum.Enum("SurrogateName", {name: name for name in SURROGATES}, type=str)
 OutputDtype = enum.Enum("OutputDtype", {name: name for name in OUTPUT_DTYPES}, type=str)
 OutputFormat = enum.Enum("OutputFormat", {name: name for name in OUTPUT_FORMATS}, type=str)
+IfNoGain = enum.Enum("IfNoGain", {name: name for name in IF_NO_GAIN}, type=str)
 
 
 class Precision(str, enum.Enum):

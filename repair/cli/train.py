@@ -14,6 +14,7 @@ from repair.cli.options import (
     BackboneFlags,
     DataFlags,
     KindName,
+    IfNoGain,
     KindOpt,
     OtherClassesOpt,
     OutputFormat,
@@ -83,6 +84,10 @@ def repair_command(
     path_points: Annotated[int, typer.Option(
         "--path-points", help=f"K points t=(k+0.5)/K on the path (1..{MAX_PATH_POINTS}).")] = 5,
     other_classes: OtherClassesOpt = False,
+    if_no_gain: Annotated[IfNoGain, typer.Option(
+        "--if-no-gain", help="When the checkpoint scores no better than zero-shot on --data (its fine-tuning gained "
+                             "nothing to keep): write the zero-shot weights in its shape, or repair it anyway.")
+                          ] = IfNoGain("zero-shot"),
     output_format: Annotated[Optional[OutputFormat], typer.Option(
         "--format", help="Output packaging: 'input' (the input's own: a Dassl checkpoint stays one, a Hugging Face "
                          "folder stays one; other files become safetensors) or 'safetensors' [default: input, or "
@@ -99,7 +104,7 @@ def repair_command(
     train_and_report("repairing", functools.partial(repair, finetuned, data, out, objective=objective),
                      backbone, data_flags, shots, val_fraction, settings, config=config, kind=value(kind),
                      kind_options=kind_options, other_classes=other_classes, vocabulary=vocabulary,
-                     output_format=value(output_format))
+                     output_format=value(output_format), if_no_gain=value(if_no_gain))
 
 
 @app.command("finetune")

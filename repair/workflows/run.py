@@ -28,6 +28,7 @@ from repair.train.objective import Objective
 from repair.train.curvature import read_vocabulary
 from repair.train.select import choose_lam_zs
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, refusals
+from repair.train.task_gain import IF_NO_GAIN, TaskGain, can_write_zero_shot, measure_task_gain, no_zero_shot_point
 from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
@@ -74,6 +75,7 @@ class RunInputs:
     source: TensorFile | None = None  # the fine-tuned checkpoint a repair starts from
     output_format: str | None = None  # repair.io.OUTPUT_FORMATS; None: by the output's name
     vocabulary: tuple[str, ...] | None = None  # generic concepts of the reference vocabulary (None: packaged)
+    if_no_gain: str | None = None  # a repair of a checkpoint no better than zero-shot: IF_NO_GAIN
 
     def fingerprint(self) -> str:
         identity = [self.stage, self.kind.name, self.kind.recorded_options(), self.kind.describe(),
@@ -83,6 +85,8 @@ class RunInputs:
                     self.backbone.text_fingerprint]
         if self.vocabulary is not None:
             identity.append(hashlib.sha256("\n".join(self.vocabulary).encode()).hexdigest())
+        if self.if_no_gain is not None:
+            identity.append(self.if_no_gain)
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     def progress_file(self, out: Path) -> ProgressFile:
@@ -112,8 +116,9 @@ class RunInputs:
 @checked
 def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = False, deterministic: bool = False,
         on_step: Callable[[StepReport], None] | None = None) -> RunOutcome:
-    """Encode once, build the zero-shot term once, choose ``lam_zs`` if asked (``"auto"``), train, write ``out``
-    atomically with its record (the surrogate's build and lam_zs auto's curve in ``result``).
+    """Encode once, check that a repair's checkpoint gained something to keep (:mod:`repair.train.task_gain`),
+    build the zero-shot term once, choose ``lam_zs`` if asked (``"auto"``), train, write ``out`` atomically with
+    its record (the task gain, the surrogate's build and lam_zs auto's curve in ``result``).
 
     A run that fails removes the progress file it created; an interrupted one (Ctrl-C, SIGTERM)
     keeps it for ``resume=True``.
@@ -127,26 +132,21 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     elif progress.path.exists():  # --force: the saved progress of another run is discarded
         progress.remove()
     created_progress = not progress.path.exists()
+    notes: list[str] = []
     try:
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
         if inputs.stage == "finetune":
             kind.start_from(train_set.features, train_set.labels)
-        val_set = (encode_for(kind, inputs.backbone, inputs.held_out, options, training=True)
-                   if inputs.held_out is not None else None)
-        surrogate = _prepare_surrogate(inputs, train_set)
-        objective, choices = inputs.objective, {}
-        if surrogate is not None and getattr(surrogate, "stats", None):
-            # only what the inputs decide: the build time and a cache hit differ between identical runs
-            choices["surrogate_build"] = {key: value for key, value in surrogate.stats.items()
-                                          if key not in ("seconds", "from_cache")}
-        with seeded_run(inputs.config.seed, deterministic):
-            if objective.chooses_lam_zs:
-                chosen, choices["lam_zs_auto"] = choose_lam_zs(kind, objective, train_set, inputs.config, surrogate,
-                                                               vocabulary=inputs.vocabulary)
-                objective = replace(objective, lam_zs=chosen)
-            result = train(kind, objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
-                           on_step=on_step, progress=progress, resume=resume)
-        result.choices.update(choices)
+        skipped = no_zero_shot_point(kind) if inputs.stage == "repair" else None
+        gain = _task_gain(inputs, train_set, notes) if inputs.stage == "repair" and skipped is None else None
+        objective = inputs.objective
+        if gain is not None and gain.action == "zero-shot":
+            kind.load_values(kind.zero_shot_values())
+            result = TrainResult(steps=0, selected_epoch=None)
+        else:
+            result, objective = _train(inputs, train_set, progress, resume, deterministic, on_step)
+        if gain is not None or skipped is not None:
+            result.choices["task_gain"] = gain.as_dict() if gain is not None else {"not_measured": skipped}
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
         tensors = export(kind, inputs.output_dtype)
@@ -160,7 +160,49 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
             progress.remove()
         raise
     progress.remove()
-    return RunOutcome(path, record, result)
+    return RunOutcome(path, record, result, notes)
+
+
+def _task_gain(inputs: RunInputs, train_set, notes: list[str]) -> TaskGain:
+    """The checkpoint's gain over zero-shot on the repair images, with the action taken; a note when it has none."""
+    gain = measure_task_gain(inputs.kind, train_set)
+    if gain.gained:
+        return gain
+    if inputs.if_no_gain == "repair":
+        notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep; repaired as asked "
+                     "(--if-no-gain repair)")
+        return gain
+    if not can_write_zero_shot(inputs.kind):
+        notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep; repaired as usual, since a "
+                     f"{inputs.kind.name} checkpoint cannot hold the zero-shot model")
+        return gain
+    notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep, so the zero-shot weights were "
+                 "written (check the fine-tuning run; --if-no-gain repair repairs it anyway)")
+    return TaskGain(gain.finetuned, gain.zero_shot, gain.images, action="zero-shot")
+
+
+def _train(inputs: RunInputs, train_set, progress: ProgressFile, resume: bool, deterministic: bool,
+           on_step: Callable[[StepReport], None] | None) -> tuple[TrainResult, Objective]:
+    """The training itself, with the zero-shot term built and ``lam_zs`` chosen if asked; the result and the
+    objective actually run (what the record says)."""
+    kind = inputs.kind
+    val_set = (encode_for(kind, inputs.backbone, inputs.held_out, inputs.data_options, training=True)
+               if inputs.held_out is not None else None)
+    surrogate = _prepare_surrogate(inputs, train_set)
+    objective, choices = inputs.objective, {}
+    if surrogate is not None and getattr(surrogate, "stats", None):
+        # only what the inputs decide: the build time and a cache hit differ between identical runs
+        choices["surrogate_build"] = {key: value for key, value in surrogate.stats.items()
+                                      if key not in ("seconds", "from_cache")}
+    with seeded_run(inputs.config.seed, deterministic):
+        if objective.chooses_lam_zs:
+            chosen, choices["lam_zs_auto"] = choose_lam_zs(kind, objective, train_set, inputs.config, surrogate,
+                                                           vocabulary=inputs.vocabulary)
+            objective = replace(objective, lam_zs=chosen)
+        result = train(kind, objective, train_set, inputs.config, val_set=val_set, surrogate=surrogate,
+                       on_step=on_step, progress=progress, resume=resume)
+    result.choices.update(choices)
+    return result, objective
 
 
 def progress_path(out: Path) -> Path:
@@ -256,8 +298,14 @@ def repair(
     deterministic: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
     vocabulary: str | Path | None = None,
+    if_no_gain: str = "zero-shot",
 ) -> RunOutcome:
     """MergeTune continued fine-tuning of a fine-tuned checkpoint; writes a same-shape safetensors file.
+
+    A checkpoint that scores no better than the zero-shot model on the repair images gained nothing there to
+    keep (:mod:`repair.train.task_gain`): with ``if_no_gain="zero-shot"`` (the default) the zero-shot weights are
+    written in its shape instead, with a note; ``"repair"`` repairs it anyway. Both accuracies are recorded in
+    ``result["task_gain"]`` of every repair.
 
     ``objective.lam_zs="auto"`` chooses the zero-shot weight on held-out shots (:mod:`repair.train.select`);
     ``vocabulary`` is a text file of generic concepts (one per line) replacing the packaged ImageNet names in
@@ -276,6 +324,8 @@ def repair(
     data_options = data_options or DataOptions()  # built per call: the cache location follows the environment
     _check_output_dtype(output_dtype)
     _check_output_format(output_format)
+    if if_no_gain not in IF_NO_GAIN:
+        raise UsageError(f"unknown if_no_gain {if_no_gain!r}; choose {' or '.join(IF_NO_GAIN)}")
     files, folders = side_inputs(data_options, backbone, vocabulary)
     check_outside_input_folders(out, [Path(data_dir), *folders])
     if not out.is_dir():  # an existing folder may be a PEFT output: checked once the kind is known
@@ -301,7 +351,7 @@ def repair(
         resolved, notes = resolve_surrogate(objective, model)
         inputs = RunInputs("repair", model, backbone, dataset, held_out, tuple(templates), resolved,
                            config.for_kind(model, "repair"), data_options, output_dtype, source, output_format,
-                           concepts)
+                           concepts, if_no_gain)
         outcome = fit(inputs, out, force=force, resume=resume, deterministic=deterministic, on_step=on_step)
         outcome.notes.extend(notes)
         return outcome
