@@ -2,7 +2,8 @@
 
     python examples/repair_and_check.py checkpoints/ft.safetensors data/ --repo my-org/clip-repaired
 
-Runs offline on the built-in tiny model with `--demo` (generated images; nothing is pushed).
+Runs offline with `--demo`: the embedded `mergetune-mini` CLIP and the Caltech-101 photos that ship with the
+package (nothing is pushed).
 """
 
 from __future__ import annotations
@@ -22,26 +23,30 @@ def main() -> int:
     parser.add_argument("finetuned", type=Path, nargs="?")
     parser.add_argument("data", type=Path, nargs="?", help="folder with train/, test-base/, test-novel/")
     parser.add_argument("--repo", help="Hub repository to push to when the gate passes")
-    parser.add_argument("--demo", action="store_true", help="run on the built-in tiny model and generated images")
+    parser.add_argument("--demo", action="store_true", help="run on mergetune-mini and the shipped Caltech-101 photos")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mergetune-example-"))
     if args.demo:
-        backbone, finetuned, data = demo_inputs(workdir)
+        backbone, finetuned, folders, options = demo_inputs(workdir)
     elif args.finetuned and args.data:
-        backbone, finetuned, data = repair.BackboneSpec("ViT-B-16", "openai"), args.finetuned, args.data
+        backbone, finetuned, options = repair.BackboneSpec("ViT-B-16", "openai"), args.finetuned, repair.DataOptions()
+        folders = {name: args.data / name for name in ("train", "test-base", "test-novel")}
     else:
         parser.error("give FINETUNED and DATA, or --demo")
 
     model = repair.load_backbone(backbone)  # load once, share across the calls below
-    outcome = repair.repair(finetuned, data / "train", workdir / "repaired.safetensors", backbone=model,
+    outcome = repair.repair(finetuned, folders["train"], workdir / "repaired.safetensors", backbone=model,
                             objective=repair.Objective(),  # the kind's default surrogate and lam_zs
-                            config=repair.TrainConfig(seed=0))  # the kind's default schedule
+                            config=repair.TrainConfig(seed=0), data_options=options)  # the kind's default schedule
     print(f"repaired: {outcome.path} ({outcome.record.trainable_numbers} numbers, "
           f"{outcome.train_result.steps} steps)")
+    for note in outcome.notes:  # e.g. a checkpoint no better than zero-shot on the data gets the zero-shot weights
+        print(f"note: {note}")
 
-    report = repair.evaluate([finetuned, outcome.path], data / "test-base", novel_dir=data / "test-novel",
-                             backbone=model, baselines=True)
+    report = repair.evaluate([finetuned, outcome.path], folders["test-base"], novel_dir=folders["test-novel"],
+                             backbone=model, baselines=True,
+                             data_options=repair.DataOptions(shots=None, classnames_file=options.classnames_file))
     for row in report["models"]:
         print(f"{row['name']:>40}  base {row['base']:6.2f}  novel {row['novel'] or 0:6.2f}  HM {row['hm'] or 0:6.2f}")
 
@@ -59,16 +64,15 @@ def main() -> int:
 
 
 def demo_inputs(workdir: Path):
-    from repair.synthetic import make_image_folder, save_tiny_backbone
+    """The package's embedded CLIP, its Caltech-101 photos, and a CoOp checkpoint fine-tuned on the base classes."""
+    from repair.workflows.demo import IMAGES
 
-    spec = repair.BackboneSpec(model=save_tiny_backbone(workdir / "tiny-clip"))
-    data = workdir / "data"
-    make_image_folder(data / "train", ("blue", "green", "red", "yellow"), 16, seed=1)
-    make_image_folder(data / "test-base", ("blue", "green", "red", "yellow"), 16, seed=2)
-    make_image_folder(data / "test-novel", ("cyan", "orange", "pink", "purple"), 16, seed=3)
-    finetuned = repair.finetune("coop", data / "train", workdir / "ft.safetensors", backbone=spec,
-                                config=repair.TrainConfig(epochs=20, optimizer="sgd", lr=0.05, batch_size=32)).path
-    return spec, finetuned, data
+    spec = repair.BackboneSpec(model="mergetune-mini")
+    options = repair.DataOptions(shots=16, classnames_file=IMAGES / "classnames.json")
+    folders = {"train": IMAGES / "base-train", "test-base": IMAGES / "base-test", "test-novel": IMAGES / "novel-test"}
+    finetuned = repair.finetune("coop", folders["train"], workdir / "ft.safetensors", backbone=spec,
+                                data_options=options).path
+    return spec, finetuned, folders, options
 
 
 if __name__ == "__main__":

@@ -91,8 +91,11 @@ def _run_kind(kind: str, backbone, images: Path, workdir: Path, options: DataOpt
     tuned = finetune(kind, train, workdir / f"{kind}-finetuned.safetensors", backbone=backbone, force=force,
                      data_options=options, on_step=on_step).path
     say(f"{kind}: repairing it with the defaults (mergetune repair FT --data base-train --out FIXED)")
-    fixed = repair(tuned, train, workdir / f"{kind}-repaired.safetensors", backbone=backbone, force=force,
-                   data_options=options, on_step=on_step).path
+    repaired = repair(tuned, train, workdir / f"{kind}-repaired.safetensors", backbone=backbone, force=force,
+                      data_options=options, on_step=on_step)
+    for note in repaired.notes:
+        say(f"{kind}: note: {note}")
+    fixed = repaired.path
     say(f"{kind}: scoring zero-shot, fine-tuned, repaired, WiSE-FT and the ensemble on the test photos")
     report = evaluate([tuned, fixed], images / "base-test", novel_dir=images / "novel-test", backbone=backbone,
                       data_options=DataOptions(shots=None, classnames_file=options.classnames_file,
