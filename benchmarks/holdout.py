@@ -7,7 +7,7 @@ validation split, the output ensemble) on every task for seeds 6-10, whose shots
 them on the test splits; the choosing run (seeds 1-5, ``results/latest.json``) gives the validation side. It
 writes ``results/holdout-seeds.json`` (schema ``mergetune.holdout/1``) and its run ``results/holdout-confirm.json``:
 
-    python -m benchmarks.holdout                                 # seeds 6-10 (about 45 min on 2 cores)
+    python -m benchmarks.holdout                                 # seeds 6-10 (about 30 min on 2 cores)
     python -m benchmarks.holdout --confirm results/holdout-confirm.json   # summarise an existing run only
 """
 
