@@ -244,8 +244,16 @@ def test_finetune_then_repair(tmp_path, deep_model, image_dirs, kind, flags):
     if kind == "maple":
         assert details["image_tower"] is ("--text-half" not in flags)
         assert details["zero_shot_point"] is ("--text-half" in flags)  # the text half on a causal tower has one
-    result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "fixed.safetensors", *fast)
+    result = invoke("repair", ft, "--data", image_dirs["train"], "--out", tmp_path / "fixed.safetensors", *fast,
+                    "--json")
     assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    gain = document["result"]["task_gain"]
+    assert 0.0 <= gain["finetuned"] <= 1.0 and 0.0 <= gain["zero_shot"] <= 1.0
+    if not details.get("zero_shot_point", True):  # its zero-shot model is its insertions off: no weights to write
+        assert gain["action"] == "repair"
+        if gain["finetuned"] <= gain["zero_shot"]:  # PromptSRC on the random tiny CLIP
+            assert any("cannot hold the zero-shot model" in note for note in document["notes"])
 
 
 def test_the_text_half_on_other_towers(tmp_path, hf_backbone, cnn_backbone, image_dirs):

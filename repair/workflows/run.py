@@ -28,7 +28,7 @@ from repair.train.objective import Objective
 from repair.train.curvature import read_vocabulary
 from repair.train.select import choose_lam_zs
 from repair.train.surrogates import SURROGATES, Surrogate, build_surrogate, refusals
-from repair.train.task_gain import IF_NO_GAIN, TaskGain, can_write_zero_shot, measure_task_gain, no_zero_shot_point
+from repair.train.task_gain import IF_NO_GAIN, can_write_zero_shot, measure_task_gain, no_zero_shot_point
 from repair.train.fields import checked
 from repair.workflows.inputs import (
     DataOptions,
@@ -137,16 +137,15 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
         train_set = encode_for(kind, inputs.backbone, inputs.dataset, options, training=True)
         if inputs.stage == "finetune":
             kind.start_from(train_set.features, train_set.labels)
-        skipped = no_zero_shot_point(kind) if inputs.stage == "repair" else None
-        gain = _task_gain(inputs, train_set, notes) if inputs.stage == "repair" and skipped is None else None
+        task_gain = _task_gain(inputs, train_set, notes) if inputs.stage == "repair" else None
         objective = inputs.objective
-        if gain is not None and gain.action == "zero-shot":
+        if task_gain is not None and task_gain.get("action") == "zero-shot":
             kind.load_values(kind.zero_shot_values())
             result = TrainResult(steps=0, selected_epoch=None)
         else:
             result, objective = _train(inputs, train_set, progress, resume, deterministic, on_step)
-        if gain is not None or skipped is not None:
-            result.choices["task_gain"] = gain.as_dict() if gain is not None else {"not_measured": skipped}
+        if task_gain is not None:
+            result.choices["task_gain"] = task_gain
         record = replace(inputs, objective=objective).record(result)
         sources = [inputs.source.path] if inputs.source is not None else []
         tensors = export(kind, inputs.output_dtype)
@@ -163,22 +162,26 @@ def fit(inputs: RunInputs, out: Path, *, force: bool = False, resume: bool = Fal
     return RunOutcome(path, record, result, notes)
 
 
-def _task_gain(inputs: RunInputs, train_set, notes: list[str]) -> TaskGain:
-    """The checkpoint's gain over zero-shot on the repair images, with the action taken; a note when it has none."""
+def _task_gain(inputs: RunInputs, train_set, notes: list[str]) -> dict[str, object]:
+    """What ``result["task_gain"]`` records: both accuracies on the repair images and the action taken (a note
+    when there was no gain), or why they could not be measured."""
+    why_not = no_zero_shot_point(inputs.kind)
+    if why_not is not None:
+        return {"not_measured": why_not}
     gain = measure_task_gain(inputs.kind, train_set)
     if gain.gained:
-        return gain
+        return gain.as_dict()
     if inputs.if_no_gain == "repair":
         notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep; repaired as asked "
                      "(--if-no-gain repair)")
-        return gain
-    if not can_write_zero_shot(inputs.kind):
+    elif not can_write_zero_shot(inputs.kind):
         notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep; repaired as usual, since a "
                      f"{inputs.kind.name} checkpoint cannot hold the zero-shot model")
-        return gain
-    notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep, so the zero-shot weights were "
-                 "written (check the fine-tuning run; --if-no-gain repair repairs it anyway)")
-    return TaskGain(gain.finetuned, gain.zero_shot, gain.images, action="zero-shot")
+    else:
+        notes.append(f"{gain.describe()}: fine-tuning gained nothing there to keep, so the zero-shot weights were "
+                     "written (check the fine-tuning run; --if-no-gain repair repairs it anyway)")
+        gain = replace(gain, action="zero-shot")
+    return gain.as_dict()
 
 
 def _train(inputs: RunInputs, train_set, progress: ProgressFile, resume: bool, deterministic: bool,
