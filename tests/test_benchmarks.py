@@ -411,3 +411,22 @@ def test_older_candidate_runs_are_labelled_with_the_schedule_they_ran():
     renamed = report.protocol_schedule_runs([old])[0]["base_to_novel"]["a"]["coop"]
     assert set(renamed["per_seed"]["1"]) == {"fine-tuned", "repaired (fisher, protocol SGD schedule)"}
     assert "repaired (fisher)" in old["base_to_novel"]["a"]["coop"]["per_seed"][1]  # the input is left as it was
+
+
+def test_vocabulary_kl_is_zero_at_zero_shot_and_grows_as_the_prompt_moves(backbone, image_dirs):
+    from benchmarks.checkpoint_signals import vocabulary_kl
+    from repair.data.features import extract_features
+    from repair.data.folders import scan_image_folder
+    from repair.kinds.coop import CoOpPrompts, init_context
+
+    dataset = scan_image_folder(image_dirs["train"])
+    images = extract_features(backbone, dataset, batch_size=16).features
+    zero_shot = init_context(backbone, "a photo of a")
+    direction = torch.randn(zero_shot.shape, generator=torch.Generator().manual_seed(0))
+
+    def kl_at(scale: float) -> float:
+        kind = CoOpPrompts(backbone, zero_shot + scale * direction, dataset.classnames, ["a photo of a {}."])
+        return vocabulary_kl(kind, images)
+
+    assert abs(kl_at(0.0)) < 1e-5
+    assert 0.0 < kl_at(0.05) < kl_at(0.5)
