@@ -9,7 +9,7 @@ images its repair trains on (the same shots, drawn with the same seed):
   repair's strength would read).
 
     python -m benchmarks.checkpoint_signals                       # task gain of every checkpoint found
-    python -m benchmarks.checkpoint_signals --kinds clipfit --vocabulary-kl \
+    python -m benchmarks.checkpoint_signals --kinds clipfit --vocabulary-kl --seeds 1 2 3 4 5 \
         --out benchmarks/results/checkpoint-signals-clipfit-kl.json
 
 It reads checkpoints only (run ``benchmarks.run`` and ``benchmarks.holdout`` first: seeds 1-10) and writes
