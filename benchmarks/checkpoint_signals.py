@@ -41,18 +41,18 @@ RUN_FOLDER = {"base_to_novel": "b2n", "domain": "robust", "robustness": "robust"
 
 
 @torch.no_grad()
-def vocabulary_kl(kind: Kind, images: torch.Tensor) -> float:
+def vocabulary_kl(kind: Kind, images: torch.Tensor, chunk: int = 256) -> float:
     """Mean KL(p_zs || p_ft) over the reference vocabulary (the kind's classes where it scores no others)."""
     names = reference_vocabulary(kind.classnames) if scores_vocabulary(kind) else None
-    chunk = 32 if kind.input_kind == "pixels" else 1024  # each chunk encodes the vocabulary again
-    total = 0.0
-    for start in range(0, len(images), chunk):
-        batch = images[start:start + chunk]
-        finetuned = F.log_softmax(vocabulary_logits(kind, batch, names).float(), dim=-1)
-        with kind.zero_shot_model() or AtZeroShot(kind):
-            zero_shot = F.log_softmax(vocabulary_logits(kind, batch, names).float(), dim=-1)
-        total += float((zero_shot.exp() * (zero_shot - finetuned)).sum())
-    return total / max(len(images), 1)
+
+    def log_probs() -> torch.Tensor:  # each chunk encodes the vocabulary again: few, large chunks
+        return F.log_softmax(torch.cat([vocabulary_logits(kind, images[start:start + chunk], names).float()
+                                        for start in range(0, len(images), chunk)]), dim=-1)
+
+    finetuned = log_probs()
+    with kind.zero_shot_model() or AtZeroShot(kind):
+        zero_shot = log_probs()
+    return float((zero_shot.exp() * (zero_shot - finetuned)).sum(-1).mean())
 
 
 def checkpoint_signals(checkpoint: Path, train_dir: Path, seed: int, shots: int, backbone,

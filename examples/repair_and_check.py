@@ -27,15 +27,16 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mergetune-example-"))
+    # the backbone is loaded once and shared across the calls below
     if args.demo:
-        backbone, finetuned, folders, options = demo_inputs(workdir)
+        model, finetuned, folders, options = demo_inputs(workdir)
     elif args.finetuned and args.data:
-        backbone, finetuned, options = repair.BackboneSpec("ViT-B-16", "openai"), args.finetuned, repair.DataOptions()
+        model = repair.load_backbone(repair.BackboneSpec("ViT-B-16", "openai"))
+        finetuned, options = args.finetuned, repair.DataOptions()
         folders = {name: args.data / name for name in ("train", "test-base", "test-novel")}
     else:
         parser.error("give FINETUNED and DATA, or --demo")
 
-    model = repair.load_backbone(backbone)  # load once, share across the calls below
     outcome = repair.repair(finetuned, folders["train"], workdir / "repaired.safetensors", backbone=model,
                             objective=repair.Objective(),  # the kind's default surrogate and lam_zs
                             config=repair.TrainConfig(seed=0), data_options=options)  # the kind's default schedule
@@ -67,12 +68,12 @@ def demo_inputs(workdir: Path):
     """The package's embedded CLIP, its Caltech-101 photos, and a CoOp checkpoint fine-tuned on the base classes."""
     from repair.workflows.demo import IMAGES
 
-    spec = repair.BackboneSpec(model="mergetune-mini")
+    model = repair.load_backbone(repair.BackboneSpec(model="mergetune-mini"))
     options = repair.DataOptions(shots=16, classnames_file=IMAGES / "classnames.json")
     folders = {"train": IMAGES / "base-train", "test-base": IMAGES / "base-test", "test-novel": IMAGES / "novel-test"}
-    finetuned = repair.finetune("coop", folders["train"], workdir / "ft.safetensors", backbone=spec,
+    finetuned = repair.finetune("coop", folders["train"], workdir / "ft.safetensors", backbone=model,
                                 data_options=options).path
-    return spec, finetuned, folders, options
+    return model, finetuned, folders, options
 
 
 if __name__ == "__main__":
