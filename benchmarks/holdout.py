@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="an existing run of seeds 6-10 to summarise (default: run it now)")
     parser.add_argument("--datasets", nargs="+", default=None, help="base-to-novel datasets (default: the plan's)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished tasks of a stopped run in results/holdout-confirm.json")
+                        help="keep the blocks of results/holdout-confirm.json and run only the others (those it "
+                             "lacks, and those of a kind whose declared defaults changed since)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "holdout-seeds.json")
     args = parser.parse_args(argv)

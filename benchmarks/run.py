@@ -668,23 +668,35 @@ class StaleRun(ValueError):
 
 
 def kept_blocks(resume: dict[str, object] | None, result: dict[str, object]) -> set[tuple[str, str, str]]:
-    """The finished blocks of a stopped run of the same plan, defaults and backbone, copied into ``result``
-    (each seed is deterministic, so rerunning them would give the same numbers)."""
+    """The finished blocks of an earlier run of the same plan and backbone, copied into ``result`` (each seed is
+    deterministic, so rerunning them would give the same numbers), except those of a kind whose declared defaults
+    changed since: its "default" rows ran another repair, so only that kind's blocks run again. A kept block
+    records the run it came from (``ran``: when, which commit, which processor)."""
     if resume is None:
         return set()
-    for key in ("plan", "defaults", "backbone"):
+    for key in ("plan", "backbone"):
         ours, theirs = (json.loads(json.dumps(run.get(key))) for run in (result, resume))
         if key == "plan":
             ours, theirs = _comparable_plan(ours), _comparable_plan(theirs or {})
         if theirs != ours:
             raise StaleRun(f"the run to resume has another {key}; start afresh")
+    ours, theirs = (json.loads(json.dumps(run.get("defaults") or {})) for run in (result, resume))
     kept = set()
     for suite in ("base_to_novel", "domain", "robustness"):
         for dataset, kinds in (resume.get(suite) or {}).items():
             for kind, block in kinds.items():
-                result[suite].setdefault(dataset, {})[kind] = block
+                if theirs.get(kind) != ours.get(kind):
+                    continue
+                result[suite].setdefault(dataset, {})[kind] = {**block, "ran": block.get("ran") or provenance(resume)}
                 kept.add((suite, dataset, kind))
     return kept
+
+
+def provenance(run: dict[str, object]) -> dict[str, object]:
+    """Which run a block's numbers came from: bit-reproducibility holds per processor model, so a run that keeps
+    another's blocks says where each came from."""
+    environment = run.get("environment") or {}
+    return {"created": run.get("created"), "git_commit": environment.get("git_commit"), "cpu": environment.get("cpu")}
 
 
 def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=print,
@@ -711,7 +723,7 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
     blocks = [(suite, task, kind) for suite, task, kind in plan_blocks(plan, tasks)
               if (suite, task.dataset, kind) not in kept]
     if kept:
-        log(f"resumed: {len(kept)} blocks kept from the stopped run, {len(blocks)} to run")
+        log(f"resumed: {len(kept)} blocks kept from the earlier run, {len(blocks)} to run")
     job_log = log if workers <= 1 else print  # a worker cannot call back into this process
     pool = executor(workers)
     try:
@@ -724,7 +736,7 @@ def run_plan(plan: Plan, spec: BackboneSpec, data_root: Path, work: Path, log=pr
         for (suite, task, kind), seeds in zip(blocks, futures):
             metric = "novel" if suite == "base_to_novel" else "shifted"
             block = block_result({seed: future.result() for seed, future in seeds.items()}, metric)
-            result[suite].setdefault(task.dataset, {})[kind] = block
+            result[suite].setdefault(task.dataset, {})[kind] = {**block, "ran": provenance(result)}
             title = f"{task.dataset} {kind}" + ("" if suite == "base_to_novel" else f" ({suite})")
             log_summary(log, title, block, metric)
             block_done()
@@ -805,6 +817,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes that share the seeds (default: one per core); the numbers do not depend on it")
     parser.add_argument("--no-markdown", action="store_true", help="do not regenerate RESULTS.md and the chart")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the blocks of the --out file (same plan and backbone) and run only the others: "
+                             "those it lacks and those of a kind whose declared defaults changed since")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -852,7 +867,12 @@ def main(argv: list[str] | None = None) -> None:
         result["quick"] = args.quick
         write_json(out, result)
 
-    result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save, workers=args.workers)
+    earlier = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    try:
+        result = run_plan(plan, spec, args.data_root, work, proxy_info=proxy_info, save=save, workers=args.workers,
+                          resume=earlier)
+    except StaleRun as error:
+        parser.error(f"--resume: {error}")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     if not args.no_markdown and not args.quick:
         from benchmarks.report import write_results

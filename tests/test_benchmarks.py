@@ -218,7 +218,7 @@ def test_a_stopped_run_resumes_with_only_the_blocks_it_lacks(shared_data, tiny_s
     assert resumed["complete"] and resumed["base_to_novel"]["flowers5"]["coop"]["marker"]
     assert resumed["base_to_novel"]["flowers5"]["clipfit"]["per_seed"] == full["base_to_novel"]["flowers5"][
         "clipfit"]["per_seed"]  # the block it lacked, run again: the same numbers
-    assert "resumed: 1 blocks kept from the stopped run, 1 to run" in messages
+    assert "resumed: 1 blocks kept from the earlier run, 1 to run" in messages
     with pytest.raises(run.StaleRun, match="another plan"):
         run.run_plan(replace(plan, seeds=(2,)), tiny_spec, shared_data, tmp_path / "work", log=lambda m: None,
                      resume=stopped)
@@ -294,6 +294,25 @@ def test_a_run_recorded_before_protocols_named_kind_options_still_resumes():
     older["plan"]["protocol"]["coop"]["lr"] = 1.0
     with pytest.raises(run.StaleRun, match="another plan"):
         run.kept_blocks(older, result)
+
+
+def test_a_changed_default_reruns_only_that_kinds_blocks():
+    """After a kind's defaults change, its "default" rows ran another repair: a resume drops that kind's blocks and
+    keeps the others, each saying which run (commit, processor) its numbers came from."""
+    from benchmarks import run
+
+    plan = run.Plan(b2n_kinds=("coop", "clipfit"), domain_kinds=(), robustness_kinds=())
+    result = {"plan": run.plan_record(plan), "backbone": {}, "base_to_novel": {}, "domain": {}, "robustness": {},
+              "defaults": {"coop": {"lam_zs": 3.0}, "clipfit": {"lam_zs": 10.0}}}
+    earlier = json.loads(json.dumps(result))
+    earlier.update(defaults={"coop": {"lam_zs": 3.0}, "clipfit": {"lam_zs": 20.0}}, created="2026-12-01T00:00:00Z",
+                   environment={"git_commit": "abc", "cpu": {"model_name": "some cpu"}},
+                   base_to_novel={"cifar10": {"coop": {"marker": 1}, "clipfit": {"marker": 2}}})
+    assert run.kept_blocks(earlier, result) == {("base_to_novel", "cifar10", "coop")}
+    kept = result["base_to_novel"]["cifar10"]
+    assert list(kept) == ["coop"] and kept["coop"]["marker"] == 1
+    assert kept["coop"]["ran"] == {"created": "2026-12-01T00:00:00Z", "git_commit": "abc",
+                                   "cpu": {"model_name": "some cpu"}}
 
 
 def test_lam_sweep_scores_every_grid_point_on_validation_images(shared_data, backbone, tmp_path):
