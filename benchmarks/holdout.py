@@ -57,7 +57,7 @@ def task_rows(run: dict[str, object], split: str) -> dict[tuple[str, str, str], 
         per_seed = block["val_per_seed"] if split == "val" else block["per_seed"]
         check = block["val_checks"] if split == "val" else block["checks"]
         rows[(suite, dataset, kind)] = {"seeds": sorted(int(seed) for seed in per_seed), "forgets": check["phenomenon"],
-                                        "hm": _means(per_seed)}
+                                        "hm": _means(per_seed), "ran": block.get("ran")}
     return rows
 
 

@@ -384,7 +384,7 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
              f"images per class: {_sizes(plan['sizes'])}; {bench['environment']['cpus']} CPU cores, "
              f"torch {bench['environment']['torch']}; git {(bench['environment']['git_commit'] or 'unknown')[:7]}; "
              f"wall time {bench['wall_s'] / 60:.0f} min (less when mergetune's feature cache already held "
-             "the same images encoded by the same encoder). "
+             "the same images encoded by the same encoder). " + provenance_text(bench) +
              + ("**This run stopped before its end: only the tasks below were measured.** "
                 if bench.get("complete") is False else "") +
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
@@ -406,6 +406,30 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
     lines += defaults_markdown(bench, extra)
     lines += base_to_novel_markdown(bench) + shifted_markdown(bench, "domain") + shifted_markdown(bench, "robustness")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_text(cpu: dict[str, object] | None) -> str:
+    cpu = cpu or {}
+    return " ".join(str(part) for part in (cpu.get("model_name"), cpu.get("family") and f"family {cpu['family']}",
+                                           cpu.get("model") and f"model {cpu['model']}") if part) or "an unrecorded CPU"
+
+
+def provenance_text(bench: dict[str, object]) -> str:
+    """Which run each block came from, where a resumed run kept another run's blocks (see ``run.kept_blocks``);
+    '' when every block is this run's own."""
+    own = {"created": bench.get("created"), "git_commit": bench["environment"].get("git_commit"),
+           "cpu": bench["environment"].get("cpu")}
+    runs: dict[str, list[str]] = {}
+    for _, _, _, dataset, kind, block in all_blocks(bench):
+        ran = block.get("ran") or own
+        text = (f"{(ran.get('created') or 'unknown')[:10]}, git {(ran.get('git_commit') or 'unknown')[:7]}, on "
+                f"{_cpu_text(ran.get('cpu'))}")
+        runs.setdefault(text, []).append(f"{dataset} {kind_title(kind)}")
+    if len(runs) < 2:
+        return ""
+    return ("**Blocks from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
+            "bit-reproducible per processor model only; the wall time is this run's blocks): " +
+            "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
 
 
 def holdout_markdown(holdout: dict[str, object]) -> str:

@@ -449,3 +449,18 @@ def test_vocabulary_kl_is_zero_at_zero_shot_and_grows_as_the_prompt_moves(backbo
 
     assert abs(kl_at(0.0)) < 1e-5
     assert 0.0 < kl_at(0.05) < kl_at(0.5)
+
+
+def test_the_report_says_which_run_each_block_came_from():
+    from benchmarks.report import provenance_text
+
+    bench = {"created": "2026-12-07T21:00:00Z", "environment": {"git_commit": "def4567", "cpu": {"model_name": "B"}},
+             "plan": {"datasets": ["cifar10"], "b2n_kinds": ["coop", "clipfit"]},
+             "base_to_novel": {"cifar10": {"clipfit": {}, "coop": {"ran": {"created": "2026-12-01T00:00:00Z",
+                                                                           "git_commit": "abc1234",
+                                                                           "cpu": {"model_name": "A"}}}}}}
+    text = provenance_text(bench)
+    assert "cifar10 CoOp: 2026-12-01, git abc1234, on A" in text
+    assert "cifar10 CLIPFit: 2026-12-07, git def4567, on B" in text
+    del bench["base_to_novel"]["cifar10"]["coop"]["ran"]
+    assert provenance_text(bench) == ""  # one run: nothing to say
