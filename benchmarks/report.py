@@ -384,7 +384,7 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
              f"images per class: {_sizes(plan['sizes'])}; {bench['environment']['cpus']} CPU cores, "
              f"torch {bench['environment']['torch']}; git {(bench['environment']['git_commit'] or 'unknown')[:7]}; "
              f"wall time {bench['wall_s'] / 60:.0f} min (less when mergetune's feature cache already held "
-             "the same images encoded by the same encoder). " + provenance_text(bench) +
+             "the same images encoded by the same encoder). " + provenance_text(bench)
              + ("**This run stopped before its end: only the tasks below were measured.** "
                 if bench.get("complete") is False else "") +
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
