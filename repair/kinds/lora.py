@@ -48,6 +48,7 @@ from repair.kinds.base import About, KindOptions, PathSpace, RepairDefaults, log
 from repair.kinds.weights import ModelWeightsKind, Weights
 from repair.model.backbone import Backbone
 
+PEFT_SEMANTICS_VERSION = "0.22.0"  # the first PEFT release that applies a MultiheadAttention's out_proj LoRA once
 CLIP_LORA_KEY = re.compile(r"^(?P<stem>weights\.layer_(?P<layer>\d+)\.(?P<proj>q_proj|k_proj|v_proj|o_proj|proj))"
                            r"\.w_lora_(?P<factor>[AB])$")
 PEFT_KEY = re.compile(r"^(?P<stem>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -374,7 +375,10 @@ class LoRA(ModelWeightsKind):
                       "target_modules": [f"{block}.attn" for block in blocks], "use_rslora": False,
                       "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
                       "modules_to_save": None, "task_type": None, "base_model_name_or_path": None,
-                      "rank_pattern": {}, "alpha_pattern": {}}
+                      "rank_pattern": {}, "alpha_pattern": {},
+                      # out_proj's delta counts once, as PEFT computes it since 0.22.0 (huggingface/peft#3774): a
+                      # config without this field is read as older and has its out_proj lora_B doubled on load
+                      "peft_version": PEFT_SEMANTICS_VERSION}
             data = {"config": json.dumps(config, indent=2) + "\n"}
         return cls(backbone, targets, factors, classnames, templates, options, layout=options.lora_layout,
                    layout_data=data)
