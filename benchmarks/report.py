@@ -385,6 +385,7 @@ def bench_markdown(bench: dict[str, object], extra: list[dict[str, object]] = ()
              f"torch {bench['environment']['torch']}; git {(bench['environment']['git_commit'] or 'unknown')[:7]}; "
              f"wall time {bench['wall_s'] / 60:.0f} min (less when mergetune's feature cache already held "
              "the same images encoded by the same encoder). " + provenance_text(bench)
+             + stale_defaults_text(bench.get("defaults"))
              + ("**This run stopped before its end: only the tasks below were measured.** "
                 if bench.get("complete") is False else "") +
              "Source: `benchmarks/results/latest.json`; chart: `benchmarks/results/hm.png`.", "",
@@ -412,6 +413,22 @@ def _cpu_text(cpu: dict[str, object] | None) -> str:
     cpu = cpu or {}
     return " ".join(str(part) for part in (cpu.get("model_name"), cpu.get("family") and f"family {cpu['family']}",
                                            cpu.get("model") and f"model {cpu['model']}") if part) or "an unrecorded CPU"
+
+
+def stale_defaults_text(recorded: dict[str, object] | None) -> str:
+    """A bold warning naming the kinds whose "default" rows ran other defaults than the code declares now (a
+    default changed after the run): those rows are not what the bare command gives today. '' when none."""
+    from benchmarks.run import declared_defaults
+
+    declared = declared_defaults()
+    stale = sorted(kind for kind, defaults in (recorded or {}).items() if kind in declared and defaults != declared[kind])
+    if not stale:
+        return ""
+    def text(defaults: dict[str, object]) -> str:
+        return f"`{defaults['surrogate']} {defaults['lam_zs']:g}`"
+    return ("**Stale rows: " + "; ".join(f"{kind_title(kind)}'s default rows ran {text(recorded[kind])}, the bare command "
+                                           f"now runs {text(declared[kind])}" for kind in stale)
+            + " (rerun with `--resume`: only those kinds' blocks run again).** ")
 
 
 def provenance_text(bench: dict[str, object]) -> str:
@@ -442,7 +459,8 @@ def holdout_markdown(holdout: dict[str, object]) -> str:
              f"`{confirm['run']}`) of the bare default repair and the cheap baselines; the validation figures in the "
              f"last column come from seeds {', '.join(map(str, choose['seeds'] or []))} (`{choose['run']}`). Goals: "
              f"on every task {rule['every_task']}; where fine-tuning forgets, {rule['forgetting_tasks']}. "
-             f"Every goal met: **{'yes' if holdout['all_met'] else 'no'}**.", ""]
+             f"Every goal met: **{'yes' if holdout['all_met'] else 'no'}**. " + stale_defaults_text(holdout.get("defaults")),
+             ""]
     return "\n".join(lines + markdown(holdout)) + "\n"
 
 

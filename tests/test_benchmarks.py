@@ -464,3 +464,14 @@ def test_the_report_says_which_run_each_block_came_from():
     assert "cifar10 CLIPFit: 2026-12-07, git def4567, on B" in text
     del bench["base_to_novel"]["cifar10"]["coop"]["ran"]
     assert provenance_text(bench) == ""  # one run: nothing to say
+
+
+def test_the_report_flags_default_rows_that_ran_other_defaults_than_the_code_declares():
+    from benchmarks.report import stale_defaults_text
+    from benchmarks.run import declared_defaults
+
+    recorded = json.loads(json.dumps(declared_defaults()))
+    assert stale_defaults_text(recorded) == ""
+    recorded["clipfit"]["lam_zs"] = recorded["clipfit"]["lam_zs"] + 7
+    text = stale_defaults_text(recorded)
+    assert text.startswith("**Stale rows: CLIPFit's default rows ran") and "coop" not in text.lower()
