@@ -434,8 +434,9 @@ def stale_defaults_text(recorded: dict[str, object] | None) -> str:
 def provenance_text(bench: dict[str, object]) -> str:
     """Which run each block came from, where a resumed run kept another run's blocks (see ``run.kept_blocks``);
     '' when every block is this run's own."""
-    own = {"created": bench.get("created"), "git_commit": bench["environment"].get("git_commit"),
-           "cpu": bench["environment"].get("cpu")}
+    from benchmarks.run import provenance
+
+    own = provenance(bench)
     runs: dict[str, list[str]] = {}
     for _, _, _, dataset, kind, block in all_blocks(bench):
         ran = block.get("ran") or own
