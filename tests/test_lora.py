@@ -238,11 +238,57 @@ def test_refusals_are_one_line_with_their_exit_codes(tmp_path, tiny_spec, image_
               folder / "adapter_model.safetensors")
     result = invoke("repair", folder, "--data", image_dirs["train"], "--out", tmp_path / "o", *fast(tiny_spec))
     assert result.exit_code == 5 and "use_dora" in result.output, result.output
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False, "peft_version": "recent"}))
+    result = invoke("repair", folder, "--data", image_dirs["train"], "--out", tmp_path / "o", *fast(tiny_spec))
+    assert result.exit_code == 5 and "peft_version 'recent'" in result.output, result.output
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_version": "0.22.0"}))
     result = invoke("repair", folder, "--data", image_dirs["train"], "--out", busy, "--force", *fast(tiny_spec))
     assert result.exit_code == 8 and (busy / "notes.txt").read_text() == "mine", result.output
     assert not out.exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("written_by", [None, "0.17.1", "0.21.0", "0.22.0"])
+def test_an_attention_adapter_is_read_as_the_peft_that_wrote_it_ran_it(tmp_path, tiny_spec, backbone, tiny_model_dir,
+                                                                         image_dirs, written_by):
+    """PEFT < 0.22 applied a MultiheadAttention's out_proj LoRA twice (huggingface/peft#3774); PEFT 0.22 loads
+    such an adapter with lora_B doubled. mergetune reads it, and writes its repair, so that PEFT loads both alike."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    wrapped = peft.get_peft_model(tiny_open_clip(tiny_model_dir), peft.LoraConfig(r=2, lora_alpha=4,
+                                                                                  target_modules=["attn"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    adapter = tmp_path / "adapter"
+    wrapped.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.pop("peft_version")
+    if written_by is not None:
+        config["peft_version"] = written_by
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    def peft_features(folder, pixels):
+        model = peft.PeftModel.from_pretrained(tiny_open_clip(tiny_model_dir), str(folder)).eval()
+        return features(model.base_model.model, backbone, pixels)
+
+    pixels = torch.randn(2, 3, 32, 32)
+    kind = load_kind(backbone, repair.read_tensors(adapter), CLASSES, TEMPLATES)
+    for got, expected in zip(kind_features(kind, pixels), peft_features(adapter, pixels)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    twice = written_by in (None, "0.17.1", "0.21.0")
+    assert sorted(kind.describe()["scales"]) == ([2.0, 4.0] if twice else [2.0])
+
+    fixed = tmp_path / "fixed"
+    result = invoke("repair", adapter, "--data", image_dirs["train"], "--out", fixed, *fast(tiny_spec))
+    assert result.exit_code == 0, result.output
+    assert json.loads((fixed / "adapter_config.json").read_text()).get("peft_version") == written_by
+    repaired = load_kind(backbone, repair.read_tensors(fixed), CLASSES, TEMPLATES)
+    assert not repaired.same_weights(repaired.finetuned_values(), kind.finetuned_values())  # the repair moved it
+    for got, expected in zip(kind_features(repaired, pixels), peft_features(fixed, pixels)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

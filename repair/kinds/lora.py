@@ -12,7 +12,8 @@ the frozen model. Two layouts are read, and each output keeps its input's layout
   ``base_model.model.<module>.lora_A.weight``): an ``nn.MultiheadAttention`` target adapts its packed
   ``in_proj_weight`` (its ``out_proj`` sits under ``base_layer.out_proj``), an ``nn.Linear`` its weight;
   ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module with ``rank_pattern`` /
-  ``alpha_pattern``.
+  ``alpha_pattern``. PEFT before 0.22 applied a MultiheadAttention's ``out_proj`` update twice; an
+  adapter it wrote is read with ``2 s`` there, as its users ran it and as PEFT 0.22 loads it.
 
 Which path the repair interpolates: the **merged low-rank update** ``dW = s B A``, i.e. the straight
 line ``W_ft + t (W - W_ft)`` in the model's weights (``--path-space weight``, the default). Interpolating
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from repair.errors import IncompatibleCheckpointError
@@ -194,6 +196,30 @@ def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def applies_out_proj_twice(config: Mapping[str, Any], path: Path | str) -> bool:
+    """Whether the PEFT that wrote this adapter applied a MultiheadAttention's out_proj LoRA twice.
+
+    PEFT before 0.22.0 added that update twice (huggingface/peft#3774), so the model its user ran had
+    ``2 s B A`` there; PEFT 0.22 doubles such an adapter's ``lora_B`` on load to keep its outputs, and
+    mergetune reads it the same way. The rule is PEFT's: no ``peft_version`` (written before 0.18), a release
+    before 0.21.1, or a non-dev release before 0.22.0."""
+    if "peft_version" not in config:
+        return True
+    text = str(config["peft_version"]).partition("@")[0]
+    try:
+        version = Version(text)
+    except InvalidVersion:
+        raise IncompatibleCheckpointError(f"{path}: peft_version {text!r} in {ADAPTER_CONFIG} is not a version") from None
+    release = Version(version.base_version)
+    return release < Version("0.21.1") or (not version.is_devrelease and release < Version(PEFT_SEMANTICS_VERSION))
+
+
+def is_attention_out_proj(stem: str, modules: Mapping[str, nn.Module]) -> bool:
+    """PEFT's name for a MultiheadAttention's out_proj: ``<attention>.base_layer.out_proj``."""
+    attention = stem.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.out_proj")
+    return stem.endswith(".base_layer.out_proj") and isinstance(modules.get(attention), nn.MultiheadAttention)
+
+
 def peft_targets(tensor_file: TensorFile, backbone: Backbone, scale: float | None) -> list[Target]:
     """The targets of a PEFT LoRA adapter on this open_clip model."""
     config = peft_config(tensor_file) or {}
@@ -216,6 +242,7 @@ def peft_targets(tensor_file: TensorFile, backbone: Backbone, scale: float | Non
         raise IncompatibleCheckpointError(f"{path}: tensors that are not LoRA factors (e.g. {others[0]}); "
                                           "mergetune reads plain LoRA adapters")
     modules = dict(backbone.model.named_modules())
+    twice = bool(config) and applies_out_proj_twice(config, path)
     targets = []
     for key in sorted(tensor_file.tensors):
         match = PEFT_KEY.match(key)
@@ -241,6 +268,8 @@ def peft_targets(tensor_file: TensorFile, backbone: Backbone, scale: float | Non
             peft_name = stem.removeprefix(PEFT_PREFIX)
             alpha = float(_pattern(config.get("alpha_pattern") or {}, peft_name, config.get("lora_alpha", 8)))
             module_scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        if twice and is_attention_out_proj(stem, modules):
+            module_scale *= 2  # as the writing PEFT computed it; the output keeps the config, so PEFT reads it alike
         targets.append(Target(weight, None, module_scale, key, f"{stem}.lora_B.weight"))
     return targets
 
