@@ -6,11 +6,15 @@ images its repair trains on (the same shots, drawn with the same seed):
 * the task gain the repair checks first (:mod:`repair.train.task_gain`): fine-tuned and zero-shot accuracy;
 * with ``--vocabulary-kl``, how far its predictions over the reference vocabulary moved from zero-shot's: the
   mean KL(p_zs || p_ft) over the repair images (the kind of label-free signal a per-checkpoint choice of the
-  repair's strength would read).
+  repair's strength would read);
+* with ``--image-drift``, for kinds that train the image tower (CLIPFit), how far the image features moved:
+  one minus the mean cosine between each repair image's features at ``w_ft`` and at ``w_zs``.
 
     python -m benchmarks.checkpoint_signals                       # task gain of every checkpoint found
     python -m benchmarks.checkpoint_signals --kinds clipfit --vocabulary-kl --seeds 1 2 3 4 5 \
         --out benchmarks/results/checkpoint-signals-clipfit-kl.json
+    python -m benchmarks.checkpoint_signals --kinds clipfit --image-drift \
+        --out benchmarks/results/checkpoint-signals-clipfit-drift.json
 
 It reads checkpoints only (run ``benchmarks.run`` and ``benchmarks.holdout`` first: seeds 1-10) and writes
 ``results/checkpoint-signals.json``.
@@ -55,8 +59,25 @@ def vocabulary_kl(kind: Kind, images: torch.Tensor, chunk: int = 256) -> float:
     return float((zero_shot.exp() * (zero_shot - finetuned)).sum(-1).mean())
 
 
+@torch.no_grad()
+def image_drift(kind: Kind, pixels: torch.Tensor, chunk: int = 64) -> float | None:
+    """1 - mean cos(f_ft(x), f_zs(x)) over the images; None for a kind that scores with the frozen image tower."""
+    if kind.input_kind != "pixels":
+        return None
+
+    def features() -> torch.Tensor:
+        encoder = kind.image_encoder()
+        return torch.cat([F.normalize(encoder.encode(pixels[start:start + chunk]).float(), dim=-1)
+                          for start in range(0, len(pixels), chunk)])
+
+    finetuned = features()
+    with kind.zero_shot_model() or AtZeroShot(kind):
+        zero_shot = features()
+    return float(1 - (finetuned * zero_shot).sum(-1).mean())
+
+
 def checkpoint_signals(checkpoint: Path, train_dir: Path, seed: int, shots: int, backbone,
-                       with_kl: bool) -> dict[str, object]:
+                       with_kl: bool, with_drift: bool = False) -> dict[str, object]:
     """The signals of one fine-tuned checkpoint on the shots its repair draws with ``seed``."""
     options = DataOptions(shots=shots)
     dataset, _ = select_training_images(train_dir, options, seed)
@@ -73,6 +94,8 @@ def checkpoint_signals(checkpoint: Path, train_dir: Path, seed: int, shots: int,
     row.pop("action")
     if with_kl:
         row["vocabulary_kl"] = vocabulary_kl(kind, images.features)
+    if with_drift:
+        row["image_drift"] = image_drift(kind, images.features)
     return row
 
 
@@ -82,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", default=None, help="default: every kind the towers plan runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--vocabulary-kl", action="store_true", help="also the vocabulary KL (slow for pixel kinds)")
+    parser.add_argument("--image-drift", action="store_true",
+                        help="also how far the image features moved (kinds that train the image tower)")
     parser.add_argument("--out", type=Path, default=RESULTS / "checkpoint-signals.json")
     args = parser.parse_args(argv)
     cache = default_cache_dir() / "bench"
@@ -99,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             if not checkpoint.is_file():
                 continue
             signals = checkpoint_signals(checkpoint, task.train, seed, plan.protocol[kind].shots, backbone,
-                                         args.vocabulary_kl)
+                                         args.vocabulary_kl, args.image_drift)
             rows.append({"suite": suite, "dataset": task.dataset, "kind": kind, "seed": seed, **signals})
             print(json.dumps(rows[-1]), flush=True)
     result = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

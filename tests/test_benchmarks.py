@@ -451,6 +451,27 @@ def test_vocabulary_kl_is_zero_at_zero_shot_and_grows_as_the_prompt_moves(backbo
     assert 0.0 < kl_at(0.05) < kl_at(0.5)
 
 
+def test_image_drift_is_zero_at_zero_shot_and_grows_as_the_image_norms_move(backbone, image_dirs):
+    from benchmarks.checkpoint_signals import image_drift
+    from repair.data.folders import scan_image_folder
+    from repair.kinds.clipfit import CLIPFit, clipfit_names
+    from repair.workflows.inputs import DataOptions, encode_for
+
+    dataset = scan_image_folder(image_dirs["train"])
+    pretrained = dict(backbone.model.named_parameters())
+    names = clipfit_names(backbone)
+    generator = torch.Generator().manual_seed(0)
+    direction = {name: torch.randn(pretrained[name].shape, generator=generator) for name in names}
+
+    def drift_at(scale: float) -> float:
+        values = {name: pretrained[name].detach() + scale * direction[name] for name in names}
+        kind = CLIPFit(backbone, values, dataset.classnames, ["a photo of a {}."])
+        return image_drift(kind, encode_for(kind, backbone, dataset, DataOptions(), training=True).features)
+
+    assert abs(drift_at(0.0)) < 1e-5
+    assert 0.0 < drift_at(0.05) < drift_at(0.5)
+
+
 def test_the_report_says_which_run_each_block_came_from():
     from benchmarks.report import provenance_text
 
