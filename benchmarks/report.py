@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -437,16 +438,33 @@ def provenance_text(bench: dict[str, object]) -> str:
     from benchmarks.run import provenance
 
     own = provenance(bench)
-    runs: dict[str, list[str]] = {}
-    for _, _, _, dataset, kind, block in all_blocks(bench):
-        ran = block.get("ran") or own
-        text = (f"{(ran.get('created') or 'unknown')[:10]}, git {(ran.get('git_commit') or 'unknown')[:7]}, on "
-                f"{_cpu_text(ran.get('cpu'))}")
-        runs.setdefault(text, []).append(f"{dataset} {kind_title(kind)}")
+    runs = _group_by_run((f"{dataset} {kind_title(kind)}", block.get("ran") or own)
+                         for _, _, _, dataset, kind, block in all_blocks(bench))
     if len(runs) < 2:
         return ""
     return ("**Blocks from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
             "bit-reproducible per processor model only; the wall time is this run's blocks): " +
+            "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
+
+
+def _group_by_run(blocks: Iterable[tuple[str, dict[str, object]]]) -> dict[str, list[str]]:
+    """Block titles grouped by the run they came from (date, commit, processor)."""
+    runs: dict[str, list[str]] = {}
+    for title, ran in blocks:
+        text = (f"{(ran.get('created') or 'unknown')[:10]}, git {(ran.get('git_commit') or 'unknown')[:7]}, on "
+                f"{_cpu_text(ran.get('cpu'))}")
+        runs.setdefault(text, []).append(title)
+    return runs
+
+
+def holdout_provenance_text(holdout: dict[str, object]) -> str:
+    """Which run each hold-out task's seeds came from, where a resumed hold-out kept another run's tasks."""
+    runs = _group_by_run((task["title"], task["confirm"].get("ran") or {}) for task in holdout.get("tasks", [])
+                         if task.get("confirm"))
+    if len(runs) < 2:
+        return ""
+    return ("**Tasks from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
+            "bit-reproducible per processor model only): " +
             "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
 
 
@@ -460,7 +478,8 @@ def holdout_markdown(holdout: dict[str, object]) -> str:
              f"`{confirm['run']}`) of the bare default repair and the cheap baselines; the validation figures in the "
              f"last column come from seeds {', '.join(map(str, choose['seeds'] or []))} (`{choose['run']}`). Goals: "
              f"on every task {rule['every_task']}; where fine-tuning forgets, {rule['forgetting_tasks']}. "
-             f"Every goal met: **{'yes' if holdout['all_met'] else 'no'}**. " + stale_defaults_text(holdout.get("defaults")),
+             f"Every goal met: **{'yes' if holdout['all_met'] else 'no'}**. " + stale_defaults_text(holdout.get("defaults"))
+             + holdout_provenance_text(holdout),
              ""]
     return "\n".join(lines + markdown(holdout)) + "\n"
 

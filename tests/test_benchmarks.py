@@ -487,6 +487,22 @@ def test_the_report_says_which_run_each_block_came_from():
     assert provenance_text(bench) == ""  # one run: nothing to say
 
 
+def test_the_holdout_report_says_which_run_each_task_came_from():
+    from benchmarks.report import holdout_provenance_text
+
+    def task(title, created, cpu):
+        return {"title": title, "confirm": {"ran": {"created": created, "git_commit": "abc1234",
+                                                    "cpu": {"model_name": cpu}}}}
+
+    holdout = {"tasks": [task("cifar10 CoOp", "2026-12-01T00:00:00Z", "A"), task("pacs CoOp", "2026-12-01T00:00:00Z", "A"),
+                         task("cifar10 CLIPFit", "2026-12-07T00:00:00Z", "B")]}
+    text = holdout_provenance_text(holdout)
+    assert "cifar10 CoOp, pacs CoOp: 2026-12-01, git abc1234, on A" in text
+    assert "cifar10 CLIPFit: 2026-12-07, git abc1234, on B" in text
+    holdout["tasks"].pop()
+    assert holdout_provenance_text(holdout) == ""  # one run: nothing to say
+
+
 def test_the_report_flags_default_rows_that_ran_other_defaults_than_the_code_declares():
     from benchmarks.report import stale_defaults_text
     from benchmarks.run import declared_defaults
