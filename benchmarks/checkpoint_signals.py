@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also how far the image features moved (kinds that train the image tower)")
     parser.add_argument("--out", type=Path, default=RESULTS / "checkpoint-signals.json")
     args = parser.parse_args(argv)
-    cache = default_cache_dir() / "bench"
-    spec, _ = ensure_backbone("towers", args.data_root, None, cache)
+    spec, _ = ensure_backbone("towers", args.data_root, None, default_cache_dir())  # the proxy benchmarks.run built
+    cache = default_cache_dir() / "bench"  # its work folder: task folders and checkpoints
     backbone = load_backbone(spec)
     plan = PLANS["towers"]
     started = time.perf_counter()
