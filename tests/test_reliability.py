@@ -234,6 +234,28 @@ def test_7_sigterm_exits_143_in_one_line_and_keeps_only_progress(tmp_path, tiny_
     assert set(kept) <= set(leftovers(tmp_path))
 
 
+def test_7_sigterm_inside_an_import_is_asked_again_after_it_not_raised_there(tmp_path, monkeypatch):
+    """Raised inside an import, Terminated can cross C++ frames (torch's pybind11 callbacks: the process aborts)
+    or an importlib callback (the exception is ignored and the signal lost); it is sent again instead."""
+    from repair.cli import app
+    from repair.errors import Terminated
+
+    asked = []
+    monkeypatch.setattr(app, "_ask_again", asked.append)
+    (tmp_path / "slow_to_import.py").write_text(
+        "import signal, sys\n"
+        "from repair.cli.app import _terminate\n"
+        "_terminate(signal.SIGTERM, sys._getframe())\n"
+        "IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slow_to_import
+
+    assert slow_to_import.IMPORTED and asked == [signal.SIGTERM]
+    with pytest.raises(Terminated):
+        app._terminate(signal.SIGTERM, sys._getframe())
+    assert asked == [signal.SIGTERM]
+
+
 # ----------------------------------------------------------------------------- 8. failures leave nothing
 
 

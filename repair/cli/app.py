@@ -144,7 +144,29 @@ def run(action: Callable[[], T]) -> T:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM -> :class:`Terminated`, except inside an import, where it is asked again shortly.
+
+    Importing torch runs Python callbacks from C++ (pybind11); an exception raised there crosses C++ frames
+    that cannot pass it on, and the process aborts (SIGABRT) instead of exiting 143. The signal is sent
+    again every 50 ms until the import is done, so it stops the run as soon as unwinding is safe."""
+    if _inside_import(frame):
+        _ask_again(signum)
+        return
     raise Terminated()
+
+
+def _ask_again(signum: int, after_s: float = 0.05) -> None:
+    timer = threading.Timer(after_s, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+def _inside_import(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def say(text: str, *, err: bool = False) -> None:
