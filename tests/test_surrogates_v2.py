@@ -461,7 +461,8 @@ def test_the_step_encodes_distillations_names_in_the_prompts_own_text_pass(backb
     (merged,) = torch.autograd.grad(terms.surrogate, [kind.ctx])
     (apart,) = torch.autograd.grad(build_surrogate("distill", kind, features(backbone, image_dirs)[1], seed=0,
                                                    vocabulary=VOCAB)(kind, kind(inputs)), [kind.ctx])
-    assert torch.allclose(merged, apart, rtol=1e-4, atol=1e-7)
+    # one text pass against two sums in another order: float32 rounding, on the scale of the gradient's largest entry
+    torch.testing.assert_close(merged, apart, rtol=1e-4, atol=1e-5 * float(apart.abs().max()))
     assert kind._alongside is None and kind._alongside_features is None  # nothing kept past the step
 
 
