@@ -147,8 +147,9 @@ def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM -> :class:`Terminated`, except inside an import, where it is asked again shortly.
 
     Importing torch runs Python callbacks from C++ (pybind11); an exception raised there crosses C++ frames
-    that cannot pass it on, and the process aborts (SIGABRT) instead of exiting 143. The signal is sent
-    again every 50 ms until the import is done, so it stops the run as soon as unwinding is safe."""
+    that cannot pass it on, and the process aborts (SIGABRT) instead of exiting 143; raised in importlib's own
+    callbacks it is ignored, and the run goes on. The signal is sent again every 50 ms until the import is
+    done, so it stops the run as soon as unwinding is safe."""
     if _inside_import(frame):
         _ask_again(signum)
         return
