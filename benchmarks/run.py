@@ -468,19 +468,25 @@ def checks(summary: dict[str, dict[str, float | None]], metric: str = "novel") -
 # --------------------------------------------------------------------------- the whole run
 
 
-def environment() -> dict[str, object]:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "repair/*.py", "benchmarks/*.py")
+
+def _code_state() -> dict[str, object]:
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "repair/*.py", "benchmarks/*.py")
+    return {"git_commit": _git("rev-parse", "HEAD"), "code_modified_since_commit": None if status is None else bool(status)}
+
+
+CODE_AT_START = _code_state()  # the code this process loaded: a commit made while a long run goes on is not it
+
+
+def environment() -> dict[str, object]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None, "git_commit": git("rev-parse", "HEAD"),
-            "code_modified_since_commit": None if status is None else bool(status), "cpu": cpu_identity(),
-            **versions()}
+            if torch.cuda.is_available() else None, **CODE_AT_START, "cpu": cpu_identity(), **versions()}
 
 
 def declared_defaults() -> dict[str, dict[str, object]]:
