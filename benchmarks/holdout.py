@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import all_blocks, kind_title
-from benchmarks.run import (DEFAULT, DEFAULT_DATA_ROOT, PLANS, RESULTS, StaleRun, declared_defaults,
+from benchmarks.run import (DEFAULT, code_at_start, DEFAULT_DATA_ROOT, PLANS, RESULTS, StaleRun, declared_defaults,
                             ensure_backbone, run_plan, write_json)
 from repair.data.features import default_cache_dir
 
@@ -113,6 +113,7 @@ def markdown(document: dict[str, object]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    code_at_start()  # before the run: what the record names
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--choose", type=Path, default=RESULTS / "latest.json",

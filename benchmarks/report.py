@@ -440,11 +440,7 @@ def provenance_text(bench: dict[str, object]) -> str:
     own = provenance(bench)
     runs = _group_by_run((f"{dataset} {kind_title(kind)}", block.get("ran") or own)
                          for _, _, _, dataset, kind, block in all_blocks(bench))
-    if len(runs) < 2:
-        return ""
-    return ("**Blocks from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
-            "bit-reproducible per processor model only; the wall time is this run's blocks): " +
-            "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
+    return _mixed_runs_text(runs, "Blocks", "; the wall time is this run's blocks")
 
 
 def _group_by_run(blocks: Iterable[tuple[str, dict[str, object]]]) -> dict[str, list[str]]:
@@ -457,15 +453,20 @@ def _group_by_run(blocks: Iterable[tuple[str, dict[str, object]]]) -> dict[str, 
     return runs
 
 
+def _mixed_runs_text(runs: dict[str, list[str]], what: str, aside: str = "") -> str:
+    """The sentence naming each run's blocks; '' when they all come from one run."""
+    if len(runs) < 2:
+        return ""
+    return (f"**{what} from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
+            f"bit-reproducible per processor model only{aside}): " +
+            "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
+
+
 def holdout_provenance_text(holdout: dict[str, object]) -> str:
     """Which run each hold-out task's seeds came from, where a resumed hold-out kept another run's tasks."""
     runs = _group_by_run((task["title"], task["confirm"].get("ran") or {}) for task in holdout.get("tasks", [])
                          if task.get("confirm"))
-    if len(runs) < 2:
-        return ""
-    return ("**Tasks from more than one run** (a resume reran the kinds whose defaults changed; numbers are "
-            "bit-reproducible per processor model only): " +
-            "; ".join(f"{', '.join(tasks)}: {text}" for text, tasks in runs.items()) + ". ")
+    return _mixed_runs_text(runs, "Tasks")
 
 
 def holdout_markdown(holdout: dict[str, object]) -> str:

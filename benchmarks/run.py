@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -475,18 +476,18 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def _code_state() -> dict[str, object]:
+@functools.cache
+def code_at_start() -> dict[str, object]:
+    """The commit (and whether the code differs from it) when first asked: entry points ask before a long run
+    starts, so a commit made while it goes on is not recorded as the code it ran."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", "repair/*.py", "benchmarks/*.py")
     return {"git_commit": _git("rev-parse", "HEAD"), "code_modified_since_commit": None if status is None else bool(status)}
-
-
-CODE_AT_START = _code_state()  # the code this process loaded: a commit made while a long run goes on is not it
 
 
 def environment() -> dict[str, object]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None, **CODE_AT_START, "cpu": cpu_identity(), **versions()}
+            if torch.cuda.is_available() else None, **code_at_start(), "cpu": cpu_identity(), **versions()}
 
 
 def declared_defaults() -> dict[str, dict[str, object]]:
@@ -793,6 +794,7 @@ def ensure_backbone(proxy: str, data_root: Path, proxy_dir: Path | None, cache: 
 
 
 def main(argv: list[str] | None = None) -> None:
+    code_at_start()  # before the proxy build and the run: what the record names
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed and small test sets (a few minutes)")
     parser.add_argument("--proxy", choices=tuple(PLANS), default="towers",
