@@ -65,7 +65,7 @@ class CLIPFit(Kind):
         trained_tensors="`transformer.resblocks.N.mlp.c_proj.bias` + every `visual` LayerNorm (any wrapper prefix)",
         scores_unseen_classes=True)  # its text tower encodes any class name
     defaults: ClassVar[RepairDefaults] = RepairDefaults(  # benchmarks/DEFAULTS.md
-        surrogate="fisher", lam_zs=10.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
+        surrogate="fisher", lam_zs=1.0, schedule=Schedule(steps=40, batch_size=32, step_size=0.1))
     # the image tower runs in every step: fine-tuning's default is as short, on small batches
     finetune_schedule: ClassVar[Schedule] = Schedule(steps=40, batch_size=32, step_size=0.02)
     shared_prefix: bool = True  # each template's words before the class encoded once (repair.model.shared_prefix)
