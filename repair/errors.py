@@ -7,6 +7,8 @@ table is generated from :data:`EXIT_CODES`, so keep the two in one place: here.
 
 from __future__ import annotations
 
+import threading
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # click/typer's own code for bad options
@@ -102,6 +104,27 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that died o
 
 class Terminated(BaseException):
     """SIGTERM, turned by the CLI into an exception so every cleanup runs, as for Ctrl-C."""
+
+
+_termination_requested = threading.Event()
+
+
+def request_termination() -> None:
+    """Remember a SIGTERM beyond the exception the CLI raises for it: raised inside a C extension's callback
+    (pydantic-core's validators, for one), that exception is reported as unraisable and dropped."""
+    _termination_requested.set()
+
+
+def stop_if_terminated() -> None:
+    """The safe points where a remembered SIGTERM stops a run: every training step and before an output is
+    put in place, so a run that was asked to stop never writes its output."""
+    if _termination_requested.is_set():
+        raise Terminated()
+
+
+def forget_termination() -> None:
+    """Once a termination is reported (the process exits; in-process callers such as tests go on)."""
+    _termination_requested.clear()
 
 ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
     UsageError,

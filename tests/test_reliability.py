@@ -214,8 +214,11 @@ def test_7_sigterm_exits_143_in_one_line_and_keeps_only_progress(tmp_path, tiny_
     out = tmp_path / "out.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     epochs = "400" if moment == "while training" else "1"
+    # --if-no-gain repair: the tiny checkpoint gains nothing on its shots, and the task-gain check would write
+    # zero-shot without training, long before the signal
     process = _run_in_background(["repair", str(prompt), "--data", str(image_dirs["train"]), "--out", str(out),
-                                  "--epochs", epochs, "--batch-size", "2", *model(tiny_spec)], env)
+                                  "--epochs", epochs, "--batch-size", "2", "--if-no-gain", "repair",
+                                  *model(tiny_spec)], env)
     progress = tmp_path / f".{out.name}.progress"
     deadline = time.monotonic() + 120
     while moment == "while training" and not progress.exists() and time.monotonic() < deadline:
@@ -224,7 +227,9 @@ def test_7_sigterm_exits_143_in_one_line_and_keeps_only_progress(tmp_path, tiny_
         time.sleep(1.0)  # past the CLI's own start-up (a fraction of a second), into importing torch
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    if process.returncode == 0 or out.exists():  # done, or at interpreter exit (Python's handlers are gone)
+    finished = process.returncode == 0 or out.exists()  # done, or at interpreter exit (Python's handlers are gone)
+    assert not (finished and moment == "while training"), "400 epochs ended before their first progress file"
+    if finished:
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines() == ["terminated; no output was written (progress is kept for --resume)"]
@@ -254,6 +259,32 @@ def test_7_sigterm_inside_an_import_is_asked_again_after_it_not_raised_there(tmp
     with pytest.raises(Terminated):
         app._terminate(signal.SIGTERM, sys._getframe())
     assert asked == [signal.SIGTERM]
+
+
+def test_7_a_sigterm_a_callback_swallowed_still_stops_the_run_before_its_output(tmp_path, monkeypatch):
+    """A C extension's callback (pydantic-core's, met during start-up) reports the Terminated raised in it as
+    unraisable and goes on: the run must still stop, before it puts its output in place, and print no traceback."""
+    from repair.cli import app as cli
+    from repair.errors import Terminated, forget_termination
+    from repair.io import write_safetensors
+
+    class Callback:  # an exception raised in __del__ is dropped the same way
+        def __del__(self) -> None:
+            cli._terminate(signal.SIGTERM, sys._getframe())
+
+    printed = []
+    monkeypatch.setattr(sys, "__unraisablehook__", printed.append)
+    monkeypatch.setattr(sys, "unraisablehook", cli._quiet_unraisable)
+    try:
+        Callback()
+        assert printed == []  # swallowed, and not shown as a traceback
+        with pytest.raises(Terminated):
+            write_safetensors(tmp_path / "out.safetensors", {"w": torch.zeros(2)}, {})
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        forget_termination()
+    write_safetensors(tmp_path / "out.safetensors", {"w": torch.zeros(2)}, {})  # once reported, runs go on
+    assert [path.name for path in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 # ----------------------------------------------------------------------------- 8. failures leave nothing

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from importlib import import_module
@@ -22,7 +23,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from repair.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, MergetuneError, Terminated
+from repair.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, MergetuneError, Terminated,
+                           forget_termination, request_termination)
 
 # command -> (module holding it, one-line help shown by `mergetune --help` without importing it)
 COMMANDS = {
@@ -121,6 +123,7 @@ def run(action: Callable[[], T]) -> T:
     try:
         return action()
     except Terminated:
+        forget_termination()
         fail(TERMINATED, EXIT_TERMINATED)
         raise typer.Exit(EXIT_TERMINATED) from None
     except MergetuneError as exc:
@@ -149,11 +152,25 @@ def _terminate(signum: int, frame: Any) -> None:
     Importing torch runs Python callbacks from C++ (pybind11); an exception raised there crosses C++ frames
     that cannot pass it on, and the process aborts (SIGABRT) instead of exiting 143; raised in importlib's own
     callbacks it is ignored, and the run goes on. The signal is sent again every 50 ms until the import is
-    done, so it stops the run as soon as unwinding is safe."""
+    done, so it stops the run as soon as unwinding is safe. Other C callbacks swallow it too (pydantic-core's
+    validators): the request is remembered, and the next training step or output write stops the run."""
+    request_termination()  # kept for the next safe point if the exception below is swallowed
     if _inside_import(frame):
         _ask_again(signum)
         return
     raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM -> :class:`Terminated` for the whole process, and no traceback for one a C callback swallowed
+    (it is remembered, and stops the run at its next safe point: :func:`repair.errors.stop_if_terminated`)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _quiet_unraisable
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    if not isinstance(unraisable.exc_value, Terminated):
+        sys.__unraisablehook__(unraisable)
 
 
 def _ask_again(signum: int, after_s: float = 0.05) -> None:
@@ -265,9 +282,10 @@ def main_options(
 
 def main() -> None:
     """The entry point: SIGTERM is handled from the first moment (imports, model loading), not only in commands."""
-    signal.signal(signal.SIGTERM, _terminate)
+    install_sigterm_handler()
     try:
         app()
     except Terminated:
+        forget_termination()
         stderr.print(TERMINATED, markup=False)
         raise SystemExit(EXIT_TERMINATED) from None

@@ -149,9 +149,9 @@ def _run_worker(argv: list[str]) -> int:
     that torchrun stops the other ranks at once. Under a bare torchrun (no launcher to read the
     recorded code) every failure is returned as it is: torchrun's exit 1 beats a failed gate's 0.
     """
-    from repair.cli.app import TERMINATED, _terminate  # typer and rich: quick, unlike torch
+    from repair.cli.app import TERMINATED, install_sigterm_handler  # typer and rich: quick, unlike torch
 
-    signal.signal(signal.SIGTERM, _terminate)  # from the first moment, as `mergetune` does: imports take a while
+    install_sigterm_handler()  # from the first moment, as `mergetune` does: imports take a while
     rank = _rank_from_env()
     folder = os.environ.get(LAUNCH_DIR_ENV)
     if rank != 0:

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from repair.errors import InputFileError, NumericalError, OutputExistsError
+from repair.errors import InputFileError, NumericalError, OutputExistsError, stop_if_terminated
 from repair.io._messages import _fail
 
 __all__ = [
@@ -209,6 +209,8 @@ def atomic_output(
             # safetensors' save_file replaces the file with its own 0o600 one: restore the mode.
             os.chmod(temp, mode)
         _fsync(temp)
+        if not replace:  # progress and caches are kept on termination; outputs are not
+            stop_if_terminated()
         os.replace(temp, target)
     except OSError as exc:  # a full disk, a vanished directory: one line (exit 8), nothing left behind
         temp.unlink(missing_ok=True)

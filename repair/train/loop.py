@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from repair.data.features import Features
-from repair.errors import InputFileError, NumericalError, UsageError
+from repair.errors import InputFileError, NumericalError, UsageError, stop_if_terminated
 from repair.io import write_state_file
 from repair.kinds.base import Kind
 from repair.train.fields import check_fields
@@ -345,6 +345,7 @@ def train(
         epoch += 1
         loss_sum, correct, seen = 0.0, 0, 0
         for inputs, labels in shuffled_batches(train_set, config.batch_size, generator):
+            stop_if_terminated()
             with kind.backbone.autocast():  # forward in the chosen precision; tensors and updates stay fp32
                 terms = mergetune_loss(kind, objective, inputs, labels, surrogate)
             _check_finite(terms.total, result.steps + 1, epoch)
