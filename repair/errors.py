@@ -126,6 +126,7 @@ def forget_termination() -> None:
     """Once a termination is reported (the process exits; in-process callers such as tests go on)."""
     _termination_requested.clear()
 
+
 ERROR_CLASSES: tuple[type[MergetuneError], ...] = (
     UsageError,
     InputFileError,
