@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import all_blocks, kind_title
-from benchmarks.run import (DEFAULT, code_at_start, DEFAULT_DATA_ROOT, PLANS, RESULTS, StaleRun, declared_defaults,
+from benchmarks.run import (DEFAULT, DEFAULT_DATA_ROOT, PLANS, RESULTS, StaleRun, code_at_start, declared_defaults,
                             ensure_backbone, run_plan, write_json)
 from repair.data.features import default_cache_dir
 
